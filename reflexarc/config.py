@@ -1,0 +1,238 @@
+"""Load YAML configuration into pydantic models, with errors that name file, line and field.
+
+Every YAML file reflexarc reads goes through :func:`load_yaml` (or
+:func:`parse_yaml`), so every tier reports problems the same way::
+
+    agent.yaml:12:5: source.rate_hz: Input should be greater than 0
+
+YAML is parsed with the safe loader only: a configuration file never
+constructs Python objects or runs code. Secrets are never stored in YAML;
+models name an environment variable (``password_env``) instead.
+
+This module also holds the connection settings shared by every tier
+(:class:`MqttSettings`, :class:`KafkaSettings`). Their defaults come from
+``RX_MQTT_HOST``/``RX_MQTT_PORT``/``RX_KAFKA_BOOTSTRAP``, which
+``reflexarc up`` sets for the tiers it starts on embedded brokers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reflexarc.topics import DEFAULT_NAMESPACE, Topics
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors (typos do not pass silently)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a configuration file."""
+
+    file: str
+    line: int | None
+    column: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}:{self.column or 1}"
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class ConfigError(ValueError):
+    """A configuration file is invalid; ``problems`` lists each error with its place."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _marks(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], yaml.Mark]) -> None:
+    out.setdefault(path, node.start_mark)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            # Point at the key for the field itself; children point at themselves.
+            out[(*path, key)] = key_node.start_mark
+            _marks(value_node, (*path, key), out)
+            out[(*path, key)] = key_node.start_mark
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _marks(item, (*path, i), out)
+
+
+def _locate(
+    loc: tuple[Any, ...], marks: dict[tuple[Any, ...], yaml.Mark]
+) -> tuple[int | None, int | None]:
+    # Missing fields have no mark of their own: fall back to the nearest parent.
+    for n in range(len(loc), -1, -1):
+        mark = marks.get(tuple(loc[:n]))
+        if mark is not None:
+            return mark.line + 1, mark.column + 1
+    return None, None
+
+
+def parse_yaml_text(text: str, source: str = "<string>") -> tuple[Any, dict[tuple[Any, ...], yaml.Mark]]:
+    """Parse YAML safely; return the data and a map from field path to its position."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        raise ConfigError(
+            [
+                Problem(
+                    source,
+                    mark.line + 1 if mark else None,
+                    mark.column + 1 if mark else None,
+                    "",
+                    f"invalid YAML: {exc.problem}",
+                )
+            ]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(source, None, None, "", f"invalid YAML: {exc}")]) from None
+    marks: dict[tuple[Any, ...], yaml.Mark] = {}
+    if node is not None:
+        _marks(node, (), marks)
+    return data, marks
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def validation_problems(
+    exc: ValidationError, source: str, marks: dict[tuple[Any, ...], yaml.Mark]
+) -> list[Problem]:
+    """Turn a pydantic error into :class:`Problem` entries with YAML positions."""
+    problems = []
+    for err in exc.errors():
+        # pydantic puts the tag of a discriminated union into loc; drop it for the YAML path.
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        line, col = _locate(loc, marks)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the documentation for valid fields)"
+        problems.append(Problem(source, line, col, _field_name(loc), msg))
+    return problems
+
+
+def parse_yaml(text: str, model: type[M], source: str = "<string>", context: dict[str, Any] | None = None) -> M:
+    """Validate YAML text against ``model``; raise :class:`ConfigError` on any problem."""
+    data, marks = parse_yaml_text(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(source, 1, 1, "", "the file must be a YAML mapping (key: value)")])
+    try:
+        return model.model_validate(data, context={"source": source, **(context or {})})
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(exc, source, marks)) from None
+
+
+def load_yaml(path: str | os.PathLike[str], model: type[M], context: dict[str, Any] | None = None) -> M:
+    """Read and validate a YAML file; errors name the file, the line and the field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError([Problem(str(p), None, None, "", f"cannot read: {exc.strerror}")]) from None
+    return parse_yaml(text, model, str(p), context)
+
+
+def secret_from_env(var: str | None, what: str) -> str | None:
+    """Read a secret from the environment variable ``var``; a clear error if it is unset."""
+    if not var:
+        return None
+    value = os.environ.get(var)
+    if value is None:
+        raise ConfigError([Problem("<environment>", None, None, var, f"{what} is read from ${var}, which is not set")])
+    return value
+
+
+class TlsSettings(StrictModel):
+    """TLS for a broker connection. Paths to files; the private key never goes in YAML."""
+
+    ca_file: str | None = Field(None, description="CA bundle that signed the broker's certificate")
+    cert_file: str | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: str | None = Field(None, description="client private key (mutual TLS)")
+    insecure_skip_verify: bool = Field(False, description="accept any broker certificate (testing only)")
+
+
+class MqttSettings(StrictModel):
+    """How to reach the MQTT broker."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version")
+    username: str | None = None
+    password_env: str | None = Field(None, description="environment variable holding the password")
+    tls: TlsSettings | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+
+    @classmethod
+    def from_env(cls) -> MqttSettings:
+        """Defaults from ``RX_MQTT_HOST``/``RX_MQTT_PORT``/``RX_MQTT_PROTOCOL``."""
+        return cls(
+            host=os.environ.get("RX_MQTT_HOST", "127.0.0.1"),
+            port=int(os.environ.get("RX_MQTT_PORT", "1883")),
+            protocol=os.environ.get("RX_MQTT_PROTOCOL", "5"),  # type: ignore[arg-type]
+        )
+
+    def password(self) -> str | None:
+        """The password, read from the environment at connect time."""
+        return secret_from_env(self.password_env, "the MQTT password")
+
+
+class KafkaSettings(StrictModel):
+    """How to reach the Kafka-protocol cluster."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    username: str | None = None
+    password_env: str | None = Field(None, description="environment variable holding the SASL password")
+    tls: TlsSettings | None = None
+    partitions: int = Field(4, ge=1, le=1024, description="partitions for topics reflexarc creates")
+    replication_factor: int = Field(1, ge=1)
+
+    @classmethod
+    def from_env(cls) -> KafkaSettings:
+        """Defaults from ``RX_KAFKA_BOOTSTRAP``."""
+        return cls(bootstrap_servers=os.environ.get("RX_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+
+    def password(self) -> str | None:
+        """The SASL password, read from the environment at connect time."""
+        return secret_from_env(self.password_env, "the Kafka password")
+
+
+class PipelineSettings(StrictModel):
+    """Settings every tier shares: namespace and metrics."""
+
+    namespace: str = Field(DEFAULT_NAMESPACE, description="prefix of every topic")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint port (0 = any free)")
+
+    def topics(self) -> Topics:
+        """The topic helper for this namespace."""
+        return Topics(self.namespace)

@@ -1,0 +1,386 @@
+"""The event envelope: CloudEvents 1.0 on every hop. The only module that knows the wire format.
+
+Three encodings, all from one :class:`Envelope`:
+
+* Kafka binary mode (the CloudEvents Kafka binding): attributes in ``ce_*``
+  headers, ``content-type`` header, data in the record value, key
+  ``site/device``. Built with the ``cloudevents`` SDK.
+* MQTT 5 binary mode (the CloudEvents MQTT binding): attributes as user
+  properties named after the attribute, the content type in the MQTT 5
+  Content Type property, data in the payload.
+* Structured JSON (``application/cloudevents+json``): the whole event in the
+  payload, for MQTT 3.1.1 brokers and for peers that only read payloads.
+
+Peers that are not ours may also publish a bare JSON object on a data topic
+(``mosquitto_pub -t rx/site/dev/data/temp -m '{"value": 21.5}'``); the fog
+bridge wraps it with :func:`from_mqtt`, taking site/device/stream from the topic.
+
+Event data is a JSON object (``dict``) or raw bytes (``application/octet-stream``).
+Ids are chosen by the producer and kept stable across retries, so every
+consumer can deduplicate on ``id``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from cloudevents.core.bindings import kafka as ce_kafka
+from cloudevents.core.exceptions import BaseCloudEventException
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+from reflexarc.topics import MqttKind, MqttTopic, TopicError, check_name
+
+JSON = "application/json"
+OCTETS = "application/octet-stream"
+STRUCTURED = "application/cloudevents+json"
+SPECVERSION = "1.0"
+
+_FORMAT = JSONFormat()
+_CORE_ATTRS = ("id", "source", "type", "specversion", "subject", "time", "datacontenttype")
+
+
+class EventType(StrEnum):
+    """The CloudEvents ``type`` values reflexarc produces."""
+
+    DATA = "io.reflexarc.data"
+    TASK_REQUEST = "io.reflexarc.task.request"
+    TASK_RESULT = "io.reflexarc.task.result"
+    JOB_STATE = "io.reflexarc.job.state"
+    COMMAND = "io.reflexarc.command"
+    COMMAND_ACK = "io.reflexarc.command.ack"
+    DEADLETTER = "io.reflexarc.deadletter"
+
+
+class EnvelopeError(ValueError):
+    """A message could not be read as a reflexarc event; the text says why."""
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock events are stamped with."""
+    return datetime.now(UTC)
+
+
+def device_source(site: str, device: str) -> str:
+    """The CloudEvents ``source`` of events a device produces."""
+    return f"/sites/{site}/devices/{device}"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One event, independent of how it travels.
+
+    ``extensions`` holds CloudEvents extension attributes; reflexarc sets
+    ``site`` and ``device`` on every device event, so consumers can route
+    without parsing ``source``.
+    """
+
+    type: str
+    source: str
+    data: dict[str, Any] | bytes | None = None
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    subject: str | None = None
+    time: datetime = field(default_factory=utcnow)
+    datacontenttype: str | None = None
+    extensions: Mapping[str, str] = field(default_factory=dict)
+
+    # ---- convenience ----------------------------------------------------------
+    @property
+    def site(self) -> str | None:
+        """Site extension attribute, if any."""
+        return self.extensions.get("site")
+
+    @property
+    def device(self) -> str | None:
+        """Device extension attribute, if any."""
+        return self.extensions.get("device")
+
+    @property
+    def content_type(self) -> str:
+        """Effective data content type."""
+        if self.datacontenttype:
+            return self.datacontenttype
+        return OCTETS if isinstance(self.data, bytes | bytearray) else JSON
+
+    def with_(self, **changes: Any) -> Envelope:
+        """A copy with some fields changed."""
+        return replace(self, **changes)
+
+    @classmethod
+    def for_device(
+        cls,
+        type: EventType | str,
+        site: str,
+        device: str,
+        data: dict[str, Any] | bytes | None,
+        *,
+        subject: str | None = None,
+        id: str | None = None,
+        time: datetime | None = None,
+        extensions: Mapping[str, str] | None = None,
+    ) -> Envelope:
+        """An event produced by (or addressed to) one device."""
+        ext = {"site": check_name(site, "site"), "device": check_name(device, "device")}
+        if extensions:
+            ext.update(extensions)
+        return cls(
+            type=str(type),
+            source=device_source(site, device),
+            data=data,
+            id=id or str(uuid.uuid4()),
+            subject=subject,
+            time=time or utcnow(),
+            extensions=ext,
+        )
+
+    # ---- CloudEvents SDK bridge -----------------------------------------------
+    def _attributes(self) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            "specversion": SPECVERSION,
+            "id": self.id,
+            "source": self.source,
+            "type": self.type,
+            "time": self.time,
+            "datacontenttype": self.content_type,
+        }
+        if self.subject is not None:
+            attrs["subject"] = self.subject
+        attrs.update(self.extensions)
+        return attrs
+
+    def to_cloudevent(self) -> CloudEvent:
+        """The equivalent ``cloudevents`` SDK object (validated against the spec)."""
+        try:
+            return CloudEvent(self._attributes(), self.data)
+        except BaseCloudEventException as exc:
+            raise EnvelopeError(f"not a valid CloudEvent: {exc}") from exc
+
+    @classmethod
+    def from_cloudevent(cls, event: Any) -> Envelope:
+        """Build from a ``cloudevents`` SDK object."""
+        attrs = dict(event.get_attributes())
+        if attrs.get("specversion") != SPECVERSION:
+            raise EnvelopeError(f"unsupported specversion {attrs.get('specversion')!r}")
+        for required in ("id", "source", "type"):
+            if not attrs.get(required):
+                raise EnvelopeError(f"missing required attribute {required!r}")
+        time = attrs.get("time") or utcnow()
+        if isinstance(time, str):
+            time = _parse_time(time)
+        ext = {
+            k: str(v) for k, v in attrs.items() if k not in _CORE_ATTRS and k != "partitionkey"
+        }
+        data = event.get_data()
+        if isinstance(data, str):
+            # The SDK hands back text for non-JSON content; JSON data must be an object.
+            try:
+                data = json.loads(data)
+            except ValueError as exc:
+                raise EnvelopeError(f"data is not valid JSON: {exc}") from None
+        if data is not None and not isinstance(data, dict | bytes):
+            raise EnvelopeError(f"data must be a JSON object or bytes, got {type(data).__name__}")
+        return cls(
+            type=str(attrs["type"]),
+            source=str(attrs["source"]),
+            data=data,
+            id=str(attrs["id"]),
+            subject=attrs.get("subject"),
+            time=time,
+            datacontenttype=attrs.get("datacontenttype"),
+            extensions=ext,
+        )
+
+    # ---- Kafka ----------------------------------------------------------------
+    def to_kafka(self, key: bytes | None = None) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+        """Kafka binary mode: ``(key, value, headers)`` ready for aiokafka ``send``."""
+        msg = ce_kafka.to_binary(self.to_cloudevent(), _FORMAT, key_mapper=lambda _e: None)
+        if key is None and self.site and self.device:
+            key = f"{self.site}/{self.device}".encode()
+        return key, msg.value, list(msg.headers.items())
+
+    @classmethod
+    def from_kafka(
+        cls, value: bytes | None, headers: Iterable[tuple[str, bytes]] | None, key: bytes | None = None
+    ) -> Envelope:
+        """Parse a Kafka record in binary or structured mode."""
+        msg = ce_kafka.KafkaMessage(headers=dict(headers or ()), key=None, value=value or b"")
+        try:
+            event = ce_kafka.from_kafka(msg, _FORMAT)
+        except (BaseCloudEventException, ValueError, KeyError, TypeError) as exc:
+            raise EnvelopeError(f"not a CloudEvent Kafka record: {exc}") from None
+        return cls.from_cloudevent(event)
+
+    # ---- structured JSON ------------------------------------------------------
+    def to_json(self) -> bytes:
+        """Structured mode: the whole event as ``application/cloudevents+json``."""
+        return _FORMAT.write(self.to_cloudevent())
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> Envelope:
+        """Parse a structured-mode event."""
+        try:
+            event = _FORMAT.read(None, payload)
+        except (BaseCloudEventException, ValueError, KeyError, TypeError) as exc:
+            raise EnvelopeError(f"not a structured CloudEvent: {exc}") from None
+        return cls.from_cloudevent(event)
+
+    # ---- MQTT -----------------------------------------------------------------
+    def to_mqtt(self, *, binary: bool = True) -> tuple[bytes, list[tuple[str, str]], str]:
+        """MQTT encoding: ``(payload, user_properties, content_type)``.
+
+        With ``binary=True`` (MQTT 5) the attributes go into user properties;
+        with ``binary=False`` (MQTT 3.1.1 peers) the payload is structured JSON
+        and the property list is empty.
+        """
+        if not binary:
+            return self.to_json(), [], STRUCTURED
+        props: list[tuple[str, str]] = []
+        for name, value in self._attributes().items():
+            if name == "datacontenttype":
+                continue
+            props.append((name, _attr_text(value)))
+        data = self.data
+        if data is None:
+            payload = b""
+        elif isinstance(data, bytes | bytearray):
+            payload = bytes(data)
+        else:
+            payload = json.dumps(data, separators=(",", ":")).encode()
+        return payload, props, self.content_type
+
+    @classmethod
+    def from_mqtt(
+        cls,
+        payload: bytes,
+        user_properties: Iterable[tuple[str, str]] | None,
+        content_type: str | None,
+        topic: MqttTopic | None = None,
+    ) -> Envelope:
+        """Parse an MQTT message in binary, structured or bare-JSON form.
+
+        ``topic`` (parsed by :class:`reflexarc.topics.Topics`) supplies site,
+        device and stream for bare JSON from devices that are not ours, and is
+        checked against the event's own ``site``/``device`` so that a device
+        cannot speak for another.
+        """
+        props = dict(user_properties or ())
+        if "specversion" in props:
+            env = cls._from_mqtt_binary(payload, props, content_type)
+        elif content_type == STRUCTURED or _looks_structured(payload):
+            env = cls.from_json(payload)
+        else:
+            env = cls._from_bare_json(payload, topic)
+        if topic is not None:
+            _check_topic_agrees(env, topic)
+        return env
+
+    @classmethod
+    def _from_mqtt_binary(cls, payload: bytes, props: dict[str, str], content_type: str | None) -> Envelope:
+        ctype = content_type or JSON
+        data: dict[str, Any] | bytes | None
+        if not payload:
+            data = None
+        elif _is_json(ctype):
+            data = _json_object(payload)
+        else:
+            data = payload
+        ext = {k: v for k, v in props.items() if k not in _CORE_ATTRS}
+        for required in ("id", "source", "type"):
+            if not props.get(required):
+                raise EnvelopeError(f"missing required attribute {required!r}")
+        if props.get("specversion") != SPECVERSION:
+            raise EnvelopeError(f"unsupported specversion {props.get('specversion')!r}")
+        return cls(
+            type=props["type"],
+            source=props["source"],
+            data=data,
+            id=props["id"],
+            subject=props.get("subject"),
+            time=_parse_time(props["time"]) if props.get("time") else utcnow(),
+            datacontenttype=ctype,
+            extensions=ext,
+        )
+
+    @classmethod
+    def _from_bare_json(cls, payload: bytes, topic: MqttTopic | None) -> Envelope:
+        if topic is None or topic.kind is not MqttKind.DATA:
+            raise EnvelopeError("payload is not a CloudEvent (no specversion) and the topic gives no stream")
+        data = _json_object(payload)
+        # A bare payload may carry its own id/time to make retries deduplicate.
+        event_id = data.pop("id", None) if isinstance(data.get("id"), str) else None
+        time = _parse_time(data.pop("time")) if isinstance(data.get("time"), str) else utcnow()
+        return cls.for_device(
+            EventType.DATA, topic.site, topic.device, data, subject=topic.stream, id=event_id, time=time
+        )
+
+
+# ---- helpers ------------------------------------------------------------------
+def _attr_text(value: Any) -> str:
+    if isinstance(value, datetime):
+        text = value.isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    return str(value)
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise EnvelopeError(f"invalid time attribute {text!r} (want RFC 3339)") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _is_json(content_type: str) -> bool:
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base == JSON or base.endswith("+json")
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EnvelopeError(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise EnvelopeError(f"payload must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _looks_structured(payload: bytes) -> bool:
+    head = payload[:512]
+    return head.lstrip().startswith(b"{") and b'"specversion"' in payload
+
+
+def _check_topic_agrees(env: Envelope, topic: MqttTopic) -> None:
+    for attr in ("site", "device"):
+        claimed = env.extensions.get(attr)
+        actual = getattr(topic, attr)
+        if claimed is not None and claimed != actual:
+            raise EnvelopeError(
+                f"event says {attr}={claimed!r} but was published on {actual!r}'s topic"
+            )
+    if topic.kind is MqttKind.DATA and env.subject not in (None, topic.stream):
+        raise EnvelopeError(f"event subject {env.subject!r} does not match stream {topic.stream!r}")
+    if "site" not in env.extensions or "device" not in env.extensions:
+        ext = dict(env.extensions)
+        ext.setdefault("site", topic.site)
+        ext.setdefault("device", topic.device)
+        object.__setattr__(env, "extensions", ext)
+
+
+__all__ = [
+    "JSON",
+    "OCTETS",
+    "STRUCTURED",
+    "Envelope",
+    "EnvelopeError",
+    "EventType",
+    "TopicError",
+    "device_source",
+    "utcnow",
+]

@@ -1,0 +1,121 @@
+"""aiokafka clients configured the reflexarc way: durable producers, manual commits, explicit topics.
+
+* Producers use ``acks="all"``: a send completes only when the record is
+  durably in the cluster, which is when a hop may acknowledge upstream.
+* Consumers never auto-commit: an offset is committed after the work it
+  stands for is done (at-least-once; every consumer deduplicates on event id).
+* Topics are created explicitly with a known partition count (some brokers
+  auto-create with defaults that break co-partitioning).
+
+Idempotent producers and transactions are not required anywhere, so any
+Kafka-protocol broker works (Tansu does not support them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from reflexarc.config import KafkaSettings
+from reflexarc.envelope import Envelope
+
+log = logging.getLogger(__name__)
+
+
+def _security(settings: KafkaSettings) -> dict[str, Any]:
+    opts: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol in ("SSL", "SASL_SSL"):
+        tls = settings.tls
+        ctx = ssl.create_default_context(cafile=tls.ca_file if tls else None)
+        if tls and tls.cert_file:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        opts["ssl_context"] = ctx
+    if settings.sasl_mechanism:
+        opts["sasl_mechanism"] = settings.sasl_mechanism
+        opts["sasl_plain_username"] = settings.username
+        opts["sasl_plain_password"] = settings.password()
+    return opts
+
+
+def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
+    """A producer whose sends complete only when the cluster has the record durably."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "acks": "all",
+        "linger_ms": 5,
+        "max_batch_size": 256 * 1024,
+        "request_timeout_ms": 30000,
+        **_security(settings),
+    }
+    opts.update(overrides)
+    return AIOKafkaProducer(**opts)
+
+
+def make_consumer(settings: KafkaSettings, *topics: str, group_id: str | None, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer with manual commits, starting at the earliest offset of a new group."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        # Group joins take about half the session timeout on small brokers.
+        "session_timeout_ms": 10000,
+        "heartbeat_interval_ms": 1000,
+        "max_poll_interval_ms": 300000,
+        **_security(settings),
+    }
+    opts.update(overrides)
+    return AIOKafkaConsumer(*topics, **opts)
+
+
+async def ensure_topics(
+    settings: KafkaSettings, topics: Iterable[str], partitions: int | None = None, timeout: float = 30.0
+) -> None:
+    """Create the topics that do not exist yet (idempotent); retry while the cluster starts."""
+    wanted = list(dict.fromkeys(topics))
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **_security(settings))
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            missing = [t for t in wanted if t not in existing]
+            if missing:
+                new = [
+                    NewTopic(t, partitions or settings.partitions, settings.replication_factor)
+                    for t in missing
+                ]
+                try:
+                    await admin.create_topics(new)
+                except TopicAlreadyExistsError:
+                    pass
+                log.info("created Kafka topics %s", missing)
+            return
+        except (KafkaConnectionError, KafkaError, OSError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError(
+                    f"cannot create Kafka topics on {settings.bootstrap_servers}: {exc}"
+                ) from exc
+            await asyncio.sleep(0.5)
+        finally:
+            await admin.close()
+
+
+async def send_event(
+    producer: AIOKafkaProducer, topic: str, event: Envelope, key: bytes | None = None
+) -> asyncio.Future[Any]:
+    """Queue one event in Kafka binary mode; await the returned future for the broker's ack."""
+    k, value, headers = event.to_kafka(key)
+    return await producer.send(topic, value=value, key=k, headers=headers)
+
+
+def event_of(record: Any) -> Envelope:
+    """Read a consumed record (aiokafka ``ConsumerRecord``) as an :class:`Envelope`."""
+    return Envelope.from_kafka(record.value, record.headers, record.key)

@@ -1,0 +1,46 @@
+"""Shared fixtures: real brokers on loopback, free ports, temporary directories."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from reflexarc.brokers import EmbeddedBrokers, MqttBroker, start_kafka, start_mqtt, KafkaBroker
+from reflexarc.config import KafkaSettings, MqttSettings
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MqttBroker]:
+    """A real Mosquitto (MQTT 5) on a free loopback port, stopped afterwards."""
+    broker = start_mqtt(tmp_path / "mosquitto", flavour="mosquitto")
+    yield broker
+    broker.process.stop()
+
+
+@pytest.fixture
+def tansu(tmp_path: Path) -> Iterator[KafkaBroker]:
+    """A real Tansu (Kafka protocol) on a free loopback port, stopped afterwards."""
+    broker = start_kafka(tmp_path / "tansu")
+    yield broker
+    broker.process.stop()
+
+
+@pytest.fixture
+def brokers(tmp_path: Path) -> Iterator[EmbeddedBrokers]:
+    """Mosquitto + Tansu together, as ``reflexarc up`` starts them."""
+    with EmbeddedBrokers(data_dir=tmp_path / "brokers", mqtt_flavour="mosquitto") as b:
+        yield b
+
+
+@pytest.fixture
+def mqtt_settings(mosquitto: MqttBroker) -> MqttSettings:
+    """Client settings for the ``mosquitto`` fixture."""
+    return MqttSettings(host=mosquitto.host, port=mosquitto.port, protocol="5")
+
+
+@pytest.fixture
+def kafka_settings(tansu: KafkaBroker) -> KafkaSettings:
+    """Client settings for the ``tansu`` fixture."""
+    return KafkaSettings(bootstrap_servers=tansu.bootstrap_servers)
