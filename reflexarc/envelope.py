@@ -55,6 +55,7 @@ class EventType(StrEnum):
     JOB_STATE = "io.reflexarc.job.state"
     COMMAND = "io.reflexarc.command"
     COMMAND_ACK = "io.reflexarc.command.ack"
+    COMMAND_STATUS = "io.reflexarc.command.status"
     DEADLETTER = "io.reflexarc.deadletter"
 
 
@@ -320,6 +321,53 @@ class Envelope:
         )
 
 
+# ---- dead letters -------------------------------------------------------------
+DEADLETTER_HEADERS = ("rx-error", "rx-stage", "rx-origin", "rx-time")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Something that could not be taken: the original bytes, untouched, and why.
+
+    In Kafka the record value is the original payload and the reason travels
+    in headers (``rx-error``, ``rx-stage``, ``rx-origin`` such as the MQTT
+    topic, ``rx-time``), so a dead letter is data that can be inspected and
+    replayed with any Kafka client.
+    """
+
+    error: str
+    stage: str
+    origin: str
+    payload: bytes
+    time: datetime = field(default_factory=utcnow)
+    extra_headers: tuple[tuple[str, bytes], ...] = ()
+
+    def to_kafka(self) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
+        """``(key, value, headers)`` for the dead-letter topic."""
+        headers = [
+            ("rx-error", self.error.encode()),
+            ("rx-stage", self.stage.encode()),
+            ("rx-origin", self.origin.encode()),
+            ("rx-time", _attr_text(self.time).encode()),
+            *self.extra_headers,
+        ]
+        return self.origin.encode(), self.payload, headers
+
+    @classmethod
+    def from_kafka(cls, value: bytes | None, headers: Iterable[tuple[str, bytes]] | None) -> DeadLetter:
+        """Read a dead-letter record back."""
+        h = {k: v for k, v in (headers or ())}
+        extra = tuple((k, v) for k, v in (headers or ()) if k not in DEADLETTER_HEADERS)
+        return cls(
+            error=h.get("rx-error", b"").decode(errors="replace"),
+            stage=h.get("rx-stage", b"").decode(errors="replace"),
+            origin=h.get("rx-origin", b"").decode(errors="replace"),
+            payload=value or b"",
+            time=_parse_time(h["rx-time"].decode()) if "rx-time" in h else utcnow(),
+            extra_headers=extra,
+        )
+
+
 # ---- helpers ------------------------------------------------------------------
 def _attr_text(value: Any) -> str:
     if isinstance(value, datetime):
@@ -375,6 +423,7 @@ def _check_topic_agrees(env: Envelope, topic: MqttTopic) -> None:
 
 __all__ = [
     "JSON",
+    "DeadLetter",
     "OCTETS",
     "STRUCTURED",
     "Envelope",
