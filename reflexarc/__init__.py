@@ -1,2 +1,3 @@
 """reflexarc: close the loop between instruments and supercomputers."""
+
 __version__ = "0.1.0"

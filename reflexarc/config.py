@@ -75,9 +75,7 @@ def _marks(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], ya
             _marks(item, (*path, i), out)
 
 
-def _locate(
-    loc: tuple[Any, ...], marks: dict[tuple[Any, ...], yaml.Mark]
-) -> tuple[int | None, int | None]:
+def _locate(loc: tuple[Any, ...], marks: dict[tuple[Any, ...], yaml.Mark]) -> tuple[int | None, int | None]:
     # Missing fields have no mark of their own: fall back to the nearest parent.
     for n in range(len(loc), -1, -1):
         mark = marks.get(tuple(loc[:n]))
@@ -122,9 +120,7 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def validation_problems(
-    exc: ValidationError, source: str, marks: dict[tuple[Any, ...], yaml.Mark]
-) -> list[Problem]:
+def validation_problems(exc: ValidationError, source: str, marks: dict[tuple[Any, ...], yaml.Mark]) -> list[Problem]:
     """Turn a pydantic error into :class:`Problem` entries with YAML positions."""
     problems = []
     for err in exc.errors():
@@ -230,7 +226,10 @@ class KafkaSettings(StrictModel):
 class PipelineSettings(StrictModel):
     """Settings every tier shares: namespace and metrics."""
 
-    namespace: str = Field(DEFAULT_NAMESPACE, description="prefix of every topic")
+    namespace: str = Field(
+        default_factory=lambda: os.environ.get("RX_NAMESPACE", DEFAULT_NAMESPACE),
+        description="prefix of every topic (default: $RX_NAMESPACE or 'rx')",
+    )
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint port (0 = any free)")
 
     def topics(self) -> Topics:

@@ -91,6 +91,14 @@ class Envelope:
     datacontenttype: str | None = None
     extensions: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Fix the content type at construction, so an event equals itself after a round trip.
+        if self.datacontenttype is None:
+            ctype = OCTETS if isinstance(self.data, bytes | bytearray) else JSON
+            object.__setattr__(self, "datacontenttype", ctype)
+        if not isinstance(self.extensions, dict):
+            object.__setattr__(self, "extensions", dict(self.extensions))
+
     # ---- convenience ----------------------------------------------------------
     @property
     def site(self) -> str | None:
@@ -104,10 +112,8 @@ class Envelope:
 
     @property
     def content_type(self) -> str:
-        """Effective data content type."""
-        if self.datacontenttype:
-            return self.datacontenttype
-        return OCTETS if isinstance(self.data, bytes | bytearray) else JSON
+        """Data content type (always set: defaulted from the data at construction)."""
+        return self.datacontenttype or JSON
 
     def with_(self, **changes: Any) -> Envelope:
         """A copy with some fields changed."""
@@ -174,9 +180,7 @@ class Envelope:
         time = attrs.get("time") or utcnow()
         if isinstance(time, str):
             time = _parse_time(time)
-        ext = {
-            k: str(v) for k, v in attrs.items() if k not in _CORE_ATTRS and k != "partitionkey"
-        }
+        ext = {k: str(v) for k, v in attrs.items() if k not in _CORE_ATTRS and k != "partitionkey"}
         data = event.get_data()
         if isinstance(data, str):
             # The SDK hands back text for non-JSON content; JSON data must be an object.
@@ -409,9 +413,7 @@ def _check_topic_agrees(env: Envelope, topic: MqttTopic) -> None:
         claimed = env.extensions.get(attr)
         actual = getattr(topic, attr)
         if claimed is not None and claimed != actual:
-            raise EnvelopeError(
-                f"event says {attr}={claimed!r} but was published on {actual!r}'s topic"
-            )
+            raise EnvelopeError(f"event says {attr}={claimed!r} but was published on {actual!r}'s topic")
     if topic.kind is MqttKind.DATA and env.subject not in (None, topic.stream):
         raise EnvelopeError(f"event subject {env.subject!r} does not match stream {topic.stream!r}")
     if "site" not in env.extensions or "device" not in env.extensions:
@@ -423,9 +425,9 @@ def _check_topic_agrees(env: Envelope, topic: MqttTopic) -> None:
 
 __all__ = [
     "JSON",
-    "DeadLetter",
     "OCTETS",
     "STRUCTURED",
+    "DeadLetter",
     "Envelope",
     "EnvelopeError",
     "EventType",

@@ -39,7 +39,9 @@ class _Payload(BaseModel):
     model_config = ConfigDict(extra="ignore")
     event_type: ClassVar[EventType]
 
-    def _envelope(self, id: str, source: str, ext: dict[str, str] | None = None, subject: str | None = None) -> Envelope:
+    def _envelope(
+        self, id: str, source: str, ext: dict[str, str] | None = None, subject: str | None = None
+    ) -> Envelope:
         return Envelope(
             type=self.event_type.value,
             source=source,
@@ -59,7 +61,9 @@ class _Payload(BaseModel):
         try:
             return cls.model_validate(env.data)
         except ValidationError as exc:
-            raise EnvelopeError(f"invalid {cls.__name__}: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None
+            raise EnvelopeError(
+                f"invalid {cls.__name__}: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}"
+            ) from None
 
 
 class Cause(BaseModel):
@@ -185,8 +189,12 @@ class CommandAck(_Payload):
     def to_envelope(self) -> Envelope:
         """The event; one answer per command id."""
         return Envelope.for_device(
-            self.event_type, self.site, self.device, self.model_dump(mode="json"),
-            id=f"{self.command_id}.ack", subject=self.actuator,
+            self.event_type,
+            self.site,
+            self.device,
+            self.model_dump(mode="json"),
+            id=f"{self.command_id}.ack",
+            subject=self.actuator,
         )
 
 
@@ -205,6 +213,7 @@ class CommandStatus(_Payload):
     def to_envelope(self) -> Envelope:
         """The event; one per command and status."""
         return self._envelope(
-            f"{self.command_id}.{self.status}", f"{PIPELINE_SOURCE}/fog",
+            f"{self.command_id}.{self.status}",
+            f"{PIPELINE_SOURCE}/fog",
             {"site": self.site, "device": self.device},
         )

@@ -14,6 +14,7 @@ Kafka-protocol broker works (Tansu does not support them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections.abc import Iterable
@@ -88,21 +89,14 @@ async def ensure_topics(
             existing = set(await admin.list_topics())
             missing = [t for t in wanted if t not in existing]
             if missing:
-                new = [
-                    NewTopic(t, partitions or settings.partitions, settings.replication_factor)
-                    for t in missing
-                ]
-                try:
+                new = [NewTopic(t, partitions or settings.partitions, settings.replication_factor) for t in missing]
+                with contextlib.suppress(TopicAlreadyExistsError):
                     await admin.create_topics(new)
-                except TopicAlreadyExistsError:
-                    pass
                 log.info("created Kafka topics %s", missing)
             return
         except (KafkaConnectionError, KafkaError, OSError) as exc:
             if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(
-                    f"cannot create Kafka topics on {settings.bootstrap_servers}: {exc}"
-                ) from exc
+                raise RuntimeError(f"cannot create Kafka topics on {settings.bootstrap_servers}: {exc}") from exc
             await asyncio.sleep(0.5)
         finally:
             await admin.close()

@@ -310,7 +310,9 @@ class MqttClient:
 
     # ---- connection events ----------------------------------------------------
     def _on_connect(self, _c: paho.Client, _u: Any, flags: Any, rc: ReasonCode, _p: Any) -> None:
-        self._loop.call_soon_threadsafe(self._connected, rc.value, str(rc), bool(getattr(flags, "session_present", False)))
+        self._loop.call_soon_threadsafe(
+            self._connected, rc.value, str(rc), bool(getattr(flags, "session_present", False))
+        )
 
     def _connected(self, code: int, text: str, session_present: bool) -> None:
         if code != 0:

@@ -53,8 +53,7 @@ def check_name(value: str, what: str = "name") -> str:
     """Return ``value`` if it is a safe topic level, else raise :class:`TopicError`."""
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise TopicError(
-            f"invalid {what} {value!r}: use 1-64 letters, digits, '-', '_' or '.' "
-            "(no '/', '+', '#' or spaces)"
+            f"invalid {what} {value!r}: use 1-64 letters, digits, '-', '_' or '.' (no '/', '+', '#' or spaces)"
         )
     return value
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reflexarc.brokers import EmbeddedBrokers, MqttBroker, start_kafka, start_mqtt, KafkaBroker
+from reflexarc.brokers import EmbeddedBrokers, KafkaBroker, MqttBroker, start_kafka, start_mqtt
 from reflexarc.config import KafkaSettings, MqttSettings
 
 

@@ -1,0 +1,34 @@
+# The two commands a new user needs (see README.md):
+#   make demo   - set up and run the whole loop on embedded brokers
+#   make test   - set up and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup system-deps demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Debian packages the tests use: Mosquitto, Slurm, a Docker engine, debootstrap.
+system-deps:
+	bash scripts/system-deps.sh
+
+demo: setup
+	$(VENV)/bin/reflexarc demo --duration 20
+
+test: system-deps setup
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) benchmarks/loop_latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

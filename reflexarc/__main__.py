@@ -1,0 +1,5 @@
+"""``python -m reflexarc``: the same as the ``reflexarc`` command."""
+
+from reflexarc.cli import main
+
+main()

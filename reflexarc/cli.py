@@ -1,0 +1,238 @@
+"""The ``reflexarc`` command: one sub-command group per tier, plus the daily verbs.
+
+This module is the only place where tiers are assembled into one program;
+each tier's own commands live in its ``cli.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from reflexarc import __version__
+
+app = typer.Typer(
+    help="reflexarc: close the loop between instruments and supercomputers.\n\n"
+    "Instrument data flows edge -> MQTT -> fog -> Kafka -> triggers -> HPC analytics, and results "
+    "flow back to actuators on the devices. Start with [bold]reflexarc demo[/].",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_show_locals=False,
+)
+
+# Tier command groups: (module, attribute, command name, help).
+_TIERS: list[tuple[str, str, str, str]] = [
+    ("reflexarc.edge.cli", "app", "edge", "Edge agent: instrument sources, spool, actuators."),
+    ("reflexarc.fog.cli", "app", "fog", "Fog bridge: MQTT -> Kafka ingest and commands back down."),
+    ("reflexarc.cloud.cli", "app", "cloud", "Trigger engine (faust): YAML triggers -> task requests."),
+    ("reflexarc.cloud.cli", "triggers_app", "triggers", "Validate, dry-run and describe trigger files."),
+    ("reflexarc.hpc_bridge.cli", "site_app", "site", "HPC site agent: runs the apps triggers ask for."),
+    ("reflexarc.hpc_bridge.cli", "jobs_app", "jobs", "Inspect and steer jobs at a site."),
+    ("reflexarc.hpc_bridge.cli", "env_app", "env", "Pack and list app environments."),
+    ("reflexarc.hpc_bridge.compose.cli", "app", "compose", "Compose and free machines from resource pools."),
+    ("reflexarc.deploy.cli", "app", "deploy", "Deploy edge agents to a fleet through the Docker Engine API."),
+]
+
+
+def _mount_tiers() -> None:
+    for module, attr, name, help_text in _TIERS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if not (exc.name and module.startswith(exc.name)):
+                raise
+            continue
+        app.add_typer(getattr(mod, attr), name=name, help=help_text)
+
+
+_mount_tiers()
+
+brokers_app = typer.Typer(help="Embedded MQTT and Kafka-protocol brokers for development.", no_args_is_help=True)
+results_app = typer.Typer(help="Read task results as they arrive.", no_args_is_help=True)
+keys_app = typer.Typer(help="Command-signing keys (Ed25519).", no_args_is_help=True)
+app.add_typer(brokers_app, name="brokers")
+app.add_typer(results_app, name="results")
+app.add_typer(keys_app, name="keys")
+
+MqttOpt = Annotated[
+    str | None,
+    typer.Option("--mqtt", help="embedded MQTT broker: 'mosquitto' or 'amqtt' (default: mosquitto if installed)"),
+]
+
+
+def _flavour(value: str | None) -> Any:
+    if value not in (None, "mosquitto", "amqtt"):
+        raise typer.BadParameter("use 'mosquitto' or 'amqtt'", param_hint="--mqtt")
+    return value
+
+
+def _config_error(exc: Exception) -> None:
+    typer.secho(str(exc), fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
+) -> None:
+    if version:
+        typer.echo(f"reflexarc {__version__}")
+        raise typer.Exit()
+
+
+@brokers_app.command("up")
+def brokers_up(
+    mqtt: MqttOpt = None,
+    data_dir: Annotated[Path | None, typer.Option(help="where broker data lives (default: a temp dir)")] = None,
+) -> None:
+    """Start an MQTT broker and a Kafka-protocol broker on loopback until Ctrl-C.
+
+    Prints the environment variables that point every tier at them.
+    """
+    from reflexarc.brokers import EmbeddedBrokers
+    from reflexarc.log import setup_logging
+
+    setup_logging()
+    with EmbeddedBrokers(data_dir=data_dir, mqtt_flavour=_flavour(mqtt)) as b:
+        assert b.mqtt is not None
+        typer.echo(f"# MQTT: {b.mqtt.flavour} (MQTT {b.mqtt.protocol}) on {b.mqtt.host}:{b.mqtt.port}")
+        typer.echo(f"# Kafka: Tansu on {b.kafka_bootstrap}")
+        for k, v in b.env().items():
+            typer.echo(f"export {k}={v}")
+        _wait_for_signal()
+
+
+def _wait_for_signal() -> None:
+    got: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: got.append(s))
+    while not got:
+        signal.pause()
+
+
+@app.command()
+def up(
+    pipeline: Annotated[
+        Path, typer.Argument(help="pipeline.yaml naming the tier processes", exists=True, dir_okay=False)
+    ],
+    mqtt: MqttOpt = None,
+    run_dir: Annotated[Path | None, typer.Option(help="logs, keys and broker data (default: a temp dir)")] = None,
+) -> None:
+    """Run every tier of a pipeline under one supervisor (embedded brokers if none are configured)."""
+    from reflexarc.config import ConfigError
+    from reflexarc.log import setup_logging
+    from reflexarc.supervisor import Supervisor, load_pipeline
+
+    setup_logging(name="up")
+    try:
+        cfg = load_pipeline(pipeline)
+    except ConfigError as exc:
+        _config_error(exc)
+    sup = Supervisor(cfg, base_dir=pipeline.resolve().parent, run_dir=run_dir, mqtt_flavour=_flavour(mqtt))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await sup.run(stop)
+
+    try:
+        sup.start()
+        typer.echo(f"pipeline {cfg.name!r} running; logs in {sup.run_dir}/logs; Ctrl-C stops it")
+        for k in ("RX_MQTT_HOST", "RX_MQTT_PORT", "RX_KAFKA_BOOTSTRAP"):
+            typer.echo(f"  {k}={sup.env[k]}")
+        asyncio.run(main())
+    finally:
+        sup.stop()
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="seconds of instrument data to stream", min=1)] = 20.0,
+    drain_timeout: Annotated[float, typer.Option(help="seconds to wait afterwards for open loops to close")] = 60.0,
+    mqtt: MqttOpt = None,
+) -> None:
+    """Run the whole loop on embedded brokers with a simulated beamline, live.
+
+    Exits 0 only when every triggered task's command reached the actuator.
+    """
+    from reflexarc.demo import run_demo
+    from reflexarc.log import setup_logging
+
+    setup_logging("WARNING")
+    code, _stats = asyncio.run(run_demo(duration, drain_timeout, _flavour(mqtt)))
+    raise typer.Exit(code)
+
+
+@results_app.command("subscribe")
+def results_subscribe(
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Kafka bootstrap servers (default: $RX_KAFKA_BOOTSTRAP)")
+    ] = None,
+    namespace: Annotated[str, typer.Option(help="topic namespace")] = "rx",
+    app_name: Annotated[str | None, typer.Option("--app", help="only results of this app")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="start at the oldest result, not the next one")] = False,
+    count: Annotated[int | None, typer.Option(help="stop after this many results")] = None,
+) -> None:
+    """Print task results as JSON lines (one per task) as they arrive."""
+    from reflexarc.config import KafkaSettings
+    from reflexarc.events import TaskResult
+    from reflexarc.kafka import event_of, make_consumer
+    from reflexarc.topics import Topics
+
+    settings = KafkaSettings(bootstrap_servers=bootstrap) if bootstrap else KafkaSettings.from_env()
+    topic = Topics(namespace).kafka_results
+
+    async def main() -> None:
+        consumer = make_consumer(
+            settings, topic, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest"
+        )
+        await consumer.start()
+        seen = 0
+        try:
+            async for rec in consumer:
+                res = TaskResult.from_envelope(event_of(rec))
+                if app_name and res.app != app_name:
+                    continue
+                sys.stdout.write(json.dumps(res.model_dump(mode="json")) + "\n")
+                sys.stdout.flush()
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+        finally:
+            await consumer.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
+@keys_app.command("generate")
+def keys_generate(
+    directory: Annotated[Path, typer.Argument(help="where to write NAME.key (private, mode 0600) and NAME.pub")],
+    name: Annotated[str, typer.Option(help="file name stem")] = "pipeline",
+) -> None:
+    """Create an Ed25519 key pair: the cloud tier signs commands, edge agents verify them."""
+    from reflexarc.signing import generate_keypair
+
+    private, public = generate_keypair(directory, name)
+    typer.echo(f"private key: {private}  (give to the cloud tier: RX_SIGNING_KEY={private})")
+    typer.echo(f"public key:  {public}  (give to edge agents: RX_VERIFY_KEYS={public})")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Bundled scenarios for ``reflexarc demo`` and the end-to-end tests."""
