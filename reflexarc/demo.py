@@ -35,18 +35,23 @@ def scenario_dir(name: str = "beamline") -> Path:
     return Path(str(resources.files("reflexarc") / "scenarios" / name))
 
 
-def prepare_scenario(target: Path, duration: float, name: str = "beamline") -> Path:
-    """Copy a bundled scenario into ``target`` and size its source for ``duration`` seconds."""
+def prepare_scenario(target: Path, duration: float, name: str = "beamline") -> tuple[Path, int]:
+    """Copy a bundled scenario into ``target`` and size its sources for ``duration`` seconds.
+
+    Returns the pipeline file and the number of events the sources will emit.
+    """
     shutil.copytree(
         scenario_dir(name), target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.py")
     )
     agent = target / "agent.yaml"
     doc = yaml.safe_load(agent.read_text())
+    total = 0
     for src in doc.get("sources", []):
         rate = float(src.get("rate_hz", 10))
         src["count"] = max(1, int(rate * duration))
+        total += src["count"]
     agent.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return target / "pipeline.yaml"
+    return target / "pipeline.yaml", total
 
 
 def hpc_sites(base: Path, pipeline_file: Path) -> list[str]:
@@ -101,7 +106,7 @@ async def run_demo(
     """Run the bundled scenario; return the exit code and what was observed."""
     console = console or Console()
     work = Path(tempfile.mkdtemp(prefix="reflexarc-demo-"))
-    pipeline_file = prepare_scenario(work / "scenario", duration)
+    pipeline_file, expected_events = prepare_scenario(work / "scenario", duration)
     cfg = load_pipeline(pipeline_file)
     sup = Supervisor(cfg, base_dir=pipeline_file.parent, run_dir=work / "run", mqtt_flavour=mqtt_flavour)
     stop = asyncio.Event()
@@ -120,6 +125,8 @@ async def run_demo(
     observer = LoopObserver(sup.kafka_settings(), Topics(cfg.namespace), hpc_sites(pipeline_file.parent, pipeline_file))
     tasks = [asyncio.create_task(observer.run(stop)), asyncio.create_task(sup.run(stop))]
     started = time.monotonic()
+    drained_at = 0.0
+    startup_slack = 60.0
     stats = observer.stats
     try:
         with Live(
@@ -131,11 +138,14 @@ async def run_demo(
         ) as view:
             while not stop.is_set():
                 elapsed = time.monotonic() - started
-                in_data = elapsed < duration
+                # Streaming lasts until every event the source will emit has
+                # arrived (tiers take a few seconds to start), then open loops close.
+                in_data = stats.events < expected_events and elapsed < duration + startup_slack
                 phase = "streaming" if in_data else "closing open loops"
                 if not in_data:
+                    drained_at = drained_at or elapsed
                     quiet = stats.running() == 0 and not stats.open_loops()
-                    if (stats.tasks and quiet) or elapsed > duration + drain_timeout:
+                    if (stats.tasks and quiet) or elapsed > drained_at + drain_timeout:
                         break
                 view.update(render(stats, phase, elapsed, title))
                 for t in tasks:

@@ -221,7 +221,8 @@ class MqttClient:
         content_type: str | None = None,
     ) -> None:
         """Publish and wait for the broker's acknowledgement (QoS 1/2)."""
-        await self.publish_start(topic, payload, qos, retain, user_properties, content_type)
+        fut = await self.publish_start(topic, payload, qos, retain, user_properties, content_type)
+        await fut
 
     async def publish_start(
         self,

@@ -143,7 +143,13 @@ class Supervisor:
             self._tmp = tempfile.TemporaryDirectory(prefix=f"reflexarc-{self.config.name}-")
             self.run_dir = Path(self._tmp.name)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **self.extra_env, "RX_NAMESPACE": self.config.namespace}
+        env = {
+            **os.environ,
+            "RX_NAMESPACE": self.config.namespace,
+            # Tiers keep spools, job databases and checkpoints here unless their config says otherwise.
+            "RX_STATE_DIR": str(self.run_dir / "state"),
+            **self.extra_env,
+        }
         b = self.config.brokers
         if b is None or b.mqtt is None or b.kafka is None:
             self.brokers = EmbeddedBrokers(
