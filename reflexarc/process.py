@@ -138,3 +138,23 @@ class ManagedProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+READY_ENV = "RX_READY_FILE"
+
+
+def notify_ready(detail: str = "") -> None:
+    """Tell the supervisor this tier is up (its subscriptions exist, its consumers joined).
+
+    ``reflexarc up`` starts tiers in order and waits for each to be ready
+    before starting the next: MQTT drops a message nobody is subscribed to
+    yet, so a device must not publish before the fog bridge has subscribed.
+    A no-op when the process was not started by a supervisor.
+    """
+    path = os.environ.get(READY_ENV)
+    if not path:
+        return
+    tmp = Path(path + ".tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(f"{os.getpid()} {detail}\n")
+    tmp.replace(path)

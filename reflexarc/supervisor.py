@@ -42,7 +42,7 @@ from reflexarc.config import (
     StrictModel,
     load_yaml,
 )
-from reflexarc.process import ManagedProcess
+from reflexarc.process import READY_ENV, ManagedProcess
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class Child:
 
     spec: ProcessSpec
     process: ManagedProcess
+    ready_file: Path | None = None
     restarts: int = 0
     started_at: float = 0.0
     next_start: float = 0.0
@@ -131,6 +132,7 @@ class Supervisor:
     run_dir: Path | None = None
     mqtt_flavour: MqttFlavour | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    ready_timeout: float = 90.0
     brokers: EmbeddedBrokers | None = field(default=None, init=False)
     children: list[Child] = field(default_factory=list, init=False)
     env: dict[str, str] = field(default_factory=dict, init=False)
@@ -166,12 +168,21 @@ class Supervisor:
         self.env = env
         for spec in sorted(self.config.processes, key=lambda p: _START_ORDER[p.tier]):
             argv = [sys.executable, "-m", "reflexarc", spec.tier, "run", str(self.base_dir / spec.config)]
+            ready = self.run_dir / "ready" / f"{spec.name}"
+            child_env = {**env, READY_ENV: str(ready)}
             proc = ManagedProcess(
-                spec.name or spec.tier, argv, self.run_dir / "logs" / f"{spec.name}.log", env=env, cwd=self.base_dir
+                spec.name or spec.tier,
+                argv,
+                self.run_dir / "logs" / f"{spec.name}.log",
+                env=child_env,
+                cwd=self.base_dir,
             )
-            child = Child(spec, proc)
+            child = Child(spec, proc, ready_file=ready)
             self._launch(child)
             self.children.append(child)
+            # The next tier starts only when this one is up: a device publishing
+            # before the fog bridge subscribed would lose those messages.
+            proc.wait_ready(ready.exists, timeout=self.ready_timeout)
 
     def _keys(self, env: dict[str, str]) -> dict[str, str]:
         signing = self.config.signing
@@ -191,6 +202,8 @@ class Supervisor:
         return {"RX_SIGNING_KEY": str(private), "RX_VERIFY_KEYS": str(public)}
 
     def _launch(self, child: Child) -> None:
+        if child.ready_file is not None:
+            child.ready_file.unlink(missing_ok=True)
         child.process.start()
         child.started_at = time.monotonic()
         log.info("started %s (pid %s)", child.spec.name, child.process.pid)

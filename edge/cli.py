@@ -1,0 +1,110 @@
+"""``reflexarc edge ...``: run an edge agent, read its status, print a device's broker ACL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Edge agent: instrument sources, disk spool, actuators.", no_args_is_help=True)
+
+
+def _load(config: Path):  # type: ignore[no-untyped-def]
+    from reflexarc.config import ConfigError
+    from reflexarc.edge.config import load_agent_config
+
+    try:
+        return load_agent_config(config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(config: Annotated[Path, typer.Argument(help="agent.yaml")]) -> None:
+    """Run the agent until SIGTERM/Ctrl-C: sources -> spool -> MQTT, commands -> actuators."""
+    import asyncio
+    import signal
+
+    from reflexarc.edge.agent import AgentError, run_agent
+    from reflexarc.log import setup_logging
+    from reflexarc.mqtt import MqttError
+    from reflexarc.signing import KeyFileError
+
+    setup_logging(name="edge")
+    cfg = _load(config)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_agent(cfg, stop)
+
+    try:
+        asyncio.run(main())
+    except (AgentError, MqttError, KeyFileError, ValueError) as exc:
+        typer.echo(f"edge agent: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def status(
+    config: Annotated[Path, typer.Argument(help="agent.yaml of the agent to inspect")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Show a (running) agent's state: connection, spool depth per stream, counters, dead letters."""
+    import json
+
+    from reflexarc.edge.status import read_status
+
+    cfg = _load(config)
+    info = read_status(cfg.status_path(), cfg.spool_path())
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    agent = info.get("agent") or {}
+    spool = info["spool"]
+    typer.echo(f"agent {cfg.site}/{cfg.device}: {info['state']}")
+    if agent:
+        typer.echo(
+            f"  broker {agent.get('broker')} (MQTT {agent.get('protocol')}): "
+            f"{'connected' if agent.get('connected') else 'disconnected'}"
+        )
+        ev = agent.get("events", {})
+        typer.echo(
+            f"  events: read {ev.get('read', 0)}, spooled {ev.get('spooled', 0)}, "
+            f"published {ev.get('published', 0)}, in flight {ev.get('inflight', 0)}"
+        )
+        sp = agent.get("spool", {})
+        typer.echo(
+            f"  spool: {sp.get('depth', 0)} waiting, {sp.get('bytes', 0)} bytes, "
+            f"policy {sp.get('policy')}{' (FULL)' if sp.get('full') else ''}, dropped {sp.get('dropped', 0)}"
+        )
+        if agent.get("metrics_port"):
+            typer.echo(f"  metrics: http://127.0.0.1:{agent['metrics_port']}/metrics")
+        if agent.get("last_command"):
+            typer.echo(f"  last command: {agent['last_command']}")
+    if spool.get("exists"):
+        for stream, n in sorted(spool["streams"].items()):
+            typer.echo(f"  waiting on stream {stream}: {n}")
+        typer.echo(f"  lifetime: {spool['counters']}")
+        for d in spool["recent_dead_letters"]:
+            typer.echo(f"  dead letter from {d['origin']}: {d['error']}")
+    else:
+        typer.echo(f"  no spool at {cfg.spool_path()}")
+
+
+@app.command()
+def acl(
+    site: Annotated[str, typer.Option(help="site of the device")],
+    device: Annotated[str, typer.Option(help="device name")],
+    username: Annotated[str | None, typer.Option(help="broker user of the device (default SITE-DEVICE)")] = None,
+    namespace: Annotated[str, typer.Option(help="topic namespace")] = "rx",
+) -> None:
+    """Print the Mosquitto ACL block that confines one device to its own topics."""
+    from reflexarc.edge.acl import device_acl
+    from reflexarc.topics import Topics
+
+    typer.echo(device_acl(Topics(namespace), site, device, username), nl=False)

@@ -1,0 +1,51 @@
+"""Prometheus metrics of one edge agent (its own registry, so several agents can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+
+class EdgeMetrics:
+    """Counters and gauges an agent exposes on ``/metrics``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.events_read = Counter("rx_edge_events_read", "Readings produced by sources", ["stream"], registry=r)
+        self.events_spooled = Counter("rx_edge_events_spooled", "Events committed to the spool", registry=r)
+        self.events_published = Counter(
+            "rx_edge_events_published", "Events the broker acknowledged (removed from the spool)", registry=r
+        )
+        self.events_dropped = Counter(
+            "rx_edge_events_dropped", "Events dropped by the drop_oldest spool policy", registry=r
+        )
+        self.events_dead = Counter(
+            "rx_edge_events_dead",
+            "Inputs kept as dead letters on the device (bad input, refused publish)",
+            registry=r,
+        )
+        self.spool_depth = Gauge("rx_edge_spool_depth", "Events waiting in the spool", registry=r)
+        self.spool_bytes = Gauge("rx_edge_spool_bytes", "Payload bytes waiting in the spool", registry=r)
+        self.spool_full = Gauge("rx_edge_spool_full", "1 while the spool is full", registry=r)
+        self.source_blocked = Counter(
+            "rx_edge_source_blocked_seconds", "Time sources waited for spool space", registry=r
+        )
+        self.sources_blocked = Gauge("rx_edge_sources_blocked", "Sources waiting for spool space right now", registry=r)
+        self.inflight = Gauge("rx_edge_inflight", "Publishes awaiting the broker's ack", registry=r)
+        self.connected = Gauge("rx_edge_connected", "1 while connected to the broker", registry=r)
+        self.reconnects = Counter("rx_edge_reconnects", "Connections lost", registry=r)
+        self.commands_ok = Counter("rx_edge_commands_ok", "Commands executed successfully", ["actuator"], registry=r)
+        self.commands_failed = Counter(
+            "rx_edge_commands_failed", "Commands whose handler failed", ["actuator"], registry=r
+        )
+        self.commands_rejected = Counter(
+            "rx_edge_commands_rejected", "Commands refused before any handler ran", ["reason"], registry=r
+        )
+        self.commands_duplicate = Counter(
+            "rx_edge_commands_duplicate", "Redelivered commands answered again without running", registry=r
+        )
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> tuple[object, int]:
+        """Start the HTTP endpoint; returns ``(server, port)``."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, int(server.server_address[1])
