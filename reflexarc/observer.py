@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import statistics
+import math
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -36,7 +36,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
 
 
@@ -208,4 +208,4 @@ def fmt_ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
-__all__ = ["LoopObserver", "LoopStats", "fmt_ms", "percentile", "statistics"]
+__all__ = ["LoopObserver", "LoopStats", "fmt_ms", "percentile"]

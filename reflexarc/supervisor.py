@@ -166,23 +166,30 @@ class Supervisor:
             env["RX_KAFKA_BOOTSTRAP"] = b.kafka.bootstrap_servers
         env.update(self._keys(env))
         self.env = env
-        for spec in sorted(self.config.processes, key=lambda p: _START_ORDER[p.tier]):
-            argv = [sys.executable, "-m", "reflexarc", spec.tier, "run", str(self.base_dir / spec.config)]
-            ready = self.run_dir / "ready" / f"{spec.name}"
-            child_env = {**env, READY_ENV: str(ready)}
-            proc = ManagedProcess(
-                spec.name or spec.tier,
-                argv,
-                self.run_dir / "logs" / f"{spec.name}.log",
-                env=child_env,
-                cwd=self.base_dir,
-            )
-            child = Child(spec, proc, ready_file=ready)
-            self._launch(child)
-            self.children.append(child)
-            # The next tier starts only when this one is up: a device publishing
-            # before the fog bridge subscribed would lose those messages.
-            proc.wait_ready(ready.exists, timeout=self.ready_timeout)
+        # Two waves: every consumer tier at once, then (when all are ready) the
+        # devices. MQTT drops a message nobody is subscribed to yet, so a device
+        # must not publish before the fog bridge has subscribed.
+        for wave in (("site", "cloud", "fog"), ("edge",)):
+            launched = []
+            for spec in sorted(self.config.processes, key=lambda p: _START_ORDER[p.tier]):
+                if spec.tier not in wave:
+                    continue
+                argv = [sys.executable, "-m", "reflexarc", spec.tier, "run", str(self.base_dir / spec.config)]
+                ready = self.run_dir / "ready" / f"{spec.name}"
+                proc = ManagedProcess(
+                    spec.name or spec.tier,
+                    argv,
+                    self.run_dir / "logs" / f"{spec.name}.log",
+                    env={**env, READY_ENV: str(ready)},
+                    cwd=self.base_dir,
+                )
+                child = Child(spec, proc, ready_file=ready)
+                self._launch(child)
+                self.children.append(child)
+                launched.append(child)
+            for child in launched:
+                assert child.ready_file is not None
+                child.process.wait_ready(child.ready_file.exists, timeout=self.ready_timeout)
 
     def _keys(self, env: dict[str, str]) -> dict[str, str]:
         signing = self.config.signing
