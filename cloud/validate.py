@@ -1,0 +1,410 @@
+"""Load a triggers file into checked, compiled triggers; or say precisely what is wrong.
+
+Every problem names the file, the line and column, the trigger and the field,
+and what would be valid::
+
+    triggers.yaml:14:14: trigger 'high-counts' then[0].task.app: unknown app 'fitt' on site 'alcf'; known apps: peak-fit, tomo
+    triggers.yaml:9:21: trigger 'high-counts' when: invalid CEL: Syntax error: mismatched input '<EOF>' ... (column 19 of the expression)
+
+All checks run on every trigger, so one run lists every error in the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from reflexarc.cloud.expr import ArgTemplate, CelError, Expr, compile_expr
+from reflexarc.cloud.model import CommandAction, TaskAction, Trigger, TriggersFile
+from reflexarc.config import ConfigError, Problem, parse_yaml_text
+from reflexarc.events import Resources
+from reflexarc.topics import TopicError, check_name, mqtt_match
+
+# The variables each kind of expression may read (see docs/triggers.md).
+EVENT_VARS = frozenset({"event", "trigger"})
+WHEN_VARS = frozenset({"event", "agg", "window", "key", "trigger"})
+RESULT_VARS = frozenset({"result", "cause", "trigger"})
+
+
+@dataclass
+class SiteInfo:
+    """What the triggers file may know of an HPC site: its name and its apps."""
+
+    name: str
+    apps: list[str]
+    file: str
+
+
+@dataclass
+class CompiledAction:
+    """A ``then`` entry with its expressions compiled and its site resolved."""
+
+    index: int
+    task: TaskAction | None = None
+    command: CommandAction | None = None
+    site: str | None = None
+    resources: Resources | None = None
+    args: ArgTemplate = field(default_factory=lambda: ArgTemplate({}, {}))
+
+
+@dataclass
+class CompiledOnResult:
+    """``on_result`` with compiled expressions."""
+
+    statuses: frozenset[str]
+    when: Expr | None
+    commands: list[CompiledAction]
+
+
+@dataclass
+class CompiledTrigger:
+    """One trigger ready to evaluate."""
+
+    spec: Trigger
+    filter: Expr | None
+    when: Expr
+    aggregates: dict[str, Expr | None]
+    actions: list[CompiledAction]
+    on_result: CompiledOnResult | None
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        """The trigger's name."""
+        return self.spec.name
+
+    @property
+    def stateful(self) -> bool:
+        """Whether it keeps state per key (a window or a cooldown)."""
+        return self.spec.window is not None or self.spec.cooldown is not None
+
+    def selects(self, site: str, device: str, stream: str) -> bool:
+        """Whether an event of this stream is one the trigger listens to."""
+        path = f"{site}/{device}/{stream}"
+        return any(mqtt_match(sel, path) for sel in self.spec.on)
+
+
+@dataclass
+class CompiledConfig:
+    """A whole triggers file, checked and compiled."""
+
+    path: Path
+    file: TriggersFile
+    triggers: list[CompiledTrigger]
+    sites: dict[str, SiteInfo]
+    text_hash: str
+
+    def by_name(self) -> dict[str, CompiledTrigger]:
+        """Triggers by name."""
+        return {t.name: t for t in self.triggers}
+
+    def task_sites(self) -> list[str]:
+        """HPC sites some trigger may send tasks to (their task topics must exist)."""
+        return sorted({a.site for t in self.triggers for a in t.actions if a.site})
+
+
+# ---- YAML positions of values ------------------------------------------------------
+def _value_nodes(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], yaml.Node]) -> None:
+    out[path] = node
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            _value_nodes(v, (*path, k.value), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _value_nodes(item, (*path, i), out)
+
+
+class _Places:
+    """Finds the line/column of a field, or of a position inside a CEL string."""
+
+    def __init__(self, text: str, marks: dict[tuple[Any, ...], yaml.Mark]) -> None:
+        self.marks = marks
+        self.nodes: dict[tuple[Any, ...], yaml.Node] = {}
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            root = None
+        if root is not None:
+            _value_nodes(root, (), self.nodes)
+
+    def key(self, path: tuple[Any, ...]) -> tuple[int | None, int | None]:
+        for n in range(len(path), -1, -1):
+            m = self.marks.get(tuple(path[:n]))
+            if m is not None:
+                return m.line + 1, m.column + 1
+        return None, None
+
+    def inside(self, path: tuple[Any, ...], line: int | None, col: int | None) -> tuple[int | None, int | None]:
+        node = self.nodes.get(path)
+        if node is None or col is None:
+            return self.key(path)
+        m = node.start_mark
+        style = getattr(node, "style", None)
+        if style in ("|", ">"):
+            # Block scalar: the text starts on the next line, indented.
+            indent = m.column + 2
+            return m.line + 1 + (line or 1), indent + col
+        quote = 1 if style in ("'", '"') else 0
+        if (line or 1) == 1:
+            return m.line + 1, m.column + 1 + quote + col - 1
+        return m.line + (line or 1), col
+
+
+def _site_info(base: Path, rel: str) -> SiteInfo:
+    path = (base / rel).resolve()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"cannot read site file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"site file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("site"), str):
+        raise ValueError(f"site file {path} has no top-level 'site: <name>'")
+    apps = data.get("apps") or {}
+    if not isinstance(apps, dict):
+        raise ValueError(f"site file {path}: 'apps' must be a mapping of app name -> definition")
+    return SiteInfo(data["site"], sorted(str(a) for a in apps), str(path))
+
+
+def fingerprint(trig: Trigger) -> str:
+    """Identity of a trigger's *state*: window, key and cooldown (not its condition or actions).
+
+    State is kept across a reload when this is unchanged.
+    """
+    parts = {
+        "on": trig.on,
+        "filter": trig.filter,
+        "window": trig.window.model_dump(mode="json") if trig.window else None,
+        "cooldown": trig.cooldown,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Checker:
+    def __init__(self, source: str, base: Path, text: str, marks: dict[tuple[Any, ...], yaml.Mark]) -> None:
+        self.source = source
+        self.base = base
+        self.places = _Places(text, marks)
+        self.problems: list[Problem] = []
+
+    def add(self, path: tuple[Any, ...], message: str, trigger: str | None = None,
+            line: int | None = None, col: int | None = None) -> None:
+        if line is None:
+            line, col = self.places.key(path)
+        self.problems.append(Problem(self.source, line, col, _describe(path, trigger), message))
+
+    def pydantic(self, exc: ValidationError, prefix: tuple[Any, ...], trigger: str | None = None) -> None:
+        for err in exc.errors():
+            loc = (*prefix, *(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field (check the spelling; docs/triggers.md lists the valid fields)"
+            elif msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            self.add(loc, msg, trigger)
+
+    def expr(self, path: tuple[Any, ...], src: str, variables: frozenset[str], trigger: str, what: str) -> Expr | None:
+        try:
+            return compile_expr(src, variables, what)
+        except CelError as exc:
+            line, col = self.places.inside(path, exc.line, exc.column)
+            msg = exc.message
+            if exc.column is not None:
+                msg += f" (column {exc.column} of the expression)"
+            self.add(path, msg, trigger, line, col)
+            return None
+
+
+def _describe(path: tuple[Any, ...], trigger: str | None) -> str:
+    rest = path
+    prefix = ""
+    if len(path) >= 2 and path[0] == "triggers" and isinstance(path[1], int):
+        prefix = f"trigger '{trigger}' " if trigger else f"triggers[{path[1]}] "
+        rest = path[2:]
+    out = ""
+    for part in rest:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return (prefix + out).strip()
+
+
+def compile_text(text: str, source: str, base: Path | None = None) -> CompiledConfig:
+    """Check and compile triggers YAML text; :class:`ConfigError` lists every problem."""
+    base = base if base is not None else Path(source).parent
+    data, marks = parse_yaml_text(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([Problem(source, 1, 1, "", "the file must be a YAML mapping (key: value)")])
+    ck = _Checker(source, base, text, marks)
+    raw_triggers = data.get("triggers")
+    top = {k: v for k, v in data.items() if k != "triggers"}
+    try:
+        tf = TriggersFile.model_validate(top)
+    except ValidationError as exc:
+        ck.pydantic(exc, ())
+        # Keep checking the triggers against whatever of the top level is usable.
+        raw_sites = top.get("sites")
+        raw_streams = top.get("streams")
+        tf = TriggersFile.model_construct(
+            sites=[x for x in raw_sites if isinstance(x, str)] if isinstance(raw_sites, list) else [],
+            streams=[x for x in raw_streams if isinstance(x, str)] if isinstance(raw_streams, list) else None,
+        )
+    specs: list[tuple[int, Trigger]] = []
+    if raw_triggers is not None and not isinstance(raw_triggers, list):
+        ck.add(("triggers",), "'triggers' must be a list of triggers (- name: ...)")
+    for i, raw in enumerate(raw_triggers or []):
+        name = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else None
+        try:
+            specs.append((i, Trigger.model_validate(raw)))
+        except ValidationError as exc:
+            ck.pydantic(exc, ("triggers", i), name)
+    seen: dict[str, int] = {}
+    for i, t in specs:
+        if t.name in seen:
+            ck.add(("triggers", i, "name"), f"duplicate trigger name (also triggers[{seen[t.name]}]); names must be unique", t.name)
+        seen.setdefault(t.name, i)
+    tf.triggers = [t for _, t in specs]
+
+    sites: dict[str, SiteInfo] = {}
+    for i, rel in enumerate(tf.sites):
+        try:
+            info = _site_info(base, rel)
+        except ValueError as exc:
+            ck.add(("sites", i), f"{exc}; list site files relative to {source}")
+            continue
+        sites[info.name] = info
+    try:
+        check_name(tf.pipeline.namespace, "namespace")
+    except TopicError as exc:
+        ck.add(("pipeline", "namespace"), str(exc))
+
+    compiled: list[CompiledTrigger] = []
+    for ti, trig in specs:
+        ct = _compile_trigger(ck, ti, trig, tf, sites)
+        if ct is not None:
+            compiled.append(ct)
+    if ck.problems:
+        raise ConfigError(sorted(ck.problems, key=lambda p: (p.line or 0, p.column or 0)))
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return CompiledConfig(Path(source), tf, compiled, sites, digest)
+
+
+def _compile_trigger(
+    ck: _Checker, ti: int, trig: Trigger, tf: TriggersFile, sites: dict[str, SiteInfo]
+) -> CompiledTrigger | None:
+    name = trig.name
+    p: tuple[Any, ...] = ("triggers", ti)
+    before = len(ck.problems)
+    for si, sel in enumerate(trig.on):
+        levels = sel.split("/")
+        bad = len(levels) != 3 and not (len(levels) <= 3 and levels[-1] == "#")
+        if not bad:
+            for lv in levels:
+                if lv in ("+", "#"):
+                    continue
+                try:
+                    check_name(lv, "level")
+                except TopicError:
+                    bad = True
+        if bad:
+            ck.add((*p, "on", si), f"invalid stream selector {sel!r}: write site/device/stream, "
+                   "each a name or '+', or end with '#' (e.g. bl1/+/counts, bl1/#)", name)
+        elif tf.streams is not None and not any(
+            mqtt_match(sel, known) or mqtt_match(known, sel) for known in tf.streams
+        ):
+            ck.add((*p, "on", si), f"unknown stream {sel!r}: it matches none of the streams "
+                   f"listed under 'streams' ({', '.join(tf.streams)})", name)
+    flt = ck.expr((*p, "filter"), trig.filter, EVENT_VARS, name, "filter") if trig.filter else None
+    when = ck.expr((*p, "when"), trig.when, WHEN_VARS, name, "when")
+    aggs: dict[str, Expr | None] = {}
+    if trig.window is not None:
+        for an, agg in trig.window.aggregates.items():
+            aggs[an] = (
+                ck.expr((*p, "window", "aggregates", an, "of"), agg.of, EVENT_VARS, name, f"aggregate {an}")
+                if agg.of else None
+            )
+    actions: list[CompiledAction] = []
+    for ai, action in enumerate(trig.then):
+        ap = (*p, "then", ai)
+        if action.task is not None:
+            actions.append(_compile_task(ck, (*ap, "task"), ai, action.task, sites, name))
+        elif action.command is not None:
+            actions.append(_compile_command(ck, (*ap, "command"), ai, action.command, WHEN_VARS, name))
+    on_result = None
+    if trig.on_result is not None:
+        op = (*p, "on_result")
+        if not any(a.task for a in trig.then):
+            ck.add(op, "on_result needs a task action in 'then' (results come from tasks)", name)
+        rw = ck.expr((*op, "when"), trig.on_result.when, RESULT_VARS, name, "on_result.when") if trig.on_result.when else None
+        cmds = [
+            _compile_command(ck, (*op, "commands", ci), ci, c, RESULT_VARS, name)
+            for ci, c in enumerate(trig.on_result.commands)
+        ]
+        on_result = CompiledOnResult(frozenset(trig.on_result.status), rw, cmds)
+    if len(ck.problems) > before or when is None:
+        return None
+    return CompiledTrigger(trig, flt, when, aggs, actions, on_result, fingerprint(trig))
+
+
+def _args(ck: _Checker, path: tuple[Any, ...], args: dict[str, Any], variables: frozenset[str], trigger: str) -> ArgTemplate:
+    exprs: dict[str, Expr] = {}
+    literals: dict[str, Any] = {}
+    for k, v in args.items():
+        if isinstance(v, str):
+            e = ck.expr((*path, k), v, variables, trigger, f"argument {k}")
+            if e is not None:
+                exprs[k] = e
+        else:
+            literals[k] = v
+    return ArgTemplate(exprs, literals)
+
+
+def _compile_task(
+    ck: _Checker, path: tuple[Any, ...], index: int, task: TaskAction, sites: dict[str, SiteInfo], trigger: str
+) -> CompiledAction:
+    args = _args(ck, (*path, "args"), task.args, WHEN_VARS, trigger)
+    resources = None
+    try:
+        resources = Resources.model_validate(task.resources)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ck.add((*path, "resources", *err["loc"]), f"{err['msg']} (valid: cpus, gpus, gpu_model, memory_gb, walltime_s)", trigger)
+    chosen: str | None = None
+    if not sites:
+        ck.add((*path, "app"), f"app {task.app!r} cannot be checked: list the HPC site files under "
+               "'sites:' at the top of the file", trigger)
+    else:
+        wanted = [task.site] if isinstance(task.site, str) else (task.site or list(sites))
+        unknown = [s for s in wanted if s not in sites]
+        if unknown:
+            ck.add((*path, "site"), f"unknown site(s) {', '.join(unknown)}; known sites: {', '.join(sorted(sites))}", trigger)
+        else:
+            having = [s for s in wanted if task.app in sites[s].apps]
+            if having:
+                chosen = having[0]
+            else:
+                known = "; ".join(f"{s}: {', '.join(sites[s].apps) or '(none)'}" for s in wanted)
+                ck.add((*path, "app"), f"unknown app {task.app!r} on site(s) {', '.join(wanted)}; known apps - {known}", trigger)
+    return CompiledAction(index, task=task, site=chosen, resources=resources, args=args)
+
+
+def _compile_command(
+    ck: _Checker, path: tuple[Any, ...], index: int, cmd: CommandAction, variables: frozenset[str], trigger: str
+) -> CompiledAction:
+    return CompiledAction(index, command=cmd, args=_args(ck, (*path, "args"), cmd.args, variables, trigger))
+
+
+def load_triggers(path: str | Path) -> CompiledConfig:
+    """Read, check and compile a triggers file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError([Problem(str(p), None, None, "", f"cannot read: {exc.strerror}")]) from None
+    return compile_text(text, str(p), p.parent)

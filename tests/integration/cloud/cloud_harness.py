@@ -1,0 +1,148 @@
+"""Shared pieces of the cloud-tier integration tests: a worker process and Kafka helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from reflexarc.config import KafkaSettings
+from reflexarc.envelope import Envelope, EventType
+from reflexarc.kafka import ensure_topics, make_consumer, make_producer, send_event
+from reflexarc.process import ManagedProcess
+from reflexarc.topics import Topics
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+TOPICS = Topics()
+SITE_YAML = "site: local\napps:\n  fit: {function: 'pkg.mod:fit'}\n"
+
+
+def header(bootstrap: str, key_file: Path | None = None, extra: str = "") -> str:
+    """Top of a triggers file for a test broker."""
+    lines = [
+        "sites: [site.yaml]",
+        f"kafka: {{bootstrap_servers: '{bootstrap}'}}",
+        "worker: {session_timeout: 6s, reload_interval: 0.3s, commit_interval: 0.5s}",
+    ]
+    if key_file is not None:
+        lines.append(f"signing_key_file: {key_file}")
+    return "\n".join(lines) + "\n" + extra
+
+
+def event(i: int | str, seconds: float, data: dict[str, Any], device: str, stream: str = "counts",
+          site: str = "bl1") -> Envelope:
+    """An instrument event at ``T0 + seconds``."""
+    return Envelope.for_device(
+        EventType.DATA, site, device, data, subject=stream, id=f"e{i}", time=T0 + timedelta(seconds=seconds)
+    )
+
+
+class WorkerProcess:
+    """``reflexarc cloud run FILE`` as a child process (dies with the test process)."""
+
+    def __init__(self, path: Path, log: Path) -> None:
+        env = {**os.environ, "RX_LOG_LEVEL": "INFO"}
+        env.pop("RX_SIGNING_KEY", None)
+        self.proc = ManagedProcess(
+            "cloud",
+            [sys.executable, "-c", "from reflexarc.cloud.cli import app; app()", "run", str(path)],
+            log,
+            env=env,
+        )
+        self.log = log
+        self.started_lines = 0
+
+    def text(self) -> str:
+        """The worker's log so far."""
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start and wait for the 'trigger engine up' line (after the group join)."""
+        before = self.text().count("trigger engine up")
+        self.proc.start()
+        await asyncio.to_thread(
+            self.proc.wait_ready, lambda: self.text().count("trigger engine up") > before, timeout
+        )
+
+    def listening(self) -> list[str]:
+        """Local addresses the worker listens on (TCP)."""
+        out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=False).stdout
+        pid = self.proc.pid
+        return [ln.split()[3] for ln in out.splitlines() if f"pid={pid}," in ln]
+
+    def stop(self) -> int | None:
+        """SIGTERM; the exit code (or -9 if it had to be killed after 20 s)."""
+        return self.proc.stop(grace=20.0)
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self.proc.kill()
+
+
+async def prepare(settings: KafkaSettings) -> None:
+    """Create the topics the tests use (as `reflexarc up` would)."""
+    await ensure_topics(settings, [*TOPICS.kafka_core(), TOPICS.kafka_tasks("local")])
+
+
+async def produce(settings: KafkaSettings, events: list[Envelope]) -> None:
+    """Send events to the data topic and wait for the broker's acks."""
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        futs = [await send_event(producer, TOPICS.kafka_data, e) for e in events]
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
+async def produce_raw(settings: KafkaSettings, topic: str, value: bytes, headers: list[tuple[str, bytes]] | None = None,
+                      key: bytes | None = None) -> None:
+    """Send one raw record."""
+    producer = make_producer(settings)
+    await producer.start()
+    try:
+        await (await producer.send(topic, value=value, key=key, headers=headers or []))
+    finally:
+        await producer.stop()
+
+
+async def read_all(settings: KafkaSettings, topics: list[str], until: Callable[[list[Any]], bool],
+                   timeout: float = 60.0, settle: float = 0.0) -> list[Any]:
+    """Read the topics from the beginning until ``until(records)`` holds (then ``settle`` s more)."""
+    consumer = make_consumer(settings, *topics, group_id=None)
+    await consumer.start()
+    records: list[Any] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    settle_end: float | None = None
+    try:
+        while loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for recs in batch.values():
+                records.extend(recs)
+            if settle_end is None and until(records):
+                settle_end = loop.time() + settle
+            if settle_end is not None and loop.time() >= settle_end:
+                return records
+        return records
+    finally:
+        await consumer.stop()
+
+
+def wait_for(check: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``check`` until true or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
