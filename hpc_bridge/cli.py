@@ -1,0 +1,240 @@
+"""``reflexarc site|jobs|env``: the HPC bridge's commands.
+
+Module-level imports stay light: the main CLI imports this file at start-up,
+so the agent, SQLAlchemy, Dask and PSI/J are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+site_app = typer.Typer(help="HPC site agent: runs the apps triggers ask for.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Inspect and steer jobs at a site (the reason for every state).", no_args_is_help=True)
+env_app = typer.Typer(help="Pack and list app environments.", no_args_is_help=True)
+
+SiteFile = Annotated[Path, typer.Argument(help="the site's YAML file (site.yaml)")]
+SiteOpt = Annotated[Path, typer.Option("--site", "-s", help="the site's YAML file", envvar="RX_SITE_FILE")]
+
+
+def _load(path: Path) -> Any:
+    from reflexarc.config import ConfigError
+    from reflexarc.hpc_bridge.site_config import load_site
+
+    try:
+        return load_site(path)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def _store(path: Path) -> Any:
+    from reflexarc.hpc_bridge.store import JobStore
+    from reflexarc.topics import Topics
+
+    cfg = _load(path)
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    return JobStore(cfg.database_url, cfg.site, Topics(cfg.namespace))
+
+
+@site_app.command("run")
+def site_run(
+    file: SiteFile,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Run the site agent: take task requests from Kafka, run them, publish results (stop: SIGTERM)."""
+    import asyncio
+    import signal
+
+    from reflexarc.hpc_bridge.agent import SiteAgent
+    from reflexarc.hpc_bridge.apps import AppError
+    from reflexarc.log import setup_logging
+    from reflexarc.metrics import serve_metrics
+
+    setup_logging(log_level, name="site")
+    cfg = _load(file)
+    try:
+        agent = SiteAgent(cfg)
+    except AppError as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    serve_metrics(cfg.metrics_port)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.run(stop)
+
+    asyncio.run(main())
+
+
+@site_app.command("check")
+def site_check(file: SiteFile) -> None:
+    """Validate site.yaml and import every app (the same checks the agent does at start-up)."""
+    from reflexarc.hpc_bridge.apps import AppError, choose_implementation
+    from reflexarc.hpc_bridge.registry import resolve_apps
+
+    cfg = _load(file)
+    try:
+        apps = resolve_apps(cfg)
+        for name, spec in apps.items():
+            impl = choose_implementation(name, spec, cfg.resources) if spec.kind == "python" else None
+            what = impl.function if impl else " ".join(spec.argv or [])
+            typer.echo(f"{name}: {spec.kind} {what}")
+    except AppError as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{file}: site {cfg.site!r} OK, {len(apps)} app(s), engine {cfg.engine.kind}")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    site: SiteOpt = Path("site.yaml"),
+    status: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many")] = 50,
+) -> None:
+    """Jobs, most recently changed first, each with the reason for its state."""
+    from rich.console import Console
+    from rich.table import Table
+
+    store = _store(site)
+    try:
+        jobs = store.list_jobs(status, limit)
+        counts = store.counts()
+    finally:
+        store.close()
+    table = Table("task", "app", "state", "attempt", "updated", "reason", box=None)
+    for j in jobs:
+        table.add_row(j.task_id, j.app, j.status.value, f"{j.attempt}/{j.max_retries + 1}",
+                      j.updated_at.strftime("%H:%M:%S"), j.reason)
+    Console(width=200).print(table)
+    typer.echo("  ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no jobs")
+
+
+@jobs_app.command("show")
+def jobs_show(task_id: str, site: SiteOpt = Path("site.yaml")) -> None:
+    """One job: its request, every transition with its reason, and its output's tail."""
+    store = _store(site)
+    try:
+        job = store.get(task_id)
+        if job is None:
+            typer.echo(f"no job {task_id!r} at this site (see: reflexarc jobs list)", err=True)
+            raise typer.Exit(1)
+        transitions = store.transitions(task_id)
+    finally:
+        store.close()
+    typer.echo(f"task      {job.task_id}\napp       {job.app}\nstate     {job.status.value}: {job.reason}")
+    typer.echo(f"attempt   {job.attempt} of at most {job.max_retries + 1} (on_failure={job.on_failure.value})")
+    typer.echo(f"engine    {job.engine or '-'} {job.native_id or ''}\nmachine   {job.machine or '-'}")
+    if job.depends_on:
+        typer.echo(f"needs     {', '.join(job.depends_on)}")
+    if job.error:
+        typer.echo(f"error     {job.error}")
+    typer.echo(f"args      {job.request.args}")
+    typer.echo("history:")
+    for t in transitions:
+        typer.echo(f"  {t.at:%Y-%m-%d %H:%M:%S}  #{t.seq} {t.previous or '-':>9} -> {t.state:<9} "
+                   f"(attempt {t.attempt}) {t.reason}")
+    if job.workdir:
+        log = Path(job.workdir) / "task.log"
+        if log.exists():
+            lines = log.read_text(errors="replace").splitlines()[-20:]
+            typer.echo(f"output ({log}):")
+            for line in lines:
+                typer.echo(f"  {line}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(task_id: str, site: SiteOpt = Path("site.yaml")) -> None:
+    """Cancel a job (a running one is stopped by the site agent within a second or two)."""
+    store = _store(site)
+    try:
+        state = store.request_cancel(task_id, "cancelled by user (reflexarc jobs cancel)")
+    except KeyError:
+        typer.echo(f"no job {task_id!r} at this site", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        store.close()
+    if state.value == "cancelled":
+        typer.echo(f"{task_id}: cancelled")
+    elif state.finished:
+        typer.echo(f"{task_id}: already {state.value}; nothing to cancel")
+    else:
+        typer.echo(f"{task_id}: cancel requested; the site agent stops it (state now {state.value})")
+
+
+@jobs_app.command("retry")
+def jobs_retry(task_id: str, site: SiteOpt = Path("site.yaml")) -> None:
+    """Queue a failed, timed-out or cancelled job again."""
+    from reflexarc.hpc_bridge.states import TransitionError
+
+    store = _store(site)
+    try:
+        store.retry(task_id, "retried by user (reflexarc jobs retry)")
+    except KeyError:
+        typer.echo(f"no job {task_id!r} at this site", err=True)
+        raise typer.Exit(1) from None
+    except TransitionError as exc:
+        typer.echo(f"{task_id}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        store.close()
+    typer.echo(f"{task_id}: queued again")
+
+
+@env_app.command("pack")
+def env_pack(
+    app_name: Annotated[str, typer.Argument(metavar="APP", help="app name from site.yaml")],
+    site: SiteOpt = Path("site.yaml"),
+) -> None:
+    """Build (or reuse) the packed environment of an app and print its tarball."""
+    import time
+
+    from reflexarc.hpc_bridge.apps import AppError
+    from reflexarc.hpc_bridge.envpack import EnvError, EnvManager
+    from reflexarc.hpc_bridge.registry import resolve_apps
+
+    cfg = _load(site)
+    try:
+        apps = resolve_apps(cfg, import_code=False)
+        if app_name not in apps:
+            typer.echo(f"unknown app {app_name!r}; known: {', '.join(sorted(apps)) or 'none'}", err=True)
+            raise typer.Exit(1)
+        mgr = EnvManager(cfg.env_cache_path)
+        t0 = time.monotonic()
+        packed = mgr.pack(app_name, apps[app_name])
+    except (AppError, EnvError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    how = "reused cached" if packed.cached else "built"
+    typer.echo(f"{how} {packed.tarball} in {time.monotonic() - t0:.2f}s")
+    for req in packed.spec.requirements:
+        typer.echo(f"  {req}")
+
+
+@env_app.command("list")
+def env_list(site: SiteOpt = Path("site.yaml")) -> None:
+    """Packed environments in the site's cache."""
+    from reflexarc.hpc_bridge.envpack import EnvManager
+
+    cfg = _load(site)
+    envs = EnvManager(cfg.env_cache_path).list()
+    if not envs:
+        typer.echo(f"no packed environments in {cfg.env_cache_path}")
+    for e in envs:
+        typer.echo(f"{e.hash[:16]}  {e.size / 1e6:7.1f} MB  {e.created:%Y-%m-%d %H:%M}  "
+                   f"{', '.join(e.apps) or '-'}  {' '.join(e.requirements)}")
+
+
+def main() -> None:
+    """``python -m reflexarc.hpc_bridge`` entry: site, jobs and env verbs in one Typer app."""
+    root = typer.Typer(no_args_is_help=True)
+    root.add_typer(site_app, name="site")
+    root.add_typer(jobs_app, name="jobs")
+    root.add_typer(env_app, name="env")
+    root(args=sys.argv[1:])

@@ -1,0 +1,154 @@
+"""The ``dask`` engine: tasks as futures on a ``distributed`` cluster.
+
+Three kinds of cluster: an in-process ``LocalCluster`` (worker processes on
+this machine), an existing scheduler by address, or a dask-jobqueue cluster
+whose workers are pilot jobs on Slurm/PBS/LSF (many tasks per allocation).
+With ``adapt`` the number of workers follows the backlog between ``minimum``
+and ``maximum``; a worker idle for ``idle_timeout_s`` is retired.
+
+A worker that dies mid-task is not silently retried by Dask behind the
+agent's back (the scheduler's ``allowed-failures`` is 0 for clusters we start):
+the task fails with the reason and the app's retry policy decides, so every
+retry is a visible state change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from reflexarc.hpc_bridge.engines.base import Engine, EngineError, Execution, outcome_from_worker
+from reflexarc.hpc_bridge.site_config import DaskEngineSettings
+from reflexarc.hpc_bridge.states import JobStatus
+from reflexarc.hpc_bridge.store import Outcome
+from reflexarc.hpc_bridge.worker import RunSpec, execute_json
+
+log = logging.getLogger(__name__)
+
+
+class DaskEngine(Engine):
+    """A ``distributed`` client on a local, remote or jobqueue cluster."""
+
+    name = "dask"
+
+    def __init__(self, settings: DaskEngineSettings) -> None:
+        self.settings = settings
+        self.cluster: Any = None
+        self.client: Any = None
+
+    @property
+    def capacity(self) -> int:
+        """Futures handed to Dask at once (Dask queues them on its scheduler)."""
+        return self.settings.max_running
+
+    async def start(self) -> None:
+        """Start (or connect to) the cluster and the asynchronous client."""
+        import dask
+        from distributed import Client
+
+        s = self.settings
+        # Worker deaths surface as task failures, handled by the app's policy.
+        dask.config.set({"distributed.scheduler.allowed-failures": 0})
+        try:
+            if s.cluster == "address":
+                self.client = await Client(s.address, asynchronous=True)
+            else:
+                self.cluster = await self._make_cluster()
+                if s.adapt is not None:
+                    a = s.adapt
+                    self.cluster.adapt(
+                        minimum=a.minimum, maximum=a.maximum, interval=f"{a.interval_s}s",
+                        wait_count=max(1, round(a.idle_timeout_s / a.interval_s)),
+                    )
+                self.client = await Client(self.cluster, asynchronous=True)
+        except (OSError, TimeoutError) as exc:
+            await self.close()
+            raise EngineError(f"cannot start the Dask engine ({s.cluster}): {exc}") from exc
+        log.info("dask engine: %s", self.client)
+
+    async def _make_cluster(self) -> Any:
+        s = self.settings
+        if s.cluster == "local":
+            from distributed import LocalCluster
+
+            return await LocalCluster(
+                n_workers=0 if s.adapt else s.n_workers, threads_per_worker=s.threads_per_worker,
+                processes=True, host="127.0.0.1", dashboard_address=None, asynchronous=True,
+            )
+        jq = s.jobqueue
+        assert jq is not None
+        import dask_jobqueue
+
+        cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
+               "lsf": dask_jobqueue.LSFCluster}[jq.scheduler]
+        kwargs: dict[str, Any] = {
+            "cores": jq.cores, "processes": jq.processes, "memory": jq.memory, "walltime": jq.walltime,
+            "queue": jq.queue, "account": jq.account, "job_extra_directives": jq.job_extra_directives,
+            "asynchronous": True, "interface": None,
+            "scheduler_options": {"host": "127.0.0.1", "dashboard_address": None},
+            "worker_extra_args": ["--host", "127.0.0.1"],
+        }
+        if jq.local_directory:
+            kwargs["local_directory"] = jq.local_directory
+        cluster = await cls(**kwargs)
+        if s.adapt is None:
+            cluster.scale(jobs=max(1, s.n_workers))
+        return cluster
+
+    async def submit(self, spec: RunSpec) -> Execution:
+        """One future per attempt; its key names task and attempt (visible in Dask's dashboard)."""
+        resources = None
+        fut = self.client.submit(
+            execute_json, spec.to_json(), key=f"rx-{spec.task_id}-{spec.attempt}", pure=False,
+            resources=resources,
+        )
+        return _DaskExecution(self, fut)
+
+    async def workers(self) -> int:
+        """Number of workers connected right now."""
+        info = await self.client.scheduler.identity()
+        return len(info.get("workers", {}))
+
+    async def close(self) -> None:
+        """Close client and cluster (pilot jobs are cancelled)."""
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.close()
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                await self.cluster.close()
+
+
+class _DaskExecution(Execution):
+    def __init__(self, engine: DaskEngine, fut: Any) -> None:
+        self.engine = engine
+        self.fut = fut
+        self.native_id = f"dask:{fut.key}"
+        self._cancelled = False
+
+    async def wait(self) -> Outcome:
+        from distributed.scheduler import KilledWorker
+
+        try:
+            data = await self.fut
+        except asyncio.CancelledError:
+            if self._cancelled:
+                return Outcome(JobStatus.CANCELLED, error="cancelled", retryable=False)
+            raise
+        except KilledWorker as exc:
+            return Outcome(JobStatus.FAILED, error=f"the Dask worker running it died: {exc}")
+        except Exception as exc:
+            return Outcome(JobStatus.FAILED, error=f"dask: {type(exc).__name__}: {exc}")
+        finally:
+            # The outcome is on disk and in hand: let the worker forget it (and become idle,
+            # so adaptive scaling can retire it).
+            with contextlib.suppress(Exception):
+                self.fut.release()
+        return outcome_from_worker(data)
+
+    async def cancel(self) -> None:
+        self._cancelled = True
+        with contextlib.suppress(Exception):
+            await self.fut.cancel()

@@ -1,0 +1,317 @@
+"""Runs one app invocation and writes its outcome; the only code that executes apps.
+
+This module uses the standard library only, so that it runs unchanged under
+any interpreter: the site's Python, a packed environment's Python, or the
+Python on a batch node. Engines drive it in one of two ways:
+
+* ``python worker.py serve`` — a long-lived worker reading one JSON
+  :class:`RunSpec` per line on stdin and answering one JSON outcome per line
+  on stdout (the ``local`` engine keeps a pool of these);
+* ``python worker.py run SPEC.json`` — one task, then exit (batch jobs), exit
+  code 0 when the app succeeded.
+
+Either way the outcome is also written atomically to ``spec.result_path``
+*before* it is reported, so a site agent that crashed meanwhile finds the
+result on disk after its restart and never runs a finished task again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+OUTPUT_TAIL = 4000
+
+
+@dataclass
+class RunSpec:
+    """Everything a worker needs to run one attempt of one task (JSON on the wire)."""
+
+    task_id: str
+    attempt: int
+    kind: str  # python | shell | mpi
+    workdir: str
+    result_path: str
+    function: str | None = None
+    argv: list[str] | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    python: str | None = None  # interpreter of a packed environment (already unpacked here)
+    env_tarball: str | None = None  # packed environment to unpack on the node that runs it
+    env_hash: str | None = None
+    pythonpath: list[str] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)
+    cpus: int = 1
+    gpus: int = 0
+    memory_gb: float | None = None
+    walltime_s: float | None = None
+    timeout_s: float | None = None
+
+    def to_json(self) -> str:
+        """One line of JSON."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunSpec:
+        """Inverse of :meth:`to_json`."""
+        return cls(**json.loads(text))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _load(ref: str) -> Any:
+    module_name, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _tail(text: str) -> str:
+    return text if len(text) <= OUTPUT_TAIL else "..." + text[-OUTPUT_TAIL:]
+
+
+def _run_python(spec: RunSpec) -> dict[str, Any]:
+    for p in reversed(spec.pythonpath):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    func = _load(spec.function or "")
+    value = func(**spec.args)
+    result = value if isinstance(value, dict) else {"value": value}
+    json.dumps(result)  # fail here, with the app's name, if it cannot travel
+    return result
+
+
+def _run_command(spec: RunSpec) -> dict[str, Any]:
+    env = {**os.environ, **spec.environment}
+    proc = subprocess.run(
+        spec.argv or [], cwd=spec.workdir, env=env, capture_output=True, text=True, check=False
+    )
+    result: dict[str, Any] = {
+        "returncode": proc.returncode,
+        "stdout": _tail(proc.stdout),
+        "stderr": _tail(proc.stderr),
+    }
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(proc.stdout)
+        if isinstance(parsed, dict):
+            result["output"] = parsed
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"command {spec.argv[0] if spec.argv else '?'} exited with code {proc.returncode}: "
+            f"{_tail(proc.stderr.strip()) or '(no stderr)'}"
+        )
+    return result
+
+
+@contextlib.contextmanager
+def _task_log(path: str) -> Any:
+    # Send the app's own prints (fd 1 and 2) to the task's log file, so the
+    # protocol channel stays clean and `jobs show` can show the output.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def execute(spec: RunSpec, own_process: bool = True) -> dict[str, Any]:
+    """Run ``spec`` in this process; write and return the outcome (never raises for app errors).
+
+    With ``own_process`` (a worker process of ours) the app runs in its work
+    directory, with its environment variables, its output in ``task.log``.
+    Inside a shared process (a Dask worker thread) process-wide state is left
+    alone: no chdir, no fd redirection, no environment changes for Python apps.
+    """
+    os.makedirs(spec.workdir, exist_ok=True)
+    started = _now()
+    outcome: dict[str, Any] = {"ok": False, "result": None, "error": None}
+    old_env = dict(os.environ)
+    cwd = os.getcwd()
+    try:
+        if own_process:
+            os.environ.update(spec.environment)
+            os.chdir(spec.workdir)
+        log_ctx = _task_log(os.path.join(spec.workdir, "task.log")) if own_process else contextlib.nullcontext()
+        with log_ctx:
+            if spec.kind == "python":
+                outcome["result"] = _run_python(spec)
+            else:
+                outcome["result"] = _run_command(spec)
+        outcome["ok"] = True
+    except (Exception, SystemExit) as exc:  # the app's failure is data, not our crash
+        where = spec.function or (spec.argv[0] if spec.argv else "?")
+        outcome["error"] = f"{where}: {type(exc).__name__}: {exc}"
+        outcome["traceback"] = _tail(traceback.format_exc())
+    finally:
+        if own_process:
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(old_env)
+    outcome.update(
+        started_at=started, finished_at=_now(), host=socket.gethostname(), pid=os.getpid(),
+        python=sys.executable,
+    )
+    write_outcome(spec.result_path, outcome)
+    return outcome
+
+
+def write_outcome(path: str, outcome: dict[str, Any]) -> None:
+    """Write atomically (temp file, fsync, rename): a reader sees all of it or nothing."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        data = json.dumps(outcome)
+    except (TypeError, ValueError) as exc:
+        outcome = {**outcome, "ok": False, "result": None, "error": f"result is not JSON: {exc}"}
+        data = json.dumps(outcome)
+    with open(tmp, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_outcome(path: str) -> dict[str, Any] | None:
+    """The outcome written at ``path``, or ``None`` if there is none (yet)."""
+    try:
+        with open(path) as f:
+            return json.load(f)  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def unpack_root() -> str:
+    """Node-local folder for unpacked environments (``RX_ENV_UNPACK_DIR`` overrides)."""
+    return os.environ.get("RX_ENV_UNPACK_DIR") or os.path.join(
+        tempfile.gettempdir(), f"rx-envs-{os.getuid()}"
+    )
+
+
+def ensure_unpacked(tarball: str, env_hash: str, root: str | None = None) -> str:
+    """Unpack a packed environment once per node (under a file lock); return its Python.
+
+    Concurrent tasks on the same node wait for the first one to finish
+    unpacking; a half-unpacked folder is never used (it is unpacked beside
+    the final name and renamed into place).
+    """
+    import fcntl
+    import shutil
+    import tarfile
+
+    root = root or unpack_root()
+    os.makedirs(root, exist_ok=True)
+    target = os.path.join(root, env_hash)
+    python = os.path.join(target, "bin", "python")
+    if os.path.exists(os.path.join(target, ".rx-complete")):
+        return python
+    with open(os.path.join(root, f".{env_hash}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(target, ".rx-complete")):
+            return python
+        tmp = f"{target}.tmp.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        with tarfile.open(tarball) as tf:
+            tf.extractall(tmp, filter="tar")
+        open(os.path.join(tmp, ".rx-complete"), "w").close()
+        os.replace(tmp, target)
+    return python
+
+
+def _is_this_python(python: str) -> bool:
+    # Compare environments, not binaries: a venv's python is a symlink to its base interpreter.
+    prefix = os.path.dirname(os.path.dirname(os.path.abspath(python)))
+    return os.path.abspath(prefix) == os.path.abspath(sys.prefix)
+
+
+def _resolve_env(spec: RunSpec) -> RunSpec:
+    if spec.env_tarball and not spec.python:
+        spec.python = ensure_unpacked(spec.env_tarball, spec.env_hash or "env")
+    return spec
+
+
+def execute_json(spec_json: str) -> dict[str, Any]:
+    """Entry point for engines that call in-process (Dask): JSON in, outcome out.
+
+    A spec with a packed environment runs in a child process of that
+    environment's interpreter instead (unpacked on this node first).
+    """
+    spec = _resolve_env(RunSpec.from_json(spec_json))
+    if spec.python and not _is_this_python(spec.python):
+        return run_in_interpreter(spec)
+    return execute(spec, own_process=False)
+
+
+def run_in_interpreter(spec: RunSpec) -> dict[str, Any]:
+    """Run ``spec`` under ``spec.python`` (``worker.py run``) and return its outcome."""
+    os.makedirs(spec.workdir, exist_ok=True)
+    spec_path = os.path.join(spec.workdir, "spec.json")
+    with open(spec_path, "w") as f:
+        f.write(spec.to_json())
+    subprocess.run([spec.python or sys.executable, os.path.abspath(__file__), "run", spec_path], check=False)
+    outcome = read_outcome(spec.result_path)
+    if outcome is None:
+        outcome = {"ok": False, "result": None, "error": f"worker under {spec.python} wrote no outcome"}
+    return outcome
+
+
+def serve() -> int:
+    """Line protocol on stdin/stdout until EOF."""
+    # The protocol owns the original stdout; anything else printed goes to stderr.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    proto.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        started = time.monotonic()
+        outcome = execute(RunSpec.from_json(line))
+        outcome["seconds"] = time.monotonic() - started
+        proto.write(json.dumps(outcome) + "\n")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``serve`` or ``run SPEC.json``."""
+    if argv[:1] == ["serve"]:
+        return serve()
+    if len(argv) == 2 and argv[0] == "run":
+        with open(argv[1]) as f:
+            spec = _resolve_env(RunSpec.from_json(f.read()))
+        if spec.python and not _is_this_python(spec.python):
+            return 0 if run_in_interpreter(spec)["ok"] else 1
+        return 0 if execute(spec)["ok"] else 1
+    print("usage: worker.py serve | worker.py run SPEC.json", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    # Run as a script, this file's folder would come first on sys.path and its
+    # sibling modules (apps.py, cli.py, ...) could shadow an app's imports.
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        del sys.path[0]
+    sys.exit(main(sys.argv[1:]))
