@@ -25,11 +25,11 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+
+from reflexarc.brokers import start_mqtt
 from reflexarc.edge.agent import EdgeAgent
 from reflexarc.edge.config import parse_agent_config
 from reflexarc.edge.sources import Reading
-
-from reflexarc.brokers import start_mqtt
 
 WINDOW = 1000
 
