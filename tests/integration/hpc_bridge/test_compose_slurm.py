@@ -128,7 +128,7 @@ def test_slurm_cluster_counted_gres_and_clean_stop(tmp_path: Path) -> None:
             "--wrap",
             "sleep 300",
         ).stdout.strip()
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # a loaded 2-core machine schedules slowly
         while cluster.run("squeue", "-h", "-j", job, "-o", "%T").stdout.strip() != "RUNNING":
             assert time.monotonic() < deadline
             time.sleep(0.1)
