@@ -243,6 +243,13 @@ class WorkerSettings(StrictModel):
     reload_interval: Duration = 1.0
     session_timeout: Duration = Field(10.0, description="Kafka consumer session timeout")
     commit_interval: Duration = Field(1.0, description="how often processed offsets are committed")
+    fetch_wait: Duration = Field(
+        0.05,
+        ge=0.005,
+        le=5.0,
+        description="longest a fetch waits at the broker for new records: the worker's added latency on "
+        "brokers that poll (Tansu); shorter costs more empty fetches while idle (one per wait)",
+    )
     data_dir: str | None = Field(None, description="faust's local data directory (default: a temporary one)")
     single_record_batches: bool = Field(
         True,

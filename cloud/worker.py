@@ -19,7 +19,11 @@ Whatever cannot be read or evaluated becomes a dead letter on
 Tansu (and other small brokers) report wrong end offsets for multi-record
 batches, which would make faust stop table recovery early; the faust producer
 (used only for the changelog here) therefore sends one record per batch.
-Requests and commands go through a separate batching aiokafka producer.
+Requests and commands go through a separate aiokafka producer.
+
+Latency: faust's consumer would wait up to 1.5 s per fetch, which on Tansu
+(it polls, see :mod:`reflexarc.cloud.fetchwait`) delays every record the worker
+reads by 0-750 ms; the worker sets ``worker.fetch_wait`` (50 ms) instead.
 """
 
 from __future__ import annotations
@@ -132,6 +136,8 @@ class TriggerWorker:
     def _build_app(self) -> Any:
         import faust
 
+        from reflexarc.cloud import fetchwait
+
         w = self.config.file.worker
         app_id = w.app_id or f"{self.topics.namespace}-triggers"
         if w.data_dir:
@@ -160,6 +166,9 @@ class TriggerWorker:
             producer_linger=0.0,
             stream_wait_empty=True,
         )
+        # faust hard-codes a 1.5 s fetch wait, which Tansu turns into 0-750 ms of added
+        # latency per hop: see reflexarc.cloud.fetchwait.
+        fetchwait.install(app, w.fetch_wait)
         raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
         data_topic = app.topic(self.topics.kafka_data, partitions=self.partitions, **raw)
         results_topic = app.topic(self.topics.kafka_results, **raw)
@@ -314,7 +323,9 @@ class TriggerWorker:
         self.key = self._check_key(self.config)
         await self._prepare_topics(self.config)
         self.partitions = await self._partitions_of(self.topics.kafka_data)
-        self.producer = make_producer(self.kafka)
+        # No linger: each event's sends are awaited before the next event is read, so
+        # there is never a second event's record to batch with, only latency to add.
+        self.producer = make_producer(self.kafka, linger_ms=0)
         await self.producer.start()
         watcher: asyncio.Task[None] | None = None
         try:
