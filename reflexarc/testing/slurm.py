@@ -98,6 +98,11 @@ class SlurmCluster:
         self.partition = partition
         self.extra_config = extra_config
         self.start_timeout_s = start_timeout_s
+        # slurmd creates Unix sockets for job steps in its spool directory, and a
+        # socket path may be at most 108 bytes: under a deep temporary directory
+        # (pytest's tmp_path grows with the run counter and the test's name) job
+        # launches fail with "launch failed requeued held". Keep it short.
+        self.spool_dir = Path(tempfile.mkdtemp(prefix="rxs-", dir="/tmp"))
         self.conf_path = self.workdir / "slurm.conf"
         self.env: dict[str, str] = {**os.environ, "SLURM_CONF": str(self.conf_path)}
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -129,8 +134,9 @@ class SlurmCluster:
     def write_config(self, ctld_port: int, slurmd_port: int) -> None:
         """Write slurm.conf (+ gres.conf) for the given ports."""
         d = self.workdir
-        for sub in ("state", f"spool/{self.node_name}", "log"):
+        for sub in ("state", "log"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        (self.spool_dir / self.node_name).mkdir(parents=True, exist_ok=True)
         node_gres, gres_conf = self._gres_lines()
         gres_types = sorted({k.partition(":")[0] for k in self.gres})
         lines = [
@@ -145,7 +151,7 @@ class SlurmCluster:
             "AuthType=auth/none",
             "CredType=cred/none",
             f"StateSaveLocation={d}/state",
-            f"SlurmdSpoolDir={d}/spool/%n",
+            f"SlurmdSpoolDir={self.spool_dir}/%n",
             f"SlurmctldPidFile={d}/slurmctld.pid",
             f"SlurmdPidFile={d}/slurmd.pid",
             f"SlurmctldLogFile={d}/log/slurmctld.log",
@@ -312,6 +318,7 @@ class SlurmCluster:
             self.cancel_all()
         self._stop_daemons()
         self._kill_leftover_job_processes()
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
         if self._own_dir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

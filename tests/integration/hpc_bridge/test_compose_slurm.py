@@ -130,7 +130,10 @@ def test_slurm_cluster_counted_gres_and_clean_stop(tmp_path: Path) -> None:
         ).stdout.strip()
         deadline = time.monotonic() + 60  # a loaded 2-core machine schedules slowly
         while cluster.run("squeue", "-h", "-j", job, "-o", "%T").stdout.strip() != "RUNNING":
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, (
+                cluster.run("squeue", "-h", "-j", job, "-o", "%T %r").stdout,
+                cluster.run("scontrol", "show", "node", "-o").stdout,
+            )
             time.sleep(0.1)
         assert "Name=fpga Count=3" in (cluster.workdir / "gres.conf").read_text()
     # stop() cancelled the running job and ended both daemons.
