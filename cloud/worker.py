@@ -33,12 +33,12 @@ import contextlib
 import hashlib
 import logging
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from reflexarc.aio import run_service
 from reflexarc.cloud import metrics as m
 from reflexarc.cloud.engine import SEP, Outcome, TriggerEngine
 from reflexarc.cloud.validate import CompiledConfig, load_triggers
@@ -375,11 +375,4 @@ def run_file(path: str | Path) -> None:
     cfg = load_triggers(path)
     serve_metrics(cfg.file.pipeline.metrics_port)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await TriggerWorker(cfg).run(stop)
-
-    asyncio.run(main())
+    run_service(TriggerWorker(cfg).run)

@@ -24,9 +24,7 @@ def _load(config: Path):  # type: ignore[no-untyped-def]
 @app.command()
 def run(config: Annotated[Path, typer.Argument(help="agent.yaml")]) -> None:
     """Run the agent until SIGTERM/Ctrl-C: sources -> spool -> MQTT, commands -> actuators."""
-    import asyncio
-    import signal
-
+    from reflexarc.aio import run_service
     from reflexarc.edge.agent import AgentError, run_agent
     from reflexarc.log import setup_logging
     from reflexarc.mqtt import MqttError
@@ -35,15 +33,8 @@ def run(config: Annotated[Path, typer.Argument(help="agent.yaml")]) -> None:
     setup_logging(name="edge")
     cfg = _load(config)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await run_agent(cfg, stop)
-
     try:
-        asyncio.run(main())
+        run_service(lambda stop: run_agent(cfg, stop))
     except (AgentError, MqttError, KeyFileError, ValueError) as exc:
         typer.echo(f"edge agent: {exc}", err=True)
         raise typer.Exit(1) from None

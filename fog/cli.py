@@ -26,24 +26,15 @@ def run(
     log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)"),
 ) -> None:
     """Run a fog bridge until SIGTERM/SIGINT."""
-    import asyncio
-    import signal
-
+    from reflexarc.aio import run_service
     from reflexarc.fog.bridge import FogBridge
     from reflexarc.log import setup_logging
 
     setup_logging(log_level, "fog")
     cfg = _load(config)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await FogBridge(cfg).run(stop)
-
     try:
-        asyncio.run(main())
+        run_service(FogBridge(cfg).run)
     except RuntimeError as exc:
         typer.echo(f"fog bridge: {exc}", err=True)
         raise typer.Exit(1) from None

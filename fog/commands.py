@@ -34,6 +34,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from reflexarc.aio import cancel_and_wait
 from reflexarc.envelope import DeadLetter, Envelope, EnvelopeError, EventType
 from reflexarc.events import Command, CommandAck, CommandStatus
 from reflexarc.fog.config import FogConfig
@@ -147,11 +148,7 @@ class CommandDelivery:
 
     async def stop(self) -> None:
         """Commit what is finished, stop consuming, disconnect."""
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self.consumer is not None:
             with contextlib.suppress(Exception):

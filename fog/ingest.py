@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from reflexarc.aio import cancel_and_wait
 from reflexarc.envelope import DeadLetter, Envelope, EnvelopeError
 from reflexarc.events import CommandAck
 from reflexarc.fog.config import FogConfig, StreamSettings
@@ -131,11 +132,7 @@ class Ingest:
         Whatever is not durable by ``timeout`` stays unacknowledged: the
         broker redelivers it when the bridge comes back.
         """
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         deadline = time.monotonic() + timeout
         for sh in self._shapers:

@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from reflexarc.aio import cancel_and_wait
 from reflexarc.events import CommandAck
 from reflexarc.fog.config import FogConfig
 from reflexarc.fog.dedupe import DedupeWindow
@@ -85,11 +86,7 @@ class Takeover:
 
     async def stop(self) -> None:
         """Stop watching and hand back every session this bridge holds."""
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         for peer in list(self.active):
             await self._release(peer)

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from reflexarc import __version__
+from reflexarc.aio import run_service
 
 app = typer.Typer(
     help="reflexarc: close the loop between instruments and supercomputers.\n\n"
@@ -139,19 +140,12 @@ def up(
         _config_error(exc)
     sup = Supervisor(cfg, base_dir=pipeline.resolve().parent, run_dir=run_dir, mqtt_flavour=_flavour(mqtt))
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await sup.run(stop)
-
     try:
         sup.start()
         typer.echo(f"pipeline {cfg.name!r} running; logs in {sup.run_dir}/logs; Ctrl-C stops it")
         for k in ("RX_MQTT_HOST", "RX_MQTT_PORT", "RX_KAFKA_BOOTSTRAP"):
             typer.echo(f"  {k}={sup.env[k]}")
-        asyncio.run(main())
+        run_service(sup.run)
     finally:
         sup.stop()
 
