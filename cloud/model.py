@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
 
-from reflexarc.config import KafkaSettings, PipelineSettings, StrictModel
+from reflexarc.config import KafkaSettings, Name, PipelineSettings, StrictModel
 from reflexarc.topics import check_name
 
 # A window holds at most this much state per key; bigger is refused at validation
@@ -154,16 +154,11 @@ class CommandAction(StrictModel):
     """Send a command straight to an actuator (signed). ``args`` as for tasks."""
 
 
-    actuator: str
+    actuator: Name
     args: dict[str, ArgValue] = Field(default_factory=dict)
-    site: str | None = Field(None, description="default: the site of the triggering event")
-    device: str | None = Field(None, description="default: the device of the triggering event")
+    site: Name | None = Field(None, description="default: the site of the triggering event")
+    device: Name | None = Field(None, description="default: the device of the triggering event")
     deadline: Duration | None = Field(None, description="not to be executed later than this (duration)")
-
-    @field_validator("site", "device", "actuator")
-    @classmethod
-    def _names(cls, v: str | None) -> str | None:
-        return None if v is None else check_name(v, "name")
 
 
 class Action(StrictModel):

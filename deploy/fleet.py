@@ -23,9 +23,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from reflexarc.config import ConfigError, MqttSettings, StrictModel, load_yaml
+from reflexarc.config import ConfigError, MqttSettings, Name, StrictModel, load_yaml
 from reflexarc.deploy.merge import deep_merge
-from reflexarc.topics import check_name
 
 # What the deployer manages inside the container: the agent must keep its
 # state on the volume (so a replaced container keeps the spool) and read the
@@ -181,26 +180,14 @@ class RolloutPolicy(StrictModel):
 class FleetFile(StrictModel):
     """The whole ``fleet.yaml``."""
 
-    fleet: str = Field(description="fleet name: containers are labelled with it, several fleets may share an engine")
+    fleet: Name = Field(description="fleet name: containers are labelled with it, several fleets may share an engine")
     image: str | None = Field(None, description="agent image of every device unless a layer names another")
     endpoints: dict[str, Endpoint] = Field(default_factory=dict)
     rollout: RolloutPolicy = Field(default_factory=RolloutPolicy)
     defaults: Layer = Field(default_factory=Layer)
     labels: dict[str, Layer] = Field(default_factory=dict)
-    devices: dict[str, Device] = Field(min_length=1)
+    devices: dict[Name, Device] = Field(min_length=1)
     base_dir: str = Field(".", exclude=True, description="directory relative paths start from")
-
-    @field_validator("fleet")
-    @classmethod
-    def _fleet_name(cls, v: str) -> str:
-        return check_name(v, "fleet name")
-
-    @field_validator("devices")
-    @classmethod
-    def _device_names(cls, v: dict[str, Device]) -> dict[str, Device]:
-        for name in v:
-            check_name(name, "device name")
-        return v
 
     @model_validator(mode="after")
     def _references(self) -> FleetFile:

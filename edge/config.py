@@ -18,12 +18,13 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from reflexarc.config import (
     ConfigError,
     MqttSettings,
+    Name,
     Problem,
     StrictModel,
     parse_yaml_text,
     validation_problems,
 )
-from reflexarc.topics import DEFAULT_NAMESPACE, Topics, check_name
+from reflexarc.topics import DEFAULT_NAMESPACE, Topics
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -101,7 +102,7 @@ class ArgvHandler(StrictModel):
 class ActuatorSettings(StrictModel):
     """One actuator: the commands it accepts and what runs them."""
 
-    name: str
+    name: Name
     description: str = ""
     args_schema: dict[str, Any] = Field(
         default_factory=lambda: {"type": "object", "additionalProperties": False},
@@ -110,11 +111,6 @@ class ActuatorSettings(StrictModel):
     )
     handler: PythonHandler | ArgvHandler
     timeout_s: float = Field(60.0, gt=0)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v, "actuator name")
 
     @field_validator("args_schema")
     @classmethod
@@ -160,9 +156,9 @@ class SourceSpec(StrictModel):
 class AgentConfig(StrictModel):
     """The whole ``agent.yaml``."""
 
-    site: str
-    device: str
-    namespace: str = Field(default_factory=_default_namespace)
+    site: Name
+    device: Name
+    namespace: Name = Field(default_factory=_default_namespace)
     state_dir: str | None = Field(
         None,
         description="spool, claims and status (default: $RX_STATE_DIR/SITE-DEVICE or "
@@ -177,11 +173,6 @@ class AgentConfig(StrictModel):
     sources: list[Any] = Field(default_factory=list)
     actuators: list[ActuatorSettings] = Field(default_factory=list)
     base_dir: str = Field(".", exclude=True, description="directory relative paths start from")
-
-    @field_validator("site", "device", "namespace")
-    @classmethod
-    def _names(cls, v: str) -> str:
-        return check_name(v)
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:

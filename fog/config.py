@@ -22,6 +22,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from reflexarc.config import (
     KafkaSettings,
     MqttSettings,
+    Name,
     PipelineSettings,
     StrictModel,
     load_yaml,
@@ -157,11 +158,11 @@ class IngestSettings(StrictModel):
     """MQTT -> Kafka: subscription, flow control, limits, dedupe."""
 
     enabled: bool = True
-    client_id: str = Field(default_factory=_default_client_id, description="stable across restarts")
-    share_group: str | None = Field(
+    client_id: Name = Field(default_factory=_default_client_id, description="stable across restarts")
+    share_group: Name | None = Field(
         "rx-fog", description="MQTT 5 shared-subscription group (null: plain subscription; off on 3.1.1)"
     )
-    peers: list[str] = Field(
+    peers: list[Name] = Field(
         default_factory=list,
         description="client ids of the other bridges of the share group: drain a dead peer's session",
     )
@@ -182,16 +183,6 @@ class IngestSettings(StrictModel):
     request_timeout_ms: int = Field(30_000, ge=1000, description="Kafka request timeout (then the bridge retries)")
     retry_backoff_ms: int = Field(500, ge=10, description="pause before re-sending records Kafka did not take")
 
-    @field_validator("client_id", "share_group")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        return None if v is None else check_name(v, "name")
-
-    @field_validator("peers")
-    @classmethod
-    def _peers(cls, v: list[str]) -> list[str]:
-        return [check_name(p, "peer client id") for p in v]
-
     @field_validator("sites", "devices")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -202,19 +193,14 @@ class CommandSettings(StrictModel):
     """Kafka -> MQTT: command delivery and tracking."""
 
     enabled: bool = True
-    group_id: str = Field("rx-fog-commands", description="Kafka consumer group of the commands topic")
-    client_id: str | None = Field(None, description="MQTT client id of the publisher (default: ingest id + '-cmd')")
+    group_id: Name = Field("rx-fog-commands", description="Kafka consumer group of the commands topic")
+    client_id: Name | None = Field(None, description="MQTT client id of the publisher (default: ingest id + '-cmd')")
     retry_interval_s: float = Field(30.0, gt=0, description="re-publish when the device has not answered")
     default_deadline_s: float = Field(
         600.0, gt=0, description="how long a command without a deadline is tracked"
     )
     max_pending: int = Field(10_000, ge=1, description="commands tracked at once (then consumption pauses)")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka consumer group session timeout")
-
-    @field_validator("group_id", "client_id")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        return None if v is None else check_name(v, "name")
 
 
 class FogConfig(PipelineSettings):

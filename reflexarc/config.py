@@ -20,14 +20,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from reflexarc.topics import DEFAULT_NAMESPACE, Topics
+from reflexarc.topics import DEFAULT_NAMESPACE, Topics, check_name
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _valid_name(value: str) -> str:
+    return check_name(value, "name")
+
+
+Name = Annotated[str, AfterValidator(_valid_name)]
+"""A site, device, stream, app, actuator ... name: safe as an MQTT topic level, a Kafka name and a file name."""
 
 
 class StrictModel(BaseModel):
