@@ -114,8 +114,9 @@ async def run_demo(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     ok = False
-    console.print(f"[bold]reflexarc demo[/]: starting brokers and 4 tiers (work dir {work})")
-    await asyncio.to_thread(sup.start)
+    console.print(f"[bold]reflexarc demo[/]: work dir {work}")
+    with console.status("starting an MQTT broker, a Kafka broker and 4 tiers (about 10 s)..."):
+        await asyncio.to_thread(sup.start)
     broker_note = (
         "Mosquitto (MQTT 5)"
         if sup.brokers and sup.brokers.mqtt and sup.brokers.mqtt.flavour == "mosquitto"
@@ -162,6 +163,7 @@ async def run_demo(
             shutil.copytree(work / "run" / "logs", keep, dirs_exist_ok=True)
         await asyncio.to_thread(sup.stop)
         shutil.rmtree(work, ignore_errors=True)
+    console.print()
     console.print(summary_table(stats))
     if ok:
         console.print(
