@@ -15,6 +15,9 @@ Flow of one task (every arrow is durable before the next step)::
   (batch jobs), takes results that finished meanwhile from disk, and queues
   the rest again; results whose publication was interrupted are looked up on
   the results topic first, so each task's result is published exactly once.
+* With ``compose:`` a task needing more than the site's ``resources`` runs on
+  a machine composed for it (see :mod:`reflexarc.hpc_bridge.machines`); its
+  events name the machine.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge
@@ -42,7 +47,18 @@ from reflexarc.hpc_bridge.apps import (
     mpi_argv,
     render_argv,
 )
+from reflexarc.hpc_bridge.compose.drivers import DriverError
+from reflexarc.hpc_bridge.compose.model import Machine
+from reflexarc.hpc_bridge.compose.placement import PlacementError
 from reflexarc.hpc_bridge.engines import Engine, EngineError, Execution, make_engine, outcome_from_worker
+from reflexarc.hpc_bridge.machines import (
+    MachinePool,
+    MachinesError,
+    exceeds,
+    machine_environment,
+    offer_of,
+    task_needs,
+)
 from reflexarc.hpc_bridge.registry import resolve_apps
 from reflexarc.hpc_bridge.site_config import SiteConfig
 from reflexarc.hpc_bridge.states import JobStatus
@@ -114,6 +130,10 @@ class Batcher:
                         fut.set_result(res)
 
 
+class CompositionFailed(RuntimeError):
+    """No machine could be composed for a task (nothing fits): the job fails with the composer's reason."""
+
+
 class SiteAgent:
     """One site's agent process (``reflexarc site run site.yaml``)."""
 
@@ -134,6 +154,8 @@ class SiteAgent:
         self._cancelling: dict[str, str] = {}
         self._envs: Any = None
         self._stopping = False
+        self.composer: Any = None
+        self.machines: MachinePool | None = None
         self._submitted = Batcher(lambda items: self._db(self.store.submitted_many, items))  # type: ignore[union-attr]
         self._finished = Batcher(lambda items: self._db(self.store.finish_many, items))  # type: ignore[union-attr]
 
@@ -163,13 +185,19 @@ class SiteAgent:
         stop = stop or asyncio.Event()
         self.cfg.state_path.mkdir(parents=True, exist_ok=True)
         self.work_root.mkdir(parents=True, exist_ok=True)
-        await ensure_topics(
-            self.kafka,
-            [self.tasks_topic, self.topics.kafka_results, self.topics.kafka_jobs, self.topics.kafka_deadletter],
-        )
-        self.store = await self._db(JobStore, self.cfg.database_url, self.cfg.site, self.topics)
-        producer = make_producer(self.kafka)
-        await producer.start()
+        # First, so that a missing compose token fails at once with its reason.
+        await self._start_machines()
+        try:
+            await ensure_topics(
+                self.kafka,
+                [self.tasks_topic, self.topics.kafka_results, self.topics.kafka_jobs, self.topics.kafka_deadletter],
+            )
+            self.store = await self._db(JobStore, self.cfg.database_url, self.cfg.site, self.topics)
+            producer = make_producer(self.kafka)
+            await producer.start()
+        except BaseException:
+            await self._stop_machines()
+            raise
         consumer = None
         loops: list[asyncio.Task[None]] = []
         try:
@@ -183,6 +211,8 @@ class SiteAgent:
                 asyncio.create_task(self._publish(producer), name="publish"),
                 asyncio.create_task(self._watch(), name="watch"),
             ]
+            if self.machines is not None:
+                loops.append(asyncio.create_task(self._expire_machines(), name="machines"))
             consumer = make_consumer(
                 self.kafka, self.tasks_topic, group_id=f"rx-site-{self.cfg.site}", session_timeout_ms=6000,
             )
@@ -221,6 +251,7 @@ class SiteAgent:
             for t in loops:
                 t.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
+            await self._stop_machines()
             with contextlib.suppress(Exception):
                 await self._flush_outbox(producer)
             await producer.stop()
@@ -240,6 +271,102 @@ class SiteAgent:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    # ---- composed machines ----------------------------------------------------------------------
+    async def _start_machines(self) -> None:
+        """Open the composer of ``compose:`` and take over machines a previous run left."""
+        c = self.cfg.compose
+        if c is None:
+            return
+        from reflexarc.hpc_bridge.compose.composer import Composer
+        from reflexarc.hpc_bridge.compose.drivers import Driver, InventoryDriver, SlurmDriver
+
+        driver: Driver = InventoryDriver()
+        if c.driver == "slurm":
+            driver = SlurmDriver(env={**os.environ, **c.slurm.env}, partition=c.slurm.partition,
+                                 account=c.slurm.account, start_timeout_s=c.slurm.start_timeout_s)
+
+        def open_composer() -> tuple[Any, Any]:
+            try:
+                composer = Composer(self.cfg.compose_database, self.cfg.compose_pools_path, driver)
+            except ValueError as exc:
+                raise MachinesError(f"compose.pools: {exc}") from None
+            try:
+                identity = composer.identity_from_env(c.token_env)
+            except PermissionError as exc:
+                composer.close()
+                raise MachinesError(
+                    f"compose: {exc} (the site agent composes machines as the user whose token is in "
+                    f"${c.token_env}; its sha256 must be under 'tokens' in {self.cfg.compose_pools_path})"
+                ) from None
+            return composer, identity
+
+        self.composer, identity = await asyncio.to_thread(open_composer)
+        self.machines = MachinePool(
+            self.composer, identity, self.cfg.site, idle_timeout_s=c.idle_timeout_s,
+            max_machines=c.max_machines, rack=c.rack,
+        )
+        adopted = await self.machines.adopt()
+        if c.driver == "slurm":
+            from reflexarc.hpc_bridge.engines.allocation import cancel_task_steps
+
+            # Steps whose srun died with the previous agent would run on beside the re-run.
+            for m in adopted:
+                if m.realisation.get("job_id"):
+                    await asyncio.to_thread(cancel_task_steps, str(m.realisation["job_id"]), c.slurm.env)
+        log.info("site %s: composing machines as %s with the %s driver (at most %d, freed after %gs idle)",
+                 self.cfg.site, identity.user, c.driver, c.max_machines, c.idle_timeout_s)
+
+    async def _expire_machines(self) -> None:
+        assert self.machines is not None and self.cfg.compose is not None
+        interval = min(1.0, max(0.1, self.cfg.compose.idle_timeout_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            await self.machines.reap()
+
+    async def _stop_machines(self) -> None:
+        if self.machines is not None and self.cfg.compose is not None:
+            with contextlib.suppress(Exception):
+                await self.machines.close(free_idle=self.cfg.compose.free_on_stop)
+        if self.composer is not None:
+            await asyncio.to_thread(self.composer.close)
+
+    async def _machine_for(self, job: JobView, app: AppSpec) -> Machine | None:
+        """A composed machine if the task needs more than the site offers (``None``: run it here)."""
+        if self.machines is None:
+            return None
+        need = task_needs(job.request.resources, app)
+        why = exceeds(need, self.cfg.resources)
+        if why is None:
+            return None
+        store = self.store
+        assert store is not None
+
+        async def note(text: str) -> None:
+            await self._db(store.note, job.task_id, f"{text}; the task {why}")
+
+        try:
+            return await self.machines.acquire(job.task_id, need, note)
+        except PlacementError as exc:
+            raise CompositionFailed(f"the task {why}, and no machine can be composed for it: {exc}") from None
+        except DriverError as exc:
+            raise EngineError(f"composing a machine for the task failed: {exc}") from None
+
+    async def _submit(self, spec: RunSpec, machine: Machine | None) -> Execution:
+        """Hand the attempt to the engine, or run it inside the machine's Slurm allocation."""
+        if machine is not None and machine.driver == "slurm":
+            from reflexarc.hpc_bridge.engines.allocation import run_in_allocation
+
+            assert self.cfg.compose is not None
+            job_id = machine.realisation.get("job_id")
+            if not job_id:
+                raise EngineError(f"machine {machine.id} has no Slurm job id in its realisation")
+            execution = await run_in_allocation(spec, str(job_id), self.cfg.compose.slurm.env, machine.id)
+        else:
+            execution = await self.engine.submit(spec)
+        if machine is not None:
+            execution.machine = machine.id
+        return execution
 
     # ---- intake ------------------------------------------------------------------------------
     async def _consume(self, consumer: Any, producer: Any) -> None:
@@ -326,11 +453,17 @@ class SiteAgent:
         for job in jobs:
             self._start_job(job, recovering=True)
 
-    def run_spec(self, job: JobView, app: AppSpec, python: str | None) -> RunSpec:
-        """What the worker runs for this attempt of ``job``."""
+    def workdir(self, job: JobView) -> Path:
+        """Work directory of the current attempt of ``job`` (its outcome file is in it)."""
+        return self.work_root / job_dirname(job.task_id) / str(max(job.attempt, 1))
+
+    def run_spec(self, job: JobView, app: AppSpec, python: str | None, machine: Machine | None = None) -> RunSpec:
+        """What the worker runs for this attempt of ``job`` (on ``machine`` if one was composed for it)."""
         req = job.request
-        impl = choose_implementation(job.app, app, self.cfg.resources) if app.kind == "python" else None
-        workdir = self.work_root / job_dirname(job.task_id) / str(max(job.attempt, 1))
+        # On a composed machine the implementation is chosen for that machine's devices.
+        offer = offer_of(machine) if machine is not None else self.cfg.resources
+        impl = choose_implementation(job.app, app, offer) if app.kind == "python" else None
+        workdir = self.workdir(job)
         argv = None
         if app.argv is not None:
             argv = render_argv(app.argv, req.args)
@@ -338,13 +471,20 @@ class SiteAgent:
                 argv = mpi_argv(app.mpi, argv)
         cpus = max(req.resources.cpus, (impl.cpus if impl and impl.cpus else app.cpus))
         memory = req.resources.memory_gb or (impl.memory_gb if impl else None) or app.memory_gb
+        environment = dict(app.environment)
+        if machine is not None:
+            cpus = min(cpus, machine.spec.cpus)
+            # Slurm sets CUDA_VISIBLE_DEVICES inside its allocation; logical compositions say it here.
+            environment.update(machine_environment(machine, set_cuda=machine.driver != "slurm"))
         return RunSpec(
             task_id=job.task_id, attempt=max(job.attempt, 1), kind=app.kind, workdir=str(workdir),
             result_path=str(workdir / "outcome.json"), function=impl.function if impl else None,
             argv=argv, args=req.args, python=python,
-            environment=dict(app.environment), cpus=cpus, gpus=impl.gpus if impl else app.gpus,
+            environment=environment, cpus=cpus, gpus=impl.gpus if impl else app.gpus,
             memory_gb=memory, walltime_s=req.resources.walltime_s or app.walltime_s or job.timeout_s,
             timeout_s=job.timeout_s,
+            # A Dask worker is a shared process: run in a child so the machine's variables apply.
+            isolate=machine is not None and self.engine.name == "dask" and app.kind == "python",
         )
 
     async def _prepare_env(self, job: JobView, app: AppSpec, spec: RunSpec) -> None:
@@ -369,21 +509,24 @@ class SiteAgent:
     async def _run_job(self, job: JobView, recovering: bool) -> None:
         store = self.store
         assert store is not None
+        machine: Machine | None = None
         try:
             app = self.apps.get(job.app)
             if app is None:
                 known = ", ".join(sorted(self.apps)) or "none"
                 raise AppError(f"app {job.app!r} is no longer offered by site {self.cfg.site!r}; known: {known}")
-            spec = self.run_spec(job, app, None)
             # Finished while no agent was watching? Then take that result: never run it twice.
-            earlier = await asyncio.to_thread(read_outcome, spec.result_path)
+            earlier = await asyncio.to_thread(read_outcome, str(self.workdir(job) / "outcome.json"))
             if earlier is not None:
                 log.info("task %s finished while the agent was away; taking its result", job.task_id)
-                await self._finish(job, spec, outcome_from_worker(earlier))
+                await self._finish(job, outcome_from_worker(earlier))
                 return
             if recovering:
                 execution = None
                 if self.engine.reattachable and job.native_id:
+                    if self.machines is not None and job.machine and self.machines.bind(job.task_id, job.machine):
+                        machine = self.machines.machine_of(job.task_id)
+                    spec = self.run_spec(job, app, None, machine)
                     execution = await self.engine.attach(spec, job.native_id)
                 if execution is None:
                     await self._db(
@@ -393,25 +536,34 @@ class SiteAgent:
                     )
                     return
                 log.info("task %s: re-attached to %s", job.task_id, job.native_id)
+                if machine is not None:
+                    execution.machine = machine.id
             else:
+                machine = await self._machine_for(job, app)
+                spec = self.run_spec(job, app, None, machine)
                 await self._prepare_env(job, app, spec)
-                execution = await self.engine.submit(spec)
+                execution = await self._submit(spec, machine)
             self._executions[job.task_id] = execution
+            if machine is not None and machine.driver == "slurm":
+                how = (f"running on composed machine {machine.id} "
+                       f"(a step of Slurm job {machine.realisation.get('job_id')})")
+            elif execution.running:
+                where = f" on composed machine {machine.id}" if machine is not None else ""
+                how = f"running{where} on the {self.engine.name} engine ({execution.native_id})"
+            else:
+                how = f"submitted to the {self.engine.name} engine as {execution.native_id}"
             await self._submitted.call((
-                job.task_id, execution.native_id, spec.workdir, execution.running,
-                f"running on the {self.engine.name} engine ({execution.native_id})"
-                if execution.running else f"submitted to the {self.engine.name} engine as {execution.native_id}",
-                execution.machine,
+                job.task_id, execution.native_id, spec.workdir, execution.running, how, execution.machine,
             ))
             outcome = await self._wait(job, execution)
-            await self._finish(job, spec, outcome)
+            await self._finish(job, outcome)
         except asyncio.CancelledError:
             ex = self._executions.get(job.task_id)
             if ex is not None and not self.engine.reattachable:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(ex.cancel())
             raise
-        except (AppError, EngineError) as exc:
+        except (AppError, EngineError, CompositionFailed) as exc:
             log.warning("task %s: %s", job.task_id, exc)
             await self._db(store.finish, job.task_id, Outcome(JobStatus.FAILED, error=str(exc),
                                                                 retryable=isinstance(exc, EngineError)))
@@ -419,6 +571,10 @@ class SiteAgent:
             log.exception("task %s: internal error", job.task_id)
             await self._db(store.finish, job.task_id,
                            Outcome(JobStatus.FAILED, error=f"site agent error: {type(exc).__name__}: {exc}"))
+        finally:
+            if machine is not None and self.machines is not None:
+                # Only now may the machine serve another task (or expire).
+                await self.machines.release(job.task_id)
 
     async def _wait(self, job: JobView, ex: Execution) -> Outcome:
         loop = asyncio.get_running_loop()
@@ -458,7 +614,7 @@ class SiteAgent:
             return Outcome(JobStatus.CANCELLED, error=reason, retryable=False, machine=outcome.machine)
         return outcome
 
-    async def _finish(self, job: JobView, spec: RunSpec, outcome: Outcome) -> None:
+    async def _finish(self, job: JobView, outcome: Outcome) -> None:
         if outcome.status is JobStatus.DONE and outcome.result is not None:
             outcome = await asyncio.to_thread(self._claim_check, job, outcome)
         status = await self._finished.call((job.task_id, outcome))

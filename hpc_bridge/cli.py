@@ -46,8 +46,6 @@ def site_run(
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run the site agent: take task requests from Kafka, run them, publish results (stop: SIGTERM)."""
-    import asyncio
-    import signal
 
     from reflexarc.hpc_bridge.agent import SiteAgent
     from reflexarc.hpc_bridge.apps import AppError
@@ -63,14 +61,14 @@ def site_run(
         raise typer.Exit(2) from None
     serve_metrics(cfg.metrics_port)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await agent.run(stop)
+    from reflexarc.aio import run_service
+    from reflexarc.hpc_bridge.machines import MachinesError
 
-    asyncio.run(main())
+    try:
+        run_service(agent.run)
+    except MachinesError as exc:
+        typer.echo(f"{file}: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @site_app.command("check")

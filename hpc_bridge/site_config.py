@@ -8,6 +8,7 @@ See ``docs/hpc_bridge.md`` for every field.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -107,6 +108,47 @@ class ResultSettings(StrictModel):
     store: str | None = Field(None, description="directory for large results (default: STATE/results)")
 
 
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ComposeSlurmSettings(StrictModel):
+    """How the ``slurm`` compose driver reaches the scheduler."""
+
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment for Slurm commands (e.g. SLURM_CONF)"
+    )
+    partition: str | None = None
+    account: str | None = None
+    start_timeout_s: float = Field(60.0, gt=0, description="give up on a holder job not running after this")
+
+
+class ComposeSettings(StrictModel):
+    """Elastic composed machines for tasks whose resources exceed what the site offers."""
+
+    pools: str = Field(description="pools file (racks, devices, token digests); relative to site.yaml")
+    database: str | None = Field(
+        None, description="composer database: SQLAlchemy URL or SQLite path (default: STATE/compose.db)"
+    )
+    driver: Literal["inventory", "slurm"] = Field(
+        "inventory", description="inventory: logical, tasks run on the site engine; slurm: inside the allocation"
+    )
+    token_env: str = Field(
+        "RX_COMPOSE_TOKEN", description="environment variable holding the agent's compose token"
+    )
+    idle_timeout_s: float = Field(300.0, gt=0, description="free a composed machine idle this long")
+    max_machines: int = Field(4, ge=1, description="composed machines this site holds at once")
+    rack: str | None = Field(None, description="preferred rack for placement")
+    free_on_stop: bool = Field(True, description="free idle machines when the agent stops cleanly")
+    slurm: ComposeSlurmSettings = Field(default_factory=ComposeSlurmSettings)
+
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, v: str) -> str:
+        if not _ENV_NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not an environment variable name (the token itself never goes in YAML)")
+        return v
+
+
 class SiteConfig(StrictModel):
     """A whole ``site.yaml``."""
 
@@ -130,6 +172,9 @@ class SiteConfig(StrictModel):
     results: ResultSettings = Field(default_factory=ResultSettings)
     env_cache: str | None = Field(None, description="packed-environment tarballs (default: STATE/envs)")
     max_backlog: int = Field(10000, ge=1, description="stop taking requests above this many waiting jobs")
+    compose: ComposeSettings | None = Field(
+        None, description="compose machines for tasks that need more than `resources` (see docs/compose.md)"
+    )
 
     # Where the YAML file was, so relative paths mean "next to site.yaml".
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -181,6 +226,22 @@ class SiteConfig(StrictModel):
     def env_cache_path(self) -> Path:
         """Where packed environments are cached."""
         return self.path(self.env_cache, str(self.state_path / "envs"))
+
+
+    @property
+    def compose_pools_path(self) -> Path | None:
+        """The composer's pools file, if ``compose`` is configured."""
+        return self.path(self.compose.pools, "pools.yaml") if self.compose else None
+
+    @property
+    def compose_database(self) -> str | None:
+        """The composer's database (URL or SQLite path), if ``compose`` is configured."""
+        if self.compose is None:
+            return None
+        db = self.compose.database
+        if db and "://" in db:
+            return db
+        return str(self.path(db, str(self.state_path / "compose.db")))
 
 
 def load_site(path: str | os.PathLike[str]) -> SiteConfig:

@@ -56,6 +56,9 @@ class RunSpec:
     memory_gb: float | None = None
     walltime_s: float | None = None
     timeout_s: float | None = None
+    #: Run a Python app in a child process even inside a shared worker (Dask), so that
+    #: ``environment`` applies (e.g. the devices of a composed machine).
+    isolate: bool = False
 
     def to_json(self) -> str:
         """One line of JSON."""
@@ -174,6 +177,9 @@ def execute(spec: RunSpec, own_process: bool = True) -> dict[str, Any]:
         started_at=started, finished_at=_now(), host=socket.gethostname(), pid=os.getpid(),
         python=sys.executable,
     )
+    if spec.environment.get("RX_MACHINE"):
+        # A composed machine: the events name it rather than the host it is on.
+        outcome["machine"] = spec.environment["RX_MACHINE"]
     write_outcome(spec.result_path, outcome)
     return outcome
 
@@ -260,7 +266,7 @@ def execute_json(spec_json: str) -> dict[str, Any]:
     environment's interpreter instead (unpacked on this node first).
     """
     spec = _resolve_env(RunSpec.from_json(spec_json))
-    if spec.python and not _is_this_python(spec.python):
+    if spec.isolate or (spec.python and not _is_this_python(spec.python)):
         return run_in_interpreter(spec)
     return execute(spec, own_process=False)
 

@@ -31,11 +31,14 @@ from .model import (
     Device,
     Identity,
     Machine,
+    MachineList,
     MachineState,
     NamedComposition,
     PoolRow,
     PoolsView,
     machines_table,
+    render_html,
+    render_text,
 )
 from .placement import PlacementError, place
 
@@ -51,6 +54,7 @@ __all__ = [
     "Identity",
     "InventoryDriver",
     "Machine",
+    "MachineList",
     "MachineState",
     "NamedComposition",
     "PlacementError",
@@ -73,5 +77,7 @@ __all__ = [
     "parse_pools",
     "place",
     "pools",
+    "render_html",
+    "render_text",
     "show",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 from .composer import POOLS_ENV, Composer
 from .drivers import Driver
 from .inventory import PoolsConfig
-from .model import ApplyResult, AuditEntry, CompositionSpec, Identity, Machine, PoolsView
+from .model import ApplyResult, AuditEntry, CompositionSpec, Identity, Machine, MachineList, PoolsView
 
 _lock = threading.Lock()
 _default: Composer | None = None
@@ -66,9 +66,9 @@ def free(key: str, *, identity: Identity | None = None) -> Machine:
     return default_composer().free(key, _who(identity))
 
 
-def list_machines(*, all: bool = False) -> list[Machine]:
-    """Live machines (every machine with ``all=True``)."""
-    return default_composer().list(all=all)
+def list_machines(*, all: bool = False) -> MachineList:
+    """Live machines (every machine with ``all=True``); a notebook shows them as one table."""
+    return MachineList(default_composer().list(all=all))
 
 
 def show(key: str) -> Machine:

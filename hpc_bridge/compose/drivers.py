@@ -206,7 +206,7 @@ class SlurmDriver(Driver):
         args = [
             "sbatch",
             "--parsable",
-            f"--job-name={self.job_name_prefix}-{machine.name or machine.id}",
+            f"--job-name={self.job_name(machine)}",
             f"--nodelist={node.node_name}",
             "--nodes=1",
             "--ntasks=1",
@@ -271,20 +271,31 @@ class SlurmDriver(Driver):
             f"within {self.start_timeout_s:.0f}s (last state: {why})"
         )
 
+    def job_name(self, machine: Machine) -> str:
+        """The holder job's name (how a machine's job is found when its id was never recorded)."""
+        return f"{self.job_name_prefix}-{machine.name or machine.id}"
+
     def release(self, machine: Machine) -> None:
         """Cancel the holder job and wait until Slurm has let go of it."""
-        job_id = str(machine.realisation.get("job_id") or "")
-        if not job_id:
-            return  # never realised: nothing to release
-        self._run(["scancel", job_id], check=False)
+        job_ids = [str(machine.realisation.get("job_id") or "")]
+        if not job_ids[0]:
+            # A crash between sbatch and recording its id ("composing"): find the job by name.
+            proc = self._run(["squeue", "-h", "-n", self.job_name(machine), "-o", "%i"], check=False)
+            job_ids = proc.stdout.split()
+            if not job_ids:
+                return  # never submitted: nothing to release
+        self._run(["scancel", *job_ids], check=False)
         deadline = time.monotonic() + self.release_timeout_s
-        while time.monotonic() < deadline:
-            state = self.job_state(job_id)
-            # COMPLETING still holds the node's resources, so keep waiting.
-            if state is None or state in _ENDED:
-                return
-            time.sleep(0.2)
-        raise DriverError(f"slurm job {job_id} still {state} after scancel")
+        state: str | None = None
+        for job_id in job_ids:
+            while time.monotonic() < deadline:
+                state = self.job_state(job_id)
+                # COMPLETING still holds the node's resources, so keep waiting.
+                if state is None or state in _ENDED:
+                    break
+                time.sleep(0.2)
+            else:
+                raise DriverError(f"slurm job {job_id} still {state} after scancel")
 
     def describe(self) -> dict[str, Any]:
         """Driver name and the Slurm config it uses."""

@@ -6,13 +6,49 @@ compositions file and the database rows are all validated by the same code.
 
 from __future__ import annotations
 
+import io
 import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from rich.console import Console
 from rich.table import Table
+
+# How rich itself renders into Jupyter output cells.
+_HTML_FORMAT = (
+    '<pre style="white-space:pre;overflow-x:auto;line-height:normal;'
+    "font-family:Menlo,'DejaVu Sans Mono',consolas,'Courier New',monospace\">{code}</pre>"
+)
+
+
+def render_text(renderable: Any, width: int = 110) -> str:
+    """Plain text of a rich renderable (no colour codes): for terminals and IPython's text repr."""
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    console.print(renderable)
+    return console.file.getvalue().rstrip("\n")  # type: ignore[attr-defined]
+
+
+def render_html(renderable: Any, width: int = 110) -> str:
+    """HTML of a rich renderable (inline styles), as a notebook output cell shows it."""
+    console = Console(file=io.StringIO(), record=True, width=width, color_system="truecolor", force_jupyter=False)
+    console.print(renderable)
+    return console.export_html(inline_styles=True, code_format=_HTML_FORMAT)
+
+
+class NotebookRepr:
+    """Mixin: objects with ``__rich__`` display as their table in Jupyter/IPython.
+
+    Jupyter asks for ``_repr_html_`` (rich's table as HTML), the IPython terminal
+    for ``_repr_pretty_`` (the table as text); a rich console uses ``__rich__``.
+    """
+
+    def _repr_html_(self) -> str:
+        return render_html(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(f"<{type(self).__name__}>" if cycle else render_text(self))
 
 #: Device kinds. ``nvme`` and ``storage`` are both storage (they add up to
 #: ``storage_gb``); the two names exist because inventories say either.
@@ -131,7 +167,7 @@ class MachineState(StrEnum):
     FAILED = "failed"
 
 
-class Machine(BaseModel):
+class Machine(NotebookRepr, BaseModel):
     """A composed machine: the devices it holds and how the driver realised it."""
 
     id: str
@@ -237,7 +273,7 @@ class PoolRow(BaseModel):
         return self.total - self.used
 
 
-class PoolsView(BaseModel):
+class PoolsView(NotebookRepr, BaseModel):
     """What ``Composer.pools()`` returns: one row per rack and kind."""
 
     rows: list[PoolRow]
@@ -320,3 +356,11 @@ def machines_table(machines: list[Machine], title: str = "machines") -> Table:
             m.created_at.isoformat(timespec="seconds"),
         )
     return table
+
+
+class MachineList(NotebookRepr, list[Machine]):
+    """A list of machines that displays as one table (``list_machines()`` in a notebook)."""
+
+    def __rich__(self) -> Table:
+        """One line per machine."""
+        return machines_table(list(self))

@@ -84,7 +84,7 @@ def outcome_from_worker(data: dict[str, Any] | None, lost: str = "the worker wro
     """Turn the worker's outcome record (see ``worker.py``) into an :class:`Outcome`."""
     if not data:
         return Outcome(JobStatus.FAILED, error=lost)
-    machine = data.get("host")
+    machine = data.get("machine") or data.get("host")
     if data.get("ok"):
         return Outcome(
             JobStatus.DONE, result=data.get("result"), machine=machine,

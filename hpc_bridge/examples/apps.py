@@ -7,6 +7,7 @@ dict; ``@app`` declares defaults, ``@implement`` an alternative for GPUs.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,24 @@ def denoise_gpu(values: list[float]) -> dict[str, Any]:
     result = denoise(values)
     result["implementation"] = "gpu"
     return result
+
+
+def devices(hold_s: float = 0.0) -> dict[str, Any]:
+    """What a task sees of the machine it runs on: composed machine, GPUs, Slurm allocation.
+
+    Composed machines announce themselves in ``RX_MACHINE*`` variables; GPUs in
+    ``CUDA_VISIBLE_DEVICES`` (set by the site for logical compositions, by Slurm
+    inside an allocation).
+    """
+    time.sleep(hold_s)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return {
+        "machine": os.environ.get("RX_MACHINE"),
+        "cuda_visible_devices": [g for g in visible.split(",") if g],
+        "gpu_devices": [g for g in os.environ.get("RX_MACHINE_GPUS", "").split(",") if g],
+        "gpu_model": os.environ.get("RX_MACHINE_GPU_MODEL"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_step_id": os.environ.get("SLURM_STEP_ID"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }

@@ -114,6 +114,18 @@ def test_pool_exhaustion_before_slurm_is_asked(composer: Composer, slurm: SlurmC
     assert slurm.job_ids() == []
 
 
+def test_forced_free_finds_a_holder_job_whose_id_a_crash_lost(composer: Composer, slurm: SlurmCluster) -> None:
+    m = composer.compose(CompositionSpec(cpus=2, gpus=1), ALICE, name="crashy")
+    # A crash between sbatch and recording the job id leaves the machine 'composing' without a realisation.
+    with composer.store.write() as conn:
+        composer.store.set_state(conn, m.id, expect=[MachineState.COMPOSED], state=MachineState.COMPOSING,
+                                 realisation={})
+    assert slurm.job_ids() == [m.realisation["job_id"]]
+    composer.free("crashy", ALICE, force=True)
+    assert slurm.job_ids() == []  # found by its name rx-compose-crashy and cancelled
+    assert composer.pools().used() == 0
+
+
 def test_slurm_cluster_counted_gres_and_clean_stop(tmp_path: Path) -> None:
     """The fixture itself: a second cluster at once, a Count= GRES, nothing left behind."""
     cluster = SlurmCluster(tmp_path / "second", cpus=4, gres={"gpu": 1, "fpga": 3})
