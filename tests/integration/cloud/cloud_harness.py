@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -15,7 +12,7 @@ from typing import Any
 from reflexarc.config import KafkaSettings
 from reflexarc.envelope import Envelope, EventType
 from reflexarc.kafka import ensure_topics, make_consumer, make_producer, send_event
-from reflexarc.process import ManagedProcess
+from reflexarc.testing.tiers import TierProcess
 from reflexarc.topics import Topics
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -43,49 +40,13 @@ def event(i: int | str, seconds: float, data: dict[str, Any], device: str, strea
     )
 
 
-class WorkerProcess:
-    """``reflexarc cloud run FILE`` as a child process (dies with the test process)."""
+class WorkerProcess(TierProcess):
+    """``reflexarc cloud run FILE`` as a child process (dies with the test process), without a signing key."""
 
     def __init__(self, path: Path, log: Path) -> None:
-        env = {**os.environ, "RX_LOG_LEVEL": "INFO"}
-        env.pop("RX_SIGNING_KEY", None)
-        self.proc = ManagedProcess(
-            "cloud",
-            [sys.executable, "-c", "from reflexarc.cloud.cli import app; app()", "run", str(path)],
-            log,
-            env=env,
-        )
-        self.log = log
-        self.started_lines = 0
-
-    def text(self) -> str:
-        """The worker's log so far."""
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    async def start(self, timeout: float = 60.0) -> None:
-        """Start and wait for the 'trigger engine up' line (after the group join)."""
-        before = self.text().count("trigger engine up")
-        self.proc.start()
-        await asyncio.to_thread(
-            self.proc.wait_ready, lambda: self.text().count("trigger engine up") > before, timeout
-        )
-
-    def listening(self) -> list[str]:
-        """Local addresses the worker listens on (TCP)."""
-        out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=False).stdout
-        pid = self.proc.pid
-        return [ln.split()[3] for ln in out.splitlines() if f"pid={pid}," in ln]
-
-    def stop(self) -> int | None:
-        """SIGTERM; the exit code (or -9 if it had to be killed after 20 s)."""
-        return self.proc.stop(grace=20.0)
-
-    def kill(self) -> None:
-        """SIGKILL."""
-        self.proc.kill()
+        super().__init__("cloud", path, log)
+        assert self.proc.env is not None
+        self.proc.env.pop("RX_SIGNING_KEY", None)
 
 
 async def prepare(settings: KafkaSettings) -> None:

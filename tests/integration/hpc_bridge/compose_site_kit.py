@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 import yaml
 
 from reflexarc.hpc_bridge.compose import Composer, hash_token
-from reflexarc.process import ManagedProcess
+from reflexarc.testing.tiers import TierProcess
 
 TOKEN = "site-agent-compose-token"
 AGENT_USER = "site-agent"
@@ -51,28 +49,11 @@ def site_doc(tmp: Path, bootstrap: str, site: str = "gpusite", **compose: Any) -
     }
 
 
-class SiteProcess:
+class SiteProcess(TierProcess):
     """``python -m reflexarc site run site.yaml`` as a child process, with the compose token."""
 
     def __init__(self, site_yaml: Path, log: Path) -> None:
-        env = {**os.environ, "RX_COMPOSE_TOKEN": TOKEN, "RX_LOG_LEVEL": "INFO"}
-        self.log = log
-        self.proc = ManagedProcess("site", [sys.executable, "-m", "reflexarc", "site", "run", str(site_yaml)],
-                                   log, env=env)
-
-    def text(self) -> str:
-        """The agent's log so far."""
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    async def start(self, timeout: float = 60.0) -> None:
-        """Start and wait until it consumes its task topic."""
-        before = self.text().count("taking tasks from")
-        self.proc.start()
-        await asyncio.to_thread(self.proc.wait_ready, lambda: self.text().count("taking tasks from") > before,
-                                timeout)
+        super().__init__("site", site_yaml, log, env={"RX_COMPOSE_TOKEN": TOKEN})
 
 
 def open_composer(tmp: Path) -> Composer:
