@@ -51,6 +51,7 @@ class _Stream:
     validator: Validator | None
     shaper: Shaper
     max_bytes: int
+    passthrough: bool = False
 
 
 class Ingest:
@@ -110,6 +111,10 @@ class Ingest:
             will=Will(presence, OFFLINE) if presence else None,
         )
         self.acks = AckQueue(self.client.ack, None if self.takeover else self.metrics)
+        if not self.takeover:
+            acks = self.acks
+            # Read at scrape time: no gauge update per message.
+            self.metrics.mqtt_unacked.set_function(lambda: len(acks))
         self._build_streams()
         await self.client.connect()
         if not self.takeover:
@@ -134,6 +139,7 @@ class Ingest:
         """
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
+        self.metrics.flush()
         deadline = time.monotonic() + timeout
         for sh in self._shapers:
             with contextlib.suppress(Exception):
@@ -175,7 +181,7 @@ class Ingest:
             if entry is not None and entry.max_payload_bytes is not None:
                 limit = entry.max_payload_bytes
             # Bounded: stream names come from devices; past 10k distinct names stop caching.
-            st = _Stream(validator, shaper, limit)
+            st = _Stream(validator, shaper, limit, type(shaper) is Shaper)
             if len(self._streams) < 10_000:
                 self._streams[name] = st
         return st
@@ -198,8 +204,6 @@ class Ingest:
                 log.exception("unexpected error handling a message on %s", msg.topic)
                 await self._dead(msg, ticket, "internal", f"internal error in the fog bridge: {exc!r}")
             acks.release(ticket)
-            if not self.takeover:
-                self.metrics.mqtt_unacked.set(len(acks))
 
     async def _route(self, msg: MqttMessage, ticket: Ticket) -> None:
         try:
@@ -209,7 +213,7 @@ class Ingest:
             await self._dead(msg, ticket, "topic", str(exc))
             return
         if mt.kind is MqttKind.DATA:
-            self.metrics.in_data.inc()
+            self.metrics.in_data_total += 1
             assert mt.stream is not None
             st = self._stream(mt.stream)
             size = len(msg.payload)
@@ -221,7 +225,10 @@ class Ingest:
                 )
                 return
             try:
-                env = Envelope.from_mqtt(msg.payload, msg.user_properties, msg.content_type, mt)
+                # One parse: the Kafka record is built alongside, from the original bytes.
+                env, (key, value, headers) = Envelope.transcode_mqtt(
+                    msg.payload, msg.user_properties, msg.content_type, mt
+                )
             except EnvelopeError as exc:
                 await self._dead(msg, ticket, "parse", str(exc))
                 return
@@ -231,6 +238,11 @@ class Ingest:
                     await self._dead(msg, ticket, "validate", f"stream {mt.stream!r}: {reason}")
                     return
             if self._duplicate(env):
+                return
+            if st.passthrough:
+                # The common case: forward the record already built (what Shaper.add + _emit would do).
+                ticket.holds += 1
+                await self.sender.send(Record(self.topics.kafka_data, key, value, headers, [ticket]))
                 return
             await st.shaper.add((mt.site, mt.device, mt.stream), env, ticket)
         elif mt.kind is MqttKind.ACK:

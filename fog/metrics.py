@@ -2,12 +2,38 @@
 
 Metrics live in the default registry once per process; several bridges in one
 process (tests, ``reflexarc up``) are told apart by the ``bridge`` label.
-Children are resolved once per bridge so the hot path only calls ``inc()``.
+Children are resolved once per bridge. Per-message counters (messages in,
+records out) are summed in plain ints on the hot path and moved into
+Prometheus by :meth:`BridgeMetrics.flush`, which a collector registered
+ahead of them runs at every scrape, so a scrape is always exact; gauges that
+follow a length are read at scrape time (``set_function``). A Prometheus
+update takes a lock, and at ~10k messages/s a handful of them per message
+was a measurable share of the bridge's CPU.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+import threading
+import weakref
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.metrics_core import Metric
+
+_LIVE: weakref.WeakSet[BridgeMetrics] = weakref.WeakSet()
+
+
+class _FlushAtScrape:
+    """Collects nothing; registered before the fog counters, so a scrape first flushes every bridge's counts."""
+
+    def collect(self) -> Iterator[Metric]:
+        """Flush the pending hot-path counts of every live bridge."""
+        for m in list(_LIVE):
+            m.flush()
+        return iter(())
+
+
+REGISTRY.register(_FlushAtScrape())  # type: ignore[arg-type]
 
 MESSAGES_IN = Counter(
     "rx_fog_messages_in", "MQTT messages taken by the fog bridge", ["bridge", "kind"]
@@ -38,6 +64,13 @@ class BridgeMetrics:
     def __init__(self, bridge: str) -> None:
         self.bridge = bridge
         self.in_data = MESSAGES_IN.labels(bridge, "data")
+        # Hot-path totals, written only by the event loop; flush() adds what is new since the last flush.
+        #: data messages taken (reaches ``in_data`` at the next :meth:`flush`)
+        self.in_data_total = 0
+        self._out_total: dict[str, int] = {}
+        self._flushed: dict[str, int] = {}
+        self._flush_lock = threading.Lock()
+        _LIVE.add(self)
         self.in_ack = MESSAGES_IN.labels(bridge, "ack")
         self.in_other = MESSAGES_IN.labels(bridge, "other")
         self._out: dict[str, Counter] = {}
@@ -59,6 +92,24 @@ class BridgeMetrics:
         if c is None:
             c = self._out[topic] = RECORDS_OUT.labels(self.bridge, topic)
         return c
+
+    def count_out(self, topic: str, n: int = 1) -> None:
+        """Count ``n`` records acknowledged on ``topic`` (reaches Prometheus at the next :meth:`flush`)."""
+        totals = self._out_total
+        totals[topic] = totals.get(topic, 0) + n
+
+    def flush(self) -> None:
+        """Move the counts summed on the hot path into the Prometheus counters (any thread)."""
+        # Scrapes run in the metrics server's thread: totals are only read here, never reset,
+        # so a concurrent increment on the loop is never lost, and the lock stops double counting.
+        with self._flush_lock:
+            flushed = self._flushed
+            new = [("\x00in", self.in_data_total), *list(self._out_total.items())]
+            for name, total in new:
+                d = total - flushed.get(name, 0)
+                if d:
+                    flushed[name] = total
+                    (self.in_data if name == "\x00in" else self.out(name)).inc(d)
 
     def deadlettered(self, stage: str) -> Counter:
         """Counter of dead letters from ``stage``."""

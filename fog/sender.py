@@ -50,6 +50,7 @@ class AckQueue:
     def __init__(self, ack: Callable[[MqttMessage], None], metrics: BridgeMetrics | None = None) -> None:
         self._ack = ack
         self._q: deque[Ticket] = deque()
+        # The owner shows len(self) as the unacked gauge (set_function), read at scrape time.
         self._metrics = metrics
         self._empty = asyncio.Event()
         self._empty.set()
@@ -75,13 +76,14 @@ class AckQueue:
 
     def _drain(self) -> None:
         q = self._q
+        ack = self._ack
+        n = 0
         while q and q[0].holds <= 0:
             t = q.popleft()
             if t.msg is not None:
-                self._ack(t.msg)
-            self.acked += 1
-        if self._metrics is not None:
-            self._metrics.mqtt_unacked.set(len(q))
+                ack(t.msg)
+            n += 1
+        self.acked += n
         if not q:
             self._empty.set()
 
@@ -137,6 +139,8 @@ class KafkaSender:
         self._idle = asyncio.Event()
         self._idle.set()
         self._worker: asyncio.Task[None] | None = None
+        # Read at scrape time: no gauge update per record.
+        metrics.kafka_inflight.set_function(lambda: self.inflight)
 
     def start(self) -> None:
         """Start the retry worker."""
@@ -166,7 +170,6 @@ class KafkaSender:
         rec.seq = self._seq
         self.inflight += 1
         self._idle.clear()
-        self.metrics.kafka_inflight.set(self.inflight)
         await self._produce(rec)
 
     async def send_and_wait(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
@@ -199,8 +202,7 @@ class KafkaSender:
         if rec.retrying:
             rec.retrying = False
             self.retrying -= 1
-        self.metrics.kafka_inflight.set(self.inflight)
-        self.metrics.out(rec.topic).inc()
+        self.metrics.count_out(rec.topic)
         if rec.on_done is not None:
             rec.on_done()
         for t in rec.tickets:

@@ -23,6 +23,7 @@ consumer can deduplicate on ``id``.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,12 @@ SPECVERSION = "1.0"
 
 _FORMAT = JSONFormat()
 _CORE_ATTRS = ("id", "source", "type", "specversion", "subject", "time", "datacontenttype")
+# The SDK's rule for extension attribute names (cloudevents.core.v1.event), checked by the fast path.
+_EXT_NAME = re.compile(r"[a-z0-9]+")
+# Extension names already checked -> their Kafka header name; bounded (names come from devices).
+_EXT_HEADERS: dict[str, str] = {}
+
+KafkaRecord = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 
 
 class EventType(StrEnum):
@@ -286,6 +293,115 @@ class Envelope:
         return env
 
     @classmethod
+    def transcode_mqtt(
+        cls,
+        payload: bytes,
+        user_properties: Iterable[tuple[str, str]] | None,
+        content_type: str | None,
+        topic: MqttTopic | None = None,
+    ) -> tuple[Envelope, KafkaRecord]:
+        """``from_mqtt(...)`` and its ``to_kafka()`` in one step, without the SDK on the common path.
+
+        The fog bridge's hot path. An MQTT 5 binary-mode message becomes
+        Kafka binary-mode headers directly (user properties -> ``ce_*``, the
+        content type -> ``content-type``) and the original payload bytes stay
+        the record value (JSON data is parsed once, to check it is an object
+        and for validation, never re-serialised); a bare JSON object is
+        forwarded as it came unless ``id``/``time`` had to be lifted out of it.
+        The result is what ``from_mqtt`` + ``to_kafka`` give: headers
+        byte-identical, the value identical for bytes data and equal after
+        parsing for JSON data (the SDK re-serialises with other whitespace).
+        Errors are the same :class:`EnvelopeError`; anything unusual
+        (structured mode, extension names or attributes the SDK must judge)
+        takes the SDK path, so the verdict is always the SDK's.
+        """
+        props = dict(user_properties or ())
+        if "specversion" in props:
+            if props["specversion"] != SPECVERSION or not (props.get("id") and props.get("source") and props.get("type")):
+                return cls._transcode_slow(payload, props, content_type, topic)
+            ctype = content_type or JSON
+            data: dict[str, Any] | bytes | None
+            if not payload:
+                data = None
+            elif _is_json(ctype):
+                data = _utf8_json_object(payload)
+                if data is None:
+                    return cls._transcode_slow(payload, props, content_type, topic)
+            else:
+                data = payload
+            env = cls(
+                type=props["type"],
+                source=props["source"],
+                data=data,
+                id=props["id"],
+                subject=props.get("subject"),
+                time=_parse_time(props["time"]) if props.get("time") else utcnow(),
+                datacontenttype=ctype,
+                extensions={k: v for k, v in props.items() if k not in _CORE_ATTRS},
+            )
+            value = payload
+        elif content_type == STRUCTURED or _looks_structured(payload):
+            return cls._transcode_slow(payload, props, content_type, topic)
+        else:
+            bare = _utf8_json_object(payload)
+            if bare is None or topic is None or topic.kind is not MqttKind.DATA:
+                return cls._transcode_slow(payload, props, content_type, topic)
+            lifted = isinstance(bare.get("id"), str) or isinstance(bare.get("time"), str)
+            env = cls._bare_envelope(bare, topic)
+            # Lifting id/time out changed the object: only then must it be written again.
+            value = json.dumps(env.data).encode() if lifted else payload
+        if topic is not None:
+            _check_topic_agrees(env, topic)
+        record = env._kafka_fast(value)
+        if record is None:
+            return env, env.to_kafka()
+        return env, record
+
+    @classmethod
+    def _transcode_slow(
+        cls, payload: bytes, props: dict[str, str], content_type: str | None, topic: MqttTopic | None
+    ) -> tuple[Envelope, KafkaRecord]:
+        env = cls.from_mqtt(payload, props.items(), content_type, topic)
+        return env, env.to_kafka()
+
+    def _kafka_fast(self, value: bytes) -> KafkaRecord | None:
+        """Kafka binary mode without the SDK; ``None`` when the SDK must judge the attributes.
+
+        Headers come in the SDK's order (specversion, id, source, type, time,
+        content-type, subject, extensions) with its text forms, so records
+        are byte-identical whichever path built them.
+        """
+        subject = self.subject
+        if subject == "" or not self.id or not self.source or not self.type or not self.datacontenttype:
+            return None
+        ext = self.extensions
+        ext_headers = []
+        for name, val in ext.items():
+            header = _EXT_HEADERS.get(name)
+            if header is None:
+                # "dataschema" is an optional attribute with rules of its own: the SDK judges it.
+                if name in ("data", "dataschema") or not _EXT_NAME.fullmatch(name):
+                    return None
+                header = f"ce_{name}"
+                if len(_EXT_HEADERS) < 1000:
+                    _EXT_HEADERS[name] = header
+            ext_headers.append((header, str(val).encode()))
+        headers = [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", self.id.encode()),
+            ("ce_source", self.source.encode()),
+            ("ce_type", self.type.encode()),
+            ("ce_time", _attr_text(self.time).encode()),
+            ("content-type", self.datacontenttype.encode()),
+        ]
+        if subject is not None:
+            headers.append(("ce_subject", subject.encode()))
+        headers += ext_headers
+        site, device = ext.get("site"), ext.get("device")
+        key = f"{site}/{device}".encode() if site and device else None
+        return key, value, headers
+
+    @classmethod
     def _from_mqtt_binary(cls, payload: bytes, props: dict[str, str], content_type: str | None) -> Envelope:
         ctype = content_type or JSON
         data: dict[str, Any] | bytes | None
@@ -316,7 +432,11 @@ class Envelope:
     def _from_bare_json(cls, payload: bytes, topic: MqttTopic | None) -> Envelope:
         if topic is None or topic.kind is not MqttKind.DATA:
             raise EnvelopeError("payload is not a CloudEvent (no specversion) and the topic gives no stream")
-        data = _json_object(payload)
+        return cls._bare_envelope(_json_object(payload), topic)
+
+    @classmethod
+    def _bare_envelope(cls, data: dict[str, Any], topic: MqttTopic) -> Envelope:
+        assert topic.stream is not None
         # A bare payload may carry its own id/time to make retries deduplicate.
         event_id = data.pop("id", None) if isinstance(data.get("id"), str) else None
         time = _parse_time(data.pop("time")) if isinstance(data.get("time"), str) else utcnow()
@@ -401,6 +521,21 @@ def _json_object(payload: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise EnvelopeError(f"payload must be a JSON object, got {type(data).__name__}")
     return data
+
+
+def _utf8_json_object(payload: bytes) -> dict[str, Any] | None:
+    """The JSON object in strict UTF-8 ``payload``, or ``None`` (then the slow path decides).
+
+    Strict on purpose: consumers read a record value as UTF-8 (the SDK's
+    ``read_data``), so the original bytes are forwarded only when they read
+    back the same there. A BOM, UTF-16 or lone surrogates, which
+    ``json.loads(bytes)`` would accept, take the re-serialising path.
+    """
+    try:
+        data = json.loads(payload.decode())
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _looks_structured(payload: bytes) -> bool:

@@ -265,3 +265,23 @@ def test_fog_cli_check(tmp_path: Path) -> None:
     res = runner.invoke(app, ["check", str(bad)])
     assert res.exit_code == 2
     assert "fog.yaml:2:3: ingest.recieve_maximum: unknown field" in res.output
+
+
+def test_fog_metrics_hot_path_counts_reach_prometheus_at_scrape() -> None:
+    """Counts summed in ints on the hot path are exact in every scrape, and never counted twice."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from reflexarc.fog.metrics import BridgeMetrics, value
+
+    m = BridgeMetrics("unit-flush")
+    m.in_data_total += 3
+    m.count_out("rx.data", 2)
+    text = generate_latest(REGISTRY).decode()
+    assert 'rx_fog_messages_in_total{bridge="unit-flush",kind="data"} 3.0' in text
+    assert 'rx_fog_records_out_total{bridge="unit-flush",topic="rx.data"} 2.0' in text
+    m.flush()
+    m.in_data_total += 1
+    m.flush()
+    generate_latest(REGISTRY)
+    assert value(m.in_data) == 4
+    assert value(m.out("rx.data")) == 2
