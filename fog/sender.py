@@ -6,12 +6,16 @@ when the last hold is released the message may be acknowledged. MQTT
 acknowledgements go out strictly in arrival order (:class:`AckQueue`), so a
 message is never acknowledged before an earlier one is safe in Kafka.
 
-:class:`KafkaSender` keeps many records in flight (Kafka acknowledges batches,
-so awaiting each record in turn would crawl) but never more than
-``max_in_flight``. A record Kafka did not take (broker down, timeout) is
-re-sent, in the original order, until Kafka takes it; while any record is
-being retried no new record is sent, so later records do not overtake it and
-the intake stops. Stopping the intake stops MQTT acknowledgements, and with
+:class:`KafkaSender` produces through aiokafka's batch API: records are queued
+per partition (key -> partition cached, the same mapping as aiokafka's default
+partitioner) and each partition sends one batch at a time, built from what
+queued up while the previous batch was in flight; one future per batch instead
+of one per record. At most ``max_in_flight`` records are queued or in flight.
+A batch Kafka did not take (broker down, timeout) goes back to the front of
+its partition's queue and is re-sent until Kafka takes it; as only one batch
+per partition is ever in flight, later records of a partition never overtake
+it. While any partition is retrying no new record is accepted, so the intake
+stops. Stopping the intake stops MQTT acknowledgements, and with
 MQTT 5 Receive Maximum the broker then stops sending: the backlog waits in the
 broker's persistent session, not in our memory.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +33,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 
 from reflexarc.fog.metrics import BridgeMetrics
 from reflexarc.mqtt import MqttMessage
@@ -114,8 +120,65 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def partition_for_key(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition aiokafka's default partitioner picks for ``key`` (murmur2, Java-compatible).
+
+    ``partitions`` must be sorted by id, as aiokafka's are.
+    """
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+
+
+class PartitionMap:
+    """Key -> partition per topic, cached: murmur2 in pure Python costs more than the rest of a send."""
+
+    # Keys are mostly device ids (bounded), but some streams key by event id: cap the cache.
+    MAX_KEYS = 100_000
+
+    def __init__(self) -> None:
+        self._parts: dict[str, tuple[int, ...]] = {}
+        self._keys: dict[str, dict[bytes, int]] = {}
+
+    def known(self, topic: str) -> bool:
+        """True when the partitions of ``topic`` are known."""
+        return topic in self._parts
+
+    def topics(self) -> list[str]:
+        """The topics whose partitions are known."""
+        return list(self._parts)
+
+    def set_partitions(self, topic: str, partitions: Sequence[int] | set[int]) -> None:
+        """Record the partitions of ``topic`` (dropping cached keys if they changed)."""
+        parts = tuple(sorted(partitions))
+        if self._parts.get(topic) != parts:
+            self._parts[topic] = parts
+            self._keys[topic] = {}
+
+    def partition(self, topic: str, key: bytes | None) -> int:
+        """The partition of ``key`` in ``topic`` (a random one for no key, like aiokafka)."""
+        if key is None:
+            return random.choice(self._parts[topic])
+        cache = self._keys[topic]
+        p = cache.get(key)
+        if p is None:
+            if len(cache) >= self.MAX_KEYS:
+                cache.clear()
+            p = cache[key] = partition_for_key(key, self._parts[topic])
+        return p
+
+
+@dataclass(slots=True, eq=False)
+class _PartitionQueue:
+    """Records waiting for one partition, and the task sending them one batch at a time."""
+
+    topic: str
+    partition: int
+    pending: deque[Record] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
+    failing: bool = False
+
+
 class KafkaSender:
-    """Sends records with a bounded window; re-sends failures in order; releases tickets on success."""
+    """Sends records in per-partition batches with a bounded window; re-sends failures in order."""
 
     def __init__(
         self,
@@ -131,46 +194,97 @@ class KafkaSender:
         self.inflight = 0
         self.retrying = 0
         self.sent = 0
+        self.batches = 0
         self._seq = 0
-        self._retry: list[Record] = []
-        self._retry_wake = asyncio.Event()
+        self._partmap = PartitionMap()
+        self._queues: dict[tuple[str, int], _PartitionQueue] = {}
         self._room = asyncio.Event()
         self._room.set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._worker: asyncio.Task[None] | None = None
+        self._closed = False
+        self._listening = False
         # Read at scrape time: no gauge update per record.
         metrics.kafka_inflight.set_function(lambda: self.inflight)
+        # Backpressure: a partition is being retried (the intake stops taking records) or a send waits.
+        self._waiting = 0
+        metrics.backpressure.set_function(lambda: 1 if (self.retrying or self._waiting) else 0)
 
     def start(self) -> None:
-        """Start the retry worker."""
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._retry_loop(), name="fog-kafka-retry")
+        """Follow metadata updates so the key -> partition map follows partition changes."""
+        if not self._listening:
+            self.producer.client.cluster.add_listener(self._on_metadata)
+            self._listening = True
+
+    def _on_metadata(self, cluster: Any) -> None:
+        for topic in self._partmap.topics():
+            parts = cluster.partitions_for_topic(topic)
+            if parts:
+                self._partmap.set_partitions(topic, parts)
 
     async def close(self) -> None:
-        """Stop the retry worker (records still failing stay unacknowledged in MQTT)."""
-        if self._worker is not None:
-            self._worker.cancel()
+        """Stop sending (records not yet acknowledged by Kafka stay unacknowledged in MQTT)."""
+        self._closed = True
+        if self._listening:
+            with contextlib.suppress(Exception):
+                self.producer.client.cluster.remove_listener(self._on_metadata)
+            self._listening = False
+        tasks = [q.task for q in self._queues.values() if q.task is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
+                await t
 
     def _has_room(self) -> bool:
         return self.retrying == 0 and self.inflight < self.max_in_flight
 
+    async def _ensure_partitions(self, topic: str) -> None:
+        """Learn the partitions of ``topic``, waiting (intake held) while Kafka cannot tell."""
+        self._waiting += 1
+        try:
+            await self._learn_partitions(topic)
+        finally:
+            self._waiting -= 1
+
+    async def _learn_partitions(self, topic: str) -> None:
+        warned = False
+        while not self._partmap.known(topic):
+            try:
+                parts = await self.producer.partitions_for(topic)
+            except KafkaError as exc:
+                if not warned:
+                    log.warning("Kafka metadata for %s unavailable (%s); holding the intake and retrying", topic, exc)
+                    warned = True
+                await asyncio.sleep(self.retry_backoff_s)
+                continue
+            if parts:
+                self._partmap.set_partitions(topic, parts)
+
     async def send(self, rec: Record) -> None:
-        """Queue ``rec``; returns when it is handed to the producer (waits while Kafka is slow or down)."""
+        """Queue ``rec`` for its partition; returns at once unless Kafka is slow or down."""
         if not self._has_room():
-            self.metrics.backpressure.set(1)
-            while not self._has_room():
-                self._room.clear()
-                await self._room.wait()
-            self.metrics.backpressure.set(0)
+            self._waiting += 1
+            try:
+                while not self._has_room():
+                    self._room.clear()
+                    await self._room.wait()
+            finally:
+                self._waiting -= 1
+        if not self._partmap.known(rec.topic):
+            await self._ensure_partitions(rec.topic)
+        p = self._partmap.partition(rec.topic, rec.key)
         self._seq += 1
         rec.seq = self._seq
         self.inflight += 1
         self._idle.clear()
-        await self._produce(rec)
+        q = self._queues.get((rec.topic, p))
+        if q is None:
+            q = self._queues[(rec.topic, p)] = _PartitionQueue(rec.topic, p)
+        q.pending.append(rec)
+        if q.task is None and not self._closed:
+            # The task starts on the next loop turn: records queued meanwhile share its first batch.
+            q.task = asyncio.create_task(self._drain(q), name=f"fog-kafka-{rec.topic}-{p}")
 
     async def send_and_wait(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
         """Send one record and return once Kafka acknowledged it (retrying as long as it takes)."""
@@ -183,70 +297,79 @@ class KafkaSender:
         await self.send(Record(topic, key, value, headers, on_done=_ok))
         await done
 
-    async def _produce(self, rec: Record) -> None:
+    async def _drain(self, q: _PartitionQueue) -> None:
+        """Send ``q``'s records one batch at a time until it is empty (one batch in flight: order kept)."""
         try:
-            fut = await self.producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers)
-        except KafkaError as exc:
-            # Metadata or buffer space did not come within the request timeout: Kafka is down.
-            self._failed(rec, exc)
-            return
-        fut.add_done_callback(lambda f, rec=rec: self._sent(rec, f))
+            pending = q.pending
+            while pending:
+                batch = self.producer.create_batch()
+                recs: list[Record] = []
+                while pending:
+                    r = pending[0]
+                    # None: the batch is full (the first record always fits, whatever its size).
+                    if batch.append(timestamp=None, key=r.key, value=r.value, headers=r.headers) is None:
+                        break
+                    recs.append(pending.popleft())
+                # Closed: aiokafka sends it at once instead of lingering for more records.
+                batch.close()
+                try:
+                    fut = await self.producer.send_batch(batch, q.topic, partition=q.partition)
+                    await fut
+                except asyncio.CancelledError as exc:
+                    task = asyncio.current_task()
+                    if self._closed or (task is not None and task.cancelling()):
+                        raise
+                    # The producer dropped the batch (not us being stopped): send it again.
+                    self._batch_failed(q, recs, exc)
+                    await asyncio.sleep(self.retry_backoff_s)
+                    continue
+                except Exception as exc:  # any failure means: not durable, send again
+                    self._batch_failed(q, recs, exc)
+                    await asyncio.sleep(self.retry_backoff_s)
+                    continue
+                self._batch_sent(q, recs)
+        finally:
+            q.task = None
 
-    def _sent(self, rec: Record, fut: asyncio.Future[Any]) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if fut.cancelled() or exc is not None:
-            self._failed(rec, exc)
-            return
-        self.inflight -= 1
-        self.sent += 1
-        if rec.retrying:
-            rec.retrying = False
+    def _batch_sent(self, q: _PartitionQueue, recs: list[Record]) -> None:
+        n = len(recs)
+        self.inflight -= n
+        self.sent += n
+        self.batches += 1
+        if q.failing:
+            q.failing = False
             self.retrying -= 1
-        self.metrics.count_out(rec.topic)
-        if rec.on_done is not None:
-            rec.on_done()
-        for t in rec.tickets:
-            t.owner.release(t)
+            if self.retrying == 0:
+                log.warning("Kafka took the records for %s again; intake resumed", q.topic)
+        self.metrics.count_out(q.topic, n)
+        for rec in recs:
+            if rec.on_done is not None:
+                rec.on_done()
+            for t in rec.tickets:
+                t.owner.release(t)
         if not self._room.is_set() and self._has_room():
             self._room.set()
         if self.inflight == 0:
             self._idle.set()
 
-    def _failed(self, rec: Record, exc: BaseException | None) -> None:
-        if isinstance(exc, KafkaError) and not exc.retriable and not rec.retrying:
-            # Kafka will keep refusing this record (e.g. too large for the broker's limit):
-            # it holds the intake until an operator fixes the cause, so say so loudly.
-            log.error("Kafka refused a record for %s (%d bytes): %r; retrying, intake held",
-                      rec.topic, len(rec.value), exc)
-        if not rec.retrying:
-            rec.retrying = True
+    def _batch_failed(self, q: _PartitionQueue, recs: list[Record], exc: BaseException) -> None:
+        # Back to the front, in order: nothing later in this partition goes before them.
+        q.pending.extendleft(reversed(recs))
+        self.metrics.kafka_retries.inc(len(recs))
+        if not q.failing:
+            q.failing = True
             self.retrying += 1
-            if self.retrying == 1:
-                log.warning("Kafka did not take a record for %s (%s); holding the intake and retrying",
-                            rec.topic, exc or "cancelled")
-        self._retry.append(rec)
-        self._retry_wake.set()
-
-    async def _retry_loop(self) -> None:
-        while True:
-            await self._retry_wake.wait()
-            await asyncio.sleep(self.retry_backoff_s)
-            self._retry_wake.clear()
-            batch = sorted(self._retry, key=lambda r: r.seq)
-            self._retry.clear()
-            for i, rec in enumerate(batch):
-                self.metrics.kafka_retries.inc()
-                try:
-                    fut = await self.producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers)
-                except KafkaError:
-                    # Still down: put this one and the rest back, in order, and wait again.
-                    self._retry.extend(batch[i:])
-                    self._retry_wake.set()
-                    break
-                fut.add_done_callback(lambda f, rec=rec: self._sent(rec, f))
+            if isinstance(exc, KafkaError) and not exc.retriable:
+                # Kafka will keep refusing (e.g. a record above the broker's limit): it holds
+                # the intake until an operator fixes the cause, so say so loudly.
+                log.error("Kafka refused a batch of %d records for %s[%d]: %r; retrying, intake held",
+                          len(recs), q.topic, q.partition, exc)
+            else:
+                log.warning("Kafka did not take a batch for %s[%d] (%s); holding the intake and retrying",
+                            q.topic, q.partition, exc)
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no record is in flight; False on timeout."""
+        """Wait until no record is queued or in flight; False on timeout."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
