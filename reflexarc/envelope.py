@@ -329,16 +329,7 @@ class Envelope:
                     return cls._transcode_slow(payload, props, content_type, topic)
             else:
                 data = payload
-            env = cls(
-                type=props["type"],
-                source=props["source"],
-                data=data,
-                id=props["id"],
-                subject=props.get("subject"),
-                time=_parse_time(props["time"]) if props.get("time") else utcnow(),
-                datacontenttype=ctype,
-                extensions={k: v for k, v in props.items() if k not in _CORE_ATTRS},
-            )
+            env = cls._of_properties(props, data, ctype)
             value = payload
         elif content_type == STRUCTURED or _looks_structured(payload):
             return cls._transcode_slow(payload, props, content_type, topic)
@@ -411,12 +402,16 @@ class Envelope:
             data = _json_object(payload)
         else:
             data = payload
-        ext = {k: v for k, v in props.items() if k not in _CORE_ATTRS}
         for required in ("id", "source", "type"):
             if not props.get(required):
                 raise EnvelopeError(f"missing required attribute {required!r}")
         if props.get("specversion") != SPECVERSION:
             raise EnvelopeError(f"unsupported specversion {props.get('specversion')!r}")
+        return cls._of_properties(props, data, ctype)
+
+    @classmethod
+    def _of_properties(cls, props: dict[str, str], data: dict[str, Any] | bytes | None, ctype: str) -> Envelope:
+        """An event from MQTT 5 binary-mode attributes (already checked) and its decoded data."""
         return cls(
             type=props["type"],
             source=props["source"],
@@ -425,7 +420,7 @@ class Envelope:
             subject=props.get("subject"),
             time=_parse_time(props["time"]) if props.get("time") else utcnow(),
             datacontenttype=ctype,
-            extensions=ext,
+            extensions={k: v for k, v in props.items() if k not in _CORE_ATTRS},
         )
 
     @classmethod
