@@ -8,39 +8,63 @@ is owner-checked and audited; drivers make the composition real (logically,
 or as a Slurm allocation). See ``docs/compose.md``.
 """
 
-from .api import (
-    apply,
-    audit,
-    compose,
-    configure,
-    default_composer,
-    export,
-    free,
-    list_machines,
-    pools,
-    show,
-)
-from .composer import Composer, load_compositions
-from .drivers import Driver, DriverError, InventoryDriver, SlurmDriver
-from .inventory import PoolsConfig, hash_token, load_pools, parse_pools
-from .model import (
-    ApplyResult,
-    AuditEntry,
-    CompositionsFile,
-    CompositionSpec,
-    Device,
-    Identity,
-    Machine,
-    MachineList,
-    MachineState,
-    NamedComposition,
-    PoolRow,
-    PoolsView,
-    machines_table,
-    render_html,
-    render_text,
-)
-from .placement import PlacementError, place
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Exports resolve on first use, so that importing the package (the CLI does,
+# in every process) does not load SQLAlchemy and the composer.
+_EXPORTS: dict[str, str] = {
+    "ApplyResult": "model",
+    "AuditEntry": "model",
+    "Composer": "composer",
+    "CompositionSpec": "model",
+    "CompositionsFile": "model",
+    "Device": "model",
+    "Driver": "drivers",
+    "DriverError": "drivers",
+    "Identity": "model",
+    "InventoryDriver": "drivers",
+    "Machine": "model",
+    "MachineList": "model",
+    "MachineState": "model",
+    "NamedComposition": "model",
+    "PlacementError": "placement",
+    "PoolRow": "model",
+    "PoolsConfig": "inventory",
+    "PoolsView": "model",
+    "SlurmDriver": "drivers",
+    "apply": "api",
+    "audit": "api",
+    "compose": "api",
+    "configure": "api",
+    "default_composer": "api",
+    "export": "api",
+    "free": "api",
+    "hash_token": "inventory",
+    "list_machines": "api",
+    "load_compositions": "composer",
+    "load_pools": "inventory",
+    "machines_table": "model",
+    "parse_pools": "inventory",
+    "place": "placement",
+    "pools": "api",
+    "render_html": "model",
+    "render_text": "model",
+    "show": "api",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import an export's module on first use."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ApplyResult",

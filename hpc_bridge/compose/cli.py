@@ -12,16 +12,20 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .composer import DB_ENV, POOLS_ENV, TOKEN_ENV, Composer
-from .drivers import Driver, DriverError, InventoryDriver, SlurmDriver
-from .model import CompositionSpec, machines_table
-from .placement import PlacementError
+from .settings import DB_ENV, POOLS_ENV, TOKEN_ENV
+
+if TYPE_CHECKING:
+    from .composer import Composer
+    from .drivers import Driver
+
+# The composer (SQLAlchemy) is imported inside the commands: every `reflexarc`
+# process imports this module at start-up, edge agents on devices included.
 
 app = typer.Typer(
     help=(
@@ -65,6 +69,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 def _driver(name: str) -> Driver:
+    from .drivers import InventoryDriver, SlurmDriver
+
     """The driver called ``name``."""
     drivers: dict[str, Callable[[], Driver]] = {"inventory": InventoryDriver, "slurm": SlurmDriver}
     if name not in drivers:
@@ -74,6 +80,10 @@ def _driver(name: str) -> Driver:
 
 @contextmanager
 def _composer(db: str | None, pools: Path | None, driver: str = "inventory") -> Iterator[Composer]:
+    from .composer import Composer
+    from .drivers import DriverError
+    from .placement import PlacementError
+
     """Open a composer and turn the library's errors into one red line + exit 1."""
     try:
         with Composer(db, pools, _driver(driver)) as composer:
@@ -97,6 +107,8 @@ def list_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """List live machines (composing, composed, freeing)."""
+    from .model import machines_table
+
     with _composer(db, pools) as c:
         machines = c.list(all=all_)
     if as_json:
@@ -137,6 +149,8 @@ def compose_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Compose a machine, e.g. [bold]--cpus 32 --gpus 2 --gpu-model A100 --storage-gb 1000[/]."""
+    from .model import CompositionSpec
+
     spec = CompositionSpec(
         cpus=cpus, gpus=gpus, gpu_model=gpu_model, memory_gb=memory_gb, storage_gb=storage_gb, nics=nics, rack=rack
     )

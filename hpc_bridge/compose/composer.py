@@ -41,13 +41,8 @@ from .model import (
     PoolsView,
 )
 from .placement import PlacementError, place, satisfies
+from .settings import DB_ENV, POOLS_ENV, TOKEN_ENV
 from .store import Store, now
-
-#: Environment variable holding the caller's token (its sha256 is in the pools file).
-TOKEN_ENV = "RX_COMPOSE_TOKEN"
-#: Environment variables naming the default database and pools file.
-DB_ENV = "RX_COMPOSE_DB"
-POOLS_ENV = "RX_COMPOSE_POOLS"
 
 
 def default_db() -> str:
