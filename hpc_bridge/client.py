@@ -94,13 +94,23 @@ class SiteClient:
             if batches:
                 self._changed.set()
 
+    def _finished(self, task_id: str) -> bool:
+        results = self.results.get(task_id)
+        states = self.states.get(task_id)
+        return bool(results) and bool(states) and states[-1].state == results[0].status
+
     async def wait_results(self, task_ids: Iterable[str], timeout: float = 60.0) -> dict[str, TaskResult]:
-        """Wait until every task in ``task_ids`` has a result; raise ``TimeoutError`` naming the missing."""
+        """Wait until every task in ``task_ids`` has a result; raise ``TimeoutError`` naming the missing.
+
+        A task counts as finished when its result has arrived *and* its state
+        history (``states``) has reached the same final state: results and
+        job states travel on different topics, so either may be read first.
+        """
         wanted = set(task_ids)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            missing = wanted - self.results.keys()
+            missing = {t for t in wanted if not self._finished(t)}
             if not missing:
                 return {t: self.results[t][0] for t in wanted}
             left = deadline - loop.time()
