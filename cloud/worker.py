@@ -7,7 +7,9 @@ Two agents:
   triggers it concerns from a faust table (changelog-backed), decides, and the
   agent first sends the resulting task requests and signed commands and waits
   for the broker's acks (``acks=all``), *then* stores the new state. Offsets
-  are committed by faust after the changelog is flushed. A crash anywhere
+  are committed by faust only after the changelog records written so far are
+  acked, and no fetched event is dropped unprocessed (faust alone guarantees
+  neither: see :mod:`reflexarc.cloud.transport`). A crash anywhere
   therefore either replays the event (same decisions, same ids: the site
   deduplicates) or finds its state already stored (the engine skips it).
 * ``results``: task results from ``{ns}.results``; ``on_result`` turns them
@@ -22,7 +24,7 @@ batches, which would make faust stop table recovery early; the faust producer
 Requests and commands go through a separate aiokafka producer.
 
 Latency: faust's consumer would wait up to 1.5 s per fetch, which on Tansu
-(it polls, see :mod:`reflexarc.cloud.fetchwait`) delays every record the worker
+(it polls, see :mod:`reflexarc.cloud.transport`) delays every record the worker
 reads by 0-750 ms; the worker sets ``worker.fetch_wait`` (50 ms) instead.
 """
 
@@ -38,7 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from reflexarc.aio import run_service
+from reflexarc.aio import cancel_and_wait, run_service
 from reflexarc.cloud import metrics as m
 from reflexarc.cloud.engine import SEP, Outcome, TriggerEngine
 from reflexarc.cloud.validate import CompiledConfig, load_triggers
@@ -136,7 +138,7 @@ class TriggerWorker:
     def _build_app(self) -> Any:
         import faust
 
-        from reflexarc.cloud import fetchwait
+        from reflexarc.cloud import transport
 
         w = self.config.file.worker
         app_id = w.app_id or f"{self.topics.namespace}-triggers"
@@ -167,8 +169,9 @@ class TriggerWorker:
             stream_wait_empty=True,
         )
         # faust hard-codes a 1.5 s fetch wait, which Tansu turns into 0-750 ms of added
-        # latency per hop: see reflexarc.cloud.fetchwait.
-        fetchwait.install(app, w.fetch_wait)
+        # latency per hop, and its flush before a commit can return before the changelog
+        # is durable: see reflexarc.cloud.transport.
+        transport.install(app, w.fetch_wait)
         raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
         data_topic = app.topic(self.topics.kafka_data, partitions=self.partitions, **raw)
         results_topic = app.topic(self.topics.kafka_results, **raw)
@@ -333,7 +336,10 @@ class TriggerWorker:
             # The changelog is created here, explicitly, with the data topic's partition count
             # (faust's own declaration is then a no-op).
             await ensure_topics(self.kafka, [self.table.changelog_topic.get_topic_name()], self.partitions)
-            await self.app.start()
+            # faust's start waits until the group is joined and the tables recovered, which is
+            # for ever if Kafka went away meanwhile: a stop request must still end it.
+            if not await self._start_app(stop):
+                return
             m.ACTIVE.set(len(self.config.triggers))
             log.info(
                 "trigger engine up: %d triggers on %s (%d partitions), group %s",
@@ -362,6 +368,19 @@ class TriggerWorker:
             await self.producer.stop()
             if self._tmp_dir:
                 shutil.rmtree(self._tmp_dir, ignore_errors=True)
+
+    async def _start_app(self, stop: asyncio.Event) -> bool:
+        """Start the faust app; False if ``stop`` was set first (the start is then cancelled)."""
+        starting = asyncio.create_task(self.app.start())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():
+            log.warning("stop requested while starting (group join or table recovery unfinished): not starting")
+            await cancel_and_wait([starting])
+            return False
+        starting.result()
+        return True
 
     async def _crashed(self) -> None:
         while not self.app.crashed:

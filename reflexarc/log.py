@@ -10,8 +10,10 @@ import sys
 def setup_logging(level: str | int | None = None, name: str | None = None) -> None:
     """Configure the root logger once per process.
 
-    ``RX_LOG_LEVEL`` overrides the level; output goes to stderr so that stdout
-    stays free for data (``reflexarc results subscribe`` prints events there).
+    ``RX_LOG_LEVEL`` overrides the level and ``RX_LIB_LOG_LEVEL`` that of the
+    client libraries (aiokafka, faust, paho's wrappers; WARNING by default).
+    Output goes to stderr so that stdout stays free for data (``reflexarc
+    results subscribe`` prints events there).
     """
     level = level or os.environ.get("RX_LOG_LEVEL", "INFO")
     root = logging.getLogger()
@@ -32,6 +34,7 @@ def setup_logging(level: str | int | None = None, name: str | None = None) -> No
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Client libraries are chatty at INFO about every (re)connect.
+    lib_level = os.environ.get("RX_LIB_LOG_LEVEL")
     for noisy in ("aiokafka", "faust", "mode", "amqtt", "transitions", "kafka"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+        logging.getLogger(noisy).setLevel(lib_level or max(logging.WARNING, root.level))
     root._rx_configured = True  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,11 @@ def _tasks(records: list[Any]) -> list[TaskRequest]:
     return [TaskRequest.from_envelope(event_of(r)) for r in records]
 
 
+def _where(tasks: Iterable[TaskRequest]) -> str:
+    """``trigger@last-event-id`` of each task, sorted: which firing it is."""
+    return " ".join(sorted({f"{t.trigger}@{t.cause.event_ids[-1] if t.cause else '?'}" for t in tasks}))
+
+
 async def test_kill_9_in_the_middle_of_windows_fires_exactly_as_without(
     tmp_path: Path, kafka_settings: KafkaSettings
 ) -> None:
@@ -64,11 +70,12 @@ async def test_kill_9_in_the_middle_of_windows_fires_exactly_as_without(
     # What the trigger decides without any kill: the pure engine over the same events.
     engine = TriggerEngine(load_triggers(path))
     store: dict[str, Any] = {}
-    expected: set[str] = set()
+    expected_tasks: dict[str, TaskRequest] = {}
     for pos, e in enumerate(events):
         out = engine.process(e, store, position=pos)
         store.update(out.states)
-        expected |= {t.task_id for f in out.firings for t in f.tasks}
+        expected_tasks.update((t.task_id, t) for f in out.firings for t in f.tasks)
+    expected = set(expected_tasks)
     # Per device: 8 windows of 50 frames; 'busy' fires at 0.9 s, then once its 7 s cooldown
     # is over and a window holds 10 frames: 8.0, 15.9, 22.9, 29.9, 36.9 s.
     assert len(expected) == len(DEVICES) * (PER_DEVICE // 50 + 6)
@@ -107,6 +114,11 @@ async def test_kill_9_in_the_middle_of_windows_fires_exactly_as_without(
     extra = set(ids) - expected
     print(f"restart test: {len(expected)} expected tasks, {len(set(ids))} distinct sent, "
           f"{len(ids) - len(set(ids))} redelivered duplicates (same id), {len(missed)} missed, {len(extra)} extra")
+    if missed or extra:
+        # Which trigger on which device fired at which event: where the state went wrong.
+        print("missed:", _where(expected_tasks[i] for i in missed))
+        print("extra: ", _where(t for t in got if t.task_id in extra))
+        print("first run:", _where(first_run))
     assert not missed, f"missed {len(missed)} firings"
     assert not extra, f"{len(extra)} tasks that a run without kill would not start"
     # Same id, same request: a redelivery is the same task, never a second one.

@@ -9,6 +9,7 @@ ends the process cleanly.
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from cloud_harness import (
     produce,
     produce_raw,
     read_all,
+    wait_for,
 )
 
 from reflexarc.cloud.engine import TriggerEngine
@@ -221,3 +223,27 @@ async def test_worker_refuses_to_send_unsigned_commands(tmp_path: Path, kafka_se
     assert worker.proc.proc is not None
     rc = worker.proc.proc.wait(60)
     assert rc == 2 and "must be signed" in worker.text() and "RX_SIGNING_KEY" in worker.text()
+
+
+async def test_sigterm_while_kafka_vanished_during_start_up_ends_the_worker(
+    tmp_path: Path, tansu: Any, kafka_settings: KafkaSettings
+) -> None:
+    """A worker still joining its group when the broker dies must not linger after SIGTERM."""
+    (tmp_path / "site.yaml").write_text(SITE_YAML)
+    path = tmp_path / "triggers.yaml"
+    path.write_text(header(kafka_settings.bootstrap_servers) + "triggers:\n"
+                    "  - {name: t, on: bl1/+/counts, when: 'true', then: [{task: {app: fit}}]}\n")
+    await prepare(kafka_settings)
+    worker = WorkerProcess(path, tmp_path / "worker.log")
+    worker.proc.start()
+    log = tmp_path / "worker.log"
+    # The group join is under way (it takes seconds on Tansu) when the broker goes.
+    # (the changelog is created right before faust's start, which joins the group)
+    assert wait_for(lambda: "trigger-state-changelog" in log.read_text(errors="replace"), 30), log.read_text()
+    tansu.process.kill()
+    t0 = time.monotonic()
+    rc = worker.stop(grace=90)
+    took = time.monotonic() - t0
+    assert not (tmp_path / "worker.ready").exists()
+    assert rc is not None and rc != -9, f"the worker had to be killed:\n{worker.proc.log_tail()}"
+    assert took < 45, f"took {took:.0f} s to stop"
