@@ -49,6 +49,9 @@ _CORE_ATTRS = ("id", "source", "type", "specversion", "subject", "time", "dataco
 _EXT_NAME = re.compile(r"[a-z0-9]+")
 # Extension names already checked -> their Kafka header name; bounded (names come from devices).
 _EXT_HEADERS: dict[str, str] = {}
+# A UTC time exactly as _attr_text writes it (isoformat: no fraction when it is zero, else
+# six digits; "Z"): such a text is forwarded as it came instead of being parsed and re-written.
+_CANONICAL_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.(?!000000)\d{6})?Z", re.ASCII)
 
 KafkaRecord = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 
@@ -343,7 +346,8 @@ class Envelope:
             value = json.dumps(env.data).encode() if lifted else payload
         if topic is not None:
             _check_topic_agrees(env, topic)
-        record = env._kafka_fast(value)
+        time_text = props.get("time")
+        record = env._kafka_fast(value, time_text if time_text and _CANONICAL_UTC.fullmatch(time_text) else None)
         if record is None:
             return env, env.to_kafka()
         return env, record
@@ -355,12 +359,13 @@ class Envelope:
         env = cls.from_mqtt(payload, props.items(), content_type, topic)
         return env, env.to_kafka()
 
-    def _kafka_fast(self, value: bytes) -> KafkaRecord | None:
+    def _kafka_fast(self, value: bytes, time_text: str | None = None) -> KafkaRecord | None:
         """Kafka binary mode without the SDK; ``None`` when the SDK must judge the attributes.
 
         Headers come in the SDK's order (specversion, id, source, type, time,
         content-type, subject, extensions) with its text forms, so records
-        are byte-identical whichever path built them.
+        are byte-identical whichever path built them. ``time_text`` is the
+        time attribute as it came, when it is already in that text form.
         """
         subject = self.subject
         if subject == "" or not self.id or not self.source or not self.type or not self.datacontenttype:
@@ -382,7 +387,7 @@ class Envelope:
             ("ce_id", self.id.encode()),
             ("ce_source", self.source.encode()),
             ("ce_type", self.type.encode()),
-            ("ce_time", _attr_text(self.time).encode()),
+            ("ce_time", (time_text or _attr_text(self.time)).encode()),
             ("content-type", self.datacontenttype.encode()),
         ]
         if subject is not None:

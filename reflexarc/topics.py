@@ -26,7 +26,7 @@ device can never inject MQTT wildcards or path separators into a topic.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 DEFAULT_NAMESPACE = "rx"
@@ -75,6 +75,10 @@ class MqttTopic:
         return "/".join(parts)
 
 
+#: How many parsed MQTT topics a :class:`Topics` keeps (valid ones only).
+PARSE_CACHE_SIZE = 65_536
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Builds and parses topic names for one namespace.
@@ -87,6 +91,8 @@ class Topics:
     """
 
     namespace: str = DEFAULT_NAMESPACE
+    # Parsed MQTT topics: a bridge sees the same few thousand topics millions of times.
+    _parsed: dict[str, MqttTopic] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_name(self.namespace, "namespace")
@@ -125,6 +131,15 @@ class Topics:
 
     def parse_mqtt(self, topic: str) -> MqttTopic:
         """Parse an MQTT topic into its parts; raise :class:`TopicError` if foreign."""
+        parsed = self._parsed.get(topic)
+        if parsed is None:
+            parsed = self._parse_mqtt(topic)
+            if len(self._parsed) >= PARSE_CACHE_SIZE:
+                self._parsed.clear()  # bounded: topic names come from devices
+            self._parsed[topic] = parsed
+        return parsed
+
+    def _parse_mqtt(self, topic: str) -> MqttTopic:
         parts = topic.split("/")
         if len(parts) < 4 or parts[0] != self.namespace:
             raise TopicError(f"not a reflexarc topic in namespace {self.namespace!r}: {topic!r}")

@@ -225,3 +225,22 @@ def test_structured_equivalent() -> None:
     raw = Envelope.for_device(EventType.DATA, "s1", "dev1", b"\x00\x01", subject="temp", id="st-2")
     check_equivalent(raw.to_json(), [], STRUCTURED)
     check_equivalent(b'{"specversion": "1.0", "id": "x"}', [], STRUCTURED)
+
+
+TIME_FORMS = [
+    "2024-05-01T12:00:00.123456Z",  # canonical: forwarded as it came
+    "2024-05-01T12:00:00Z",  # canonical without a fraction
+    "2024-05-01T12:00:00.000000Z",  # a zero fraction is written without it
+    "2024-05-01T12:00:00.123Z",  # milliseconds are written as six digits
+    "2024-05-01T12:00:00.123456+00:00",  # an offset is written as Z
+    "2024-05-01T14:00:00.123456+02:00",  # another zone keeps its offset
+    "2024-05-01T12:00:00.123456z",  # lower-case z
+    "2024-05-01T12:00:00.123456",  # no zone: UTC is assumed
+    "\uff12\uff10\uff12\uff14-05-01T12:00:00.123456Z",  # full-width digits: never forwarded as they came
+]
+
+
+@pytest.mark.parametrize("time_text", TIME_FORMS)
+def test_time_header_is_the_sdk_s_whatever_the_input_form(time_text: str) -> None:
+    """The ce_time header is byte-identical to the SDK path's, also when the original text is forwarded."""
+    check_equivalent(b'{"v":1}', _props(time=time_text), "application/json")

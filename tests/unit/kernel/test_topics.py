@@ -90,3 +90,20 @@ def test_shared_subscription_and_filters() -> None:
 )
 def test_mqtt_match(flt: str, topic: str, expected: bool) -> None:
     assert mqtt_match(flt, topic) is expected
+
+
+def test_parse_mqtt_caches_valid_topics_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    from reflexarc import topics as topics_mod
+
+    monkeypatch.setattr(topics_mod, "PARSE_CACHE_SIZE", 3)
+    t = Topics()
+    first = t.parse_mqtt("rx/bl1/d1/data/counts")
+    assert t.parse_mqtt("rx/bl1/d1/data/counts") is first
+    for i in range(5):
+        assert t.parse_mqtt(f"rx/bl1/d{i}/data/counts").device == f"d{i}"
+    assert len(t._parsed) <= 3
+    # A foreign topic is refused every time, never remembered.
+    for _ in range(2):
+        with pytest.raises(TopicError):
+            t.parse_mqtt("rx/bl1/d+/data/counts")
+    assert "rx/bl1/d+/data/counts" not in t._parsed
