@@ -42,8 +42,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from faust.auth import SASLCredentials, SSLCredentials
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.producer import ProducerBuffer
+
+from reflexarc.config import KafkaSettings
+from reflexarc.kafka import security_options
 
 
 def set_fetch_wait(consumer: Any, wait_ms: int) -> None:
@@ -164,6 +168,24 @@ def worker_transport(wait: float) -> type[faust_aiokafka.Transport]:
     return Transport
 
 
+def credentials(settings: KafkaSettings) -> SSLCredentials | SASLCredentials | None:
+    """faust's ``broker_credentials`` for ``settings``: the TLS/SASL every aiokafka client of ours uses."""
+    opts = security_options(settings)
+    protocol = opts["security_protocol"]
+    if protocol == "SSL":
+        return SSLCredentials(opts["ssl_context"])
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        if "sasl_mechanism" not in opts:
+            raise ValueError(f"Kafka security_protocol {protocol} needs sasl_mechanism (PLAIN or SCRAM-SHA-256/512)")
+        return SASLCredentials(
+            username=opts["sasl_plain_username"],
+            password=opts["sasl_plain_password"],
+            ssl_context=opts.get("ssl_context"),
+            mechanism=opts["sasl_mechanism"],
+        )
+    return None
+
+
 def install(app: Any, wait: float) -> None:
     """Give a new faust ``app`` :func:`worker_transport` and buffers kept on resume (before it uses its transport)."""
     # faust makes its transport lazily; whatever was built from the default one (the
@@ -177,6 +199,7 @@ def install(app: Any, wait: float) -> None:
 __all__ = [
     "DrainableBuffer",
     "DurableProducer",
+    "credentials",
     "install",
     "keep_buffers_when_already_flowing",
     "set_fetch_wait",

@@ -47,7 +47,7 @@ from reflexarc.cloud.validate import CompiledConfig, load_triggers
 from reflexarc.config import ConfigError, KafkaSettings
 from reflexarc.envelope import DeadLetter, Envelope, EnvelopeError
 from reflexarc.events import Command, TaskResult
-from reflexarc.kafka import ensure_topics, make_producer, send_event
+from reflexarc.kafka import ensure_topics, make_producer, partition_count, send_event
 from reflexarc.process import notify_ready
 from reflexarc.topics import Topics
 
@@ -115,21 +115,6 @@ class TriggerWorker:
             )
         return key
 
-    async def _partitions_of(self, topic: str) -> int:
-        """How many partitions ``topic`` has (the table changelog must have as many)."""
-        from aiokafka.admin import AIOKafkaAdminClient
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.kafka.bootstrap_servers)
-        await admin.start()
-        try:
-            described = await admin.describe_topics([topic])
-        finally:
-            await admin.close()
-        for t in described:
-            if t.get("topic") == topic and t.get("partitions"):
-                return len(t["partitions"])
-        raise RuntimeError(f"cannot read the partitions of Kafka topic {topic}: {described!r}")
-
     async def _prepare_topics(self, cfg: CompiledConfig) -> None:
         await ensure_topics(
             self.kafka, [*self.topics.kafka_core(), *(self.topics.kafka_tasks(s) for s in cfg.task_sites())]
@@ -167,6 +152,8 @@ class TriggerWorker:
             producer_max_batch_size=1 if w.single_record_batches else 256 * 1024,
             producer_linger=0.0,
             stream_wait_empty=True,
+            # The same TLS/SASL as every other client of this cluster.
+            broker_credentials=transport.credentials(self.kafka),
         )
         # faust hard-codes a 1.5 s fetch wait, which Tansu turns into 0-750 ms of added
         # latency per hop, and its flush before a commit can return before the changelog
@@ -325,7 +312,7 @@ class TriggerWorker:
         """Run until ``stop`` is set (SIGTERM/SIGINT in the CLI)."""
         self.key = self._check_key(self.config)
         await self._prepare_topics(self.config)
-        self.partitions = await self._partitions_of(self.topics.kafka_data)
+        self.partitions = await partition_count(self.kafka, self.topics.kafka_data)
         # No linger: each event's sends are awaited before the next event is read, so
         # there is never a second event's record to batch with, only latency to add.
         self.producer = make_producer(self.kafka, linger_ms=0)

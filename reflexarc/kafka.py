@@ -30,7 +30,8 @@ from reflexarc.envelope import Envelope
 log = logging.getLogger(__name__)
 
 
-def _security(settings: KafkaSettings) -> dict[str, Any]:
+def security_options(settings: KafkaSettings) -> dict[str, Any]:
+    """aiokafka's security arguments (protocol, TLS context, SASL) for ``settings``; the password comes from the environment."""
     opts: dict[str, Any] = {"security_protocol": settings.security_protocol}
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         tls = settings.tls
@@ -53,7 +54,7 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer
         "linger_ms": 5,
         "max_batch_size": 256 * 1024,
         "request_timeout_ms": 30000,
-        **_security(settings),
+        **security_options(settings),
     }
     opts.update(overrides)
     return AIOKafkaProducer(**opts)
@@ -75,10 +76,29 @@ def make_consumer(settings: KafkaSettings, *topics: str, group_id: str | None, *
         # 500 ms default adds up to 250 ms per hop; 50 ms costs a few % of a
         # core in empty fetches while idle and keeps each hop near 10-30 ms.
         "fetch_max_wait_ms": 50,
-        **_security(settings),
+        **security_options(settings),
     }
     opts.update(overrides)
     return AIOKafkaConsumer(*topics, **opts)
+
+
+def make_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
+    """An (unstarted) admin client for ``settings``, with its TLS/SASL options."""
+    return AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **security_options(settings))
+
+
+async def partition_count(settings: KafkaSettings, topic: str) -> int:
+    """How many partitions ``topic`` has; raise RuntimeError if the cluster cannot tell."""
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    for t in described:
+        if t.get("topic") == topic and t.get("partitions"):
+            return len(t["partitions"])
+    raise RuntimeError(f"cannot read the partitions of Kafka topic {topic}: {described!r}")
 
 
 async def ensure_topics(
@@ -88,7 +108,7 @@ async def ensure_topics(
     wanted = list(dict.fromkeys(topics))
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **_security(settings))
+        admin = make_admin(settings)
         try:
             await admin.start()
             existing = set(await admin.list_topics())

@@ -198,3 +198,81 @@ def test_installed_app_keeps_buffers_on_resume() -> None:
     queue.put_nowait("x")
     app.flow_control.resume()
     assert queue.qsize() == 1
+
+
+def _tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and key (what a cluster's CA file would hold)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kafka.test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "ca.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+    return cert_file, key_file
+
+
+def test_faust_gets_the_same_security_as_every_other_kafka_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+    from reflexarc.kafka import security_options
+
+    ca, _key = _tls_files(tmp_path)
+    monkeypatch.setenv("RX_TEST_KAFKA_PASSWORD", "s3cret")
+    cases = [
+        KafkaSettings(),
+        KafkaSettings(security_protocol="SSL", tls={"ca_file": str(ca)}),
+        KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512", username="rx",
+                      password_env="RX_TEST_KAFKA_PASSWORD"),
+        KafkaSettings(security_protocol="SASL_SSL", sasl_mechanism="PLAIN", username="rx",
+                      password_env="RX_TEST_KAFKA_PASSWORD", tls={"ca_file": str(ca)}),
+    ]
+    for settings in cases:
+        ours = security_options(settings)
+        faust_side = credentials_to_aiokafka_auth(transport.credentials(settings))
+        assert faust_side["security_protocol"] == ours["security_protocol"]
+        for key in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
+            assert faust_side.get(key) == ours.get(key), (settings.security_protocol, key)
+        assert (faust_side.get("ssl_context") is None) == (ours.get("ssl_context") is None)
+
+
+def test_sasl_without_a_mechanism_is_refused_with_what_to_set() -> None:
+    with pytest.raises(ValueError, match="needs sasl_mechanism"):
+        transport.credentials(KafkaSettings(security_protocol="SASL_PLAINTEXT", username="rx"))
+
+
+async def test_worker_app_carries_the_file_s_kafka_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RX_TEST_KAFKA_PASSWORD", "s3cret")
+    (tmp_path / "site.yaml").write_text("site: local\napps:\n  fit: {function: 'pkg.mod:fit'}\n")
+    path = tmp_path / "triggers.yaml"
+    path.write_text(
+        "sites: [site.yaml]\n"
+        "kafka: {bootstrap_servers: '127.0.0.1:9', security_protocol: SASL_PLAINTEXT, sasl_mechanism: PLAIN,\n"
+        "        username: rx, password_env: RX_TEST_KAFKA_PASSWORD}\n"
+        "triggers:\n"
+        "  - {name: t, on: bl1/+/counts, when: 'true', then: [{task: {app: fit}}]}\n"
+    )
+    cfg = load_triggers(path)
+    worker = TriggerWorker(cfg)
+    app = worker._build_app()
+    try:
+        creds = app.conf.broker_credentials
+        assert creds.username == "rx" and creds.password == "s3cret" and creds.mechanism.value == "PLAIN"
+    finally:
+        if worker._tmp_dir:
+            shutil.rmtree(worker._tmp_dir, ignore_errors=True)
