@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from reflexarc.aio import cancel_and_wait, run_service
+from reflexarc.aio import run_service, unless_stopped
 from reflexarc.cloud import metrics as m
 from reflexarc.cloud.engine import SEP, Outcome, TriggerEngine
 from reflexarc.cloud.validate import CompiledConfig, load_triggers
@@ -325,7 +325,8 @@ class TriggerWorker:
             await ensure_topics(self.kafka, [self.table.changelog_topic.get_topic_name()], self.partitions)
             # faust's start waits until the group is joined and the tables recovered, which is
             # for ever if Kafka went away meanwhile: a stop request must still end it.
-            if not await self._start_app(stop):
+            if not await unless_stopped(self.app.start(), stop):
+                log.warning("stop requested while starting (group join or table recovery unfinished): not starting")
                 return
             m.ACTIVE.set(len(self.config.triggers))
             log.info(
@@ -336,12 +337,7 @@ class TriggerWorker:
             notify_ready("triggers running")
             if self.config.file.worker.reload:
                 watcher = asyncio.create_task(self._watch(stop))
-            crashed = asyncio.create_task(self._crashed())
-            stopper = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait({crashed, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (crashed, stopper):
-                t.cancel()
-            if crashed in done and not stop.is_set():
+            if await unless_stopped(self._crashed(), stop):
                 raise RuntimeError(f"faust app crashed: {self.app._crash_reason!r}")
         finally:
             stop.set()
@@ -355,19 +351,6 @@ class TriggerWorker:
             await self.producer.stop()
             if self._tmp_dir:
                 shutil.rmtree(self._tmp_dir, ignore_errors=True)
-
-    async def _start_app(self, stop: asyncio.Event) -> bool:
-        """Start the faust app; False if ``stop`` was set first (the start is then cancelled)."""
-        starting = asyncio.create_task(self.app.start())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not starting.done():
-            log.warning("stop requested while starting (group join or table recovery unfinished): not starting")
-            await cancel_and_wait([starting])
-            return False
-        starting.result()
-        return True
 
     async def _crashed(self) -> None:
         while not self.app.crashed:

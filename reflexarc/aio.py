@@ -56,6 +56,25 @@ def run_service(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]], grace: 
     return asyncio.run(runner())
 
 
+async def unless_stopped(aw: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:
+    """Run ``aw`` until it finishes (True, its error raised) or ``stop`` is set first (False, ``aw`` cancelled).
+
+    For the waits a stop request must be able to cut short: a start-up that
+    joins a consumer group, a wait for a crash.
+    """
+    work = asyncio.ensure_future(aw)
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if not work.done():
+        await cancel_and_wait([work])
+        return False
+    work.result()
+    return True
+
+
 async def cancel_and_wait(tasks: Iterable[asyncio.Task[object]]) -> None:
     """Cancel the tasks and wait until every one has finished (errors are swallowed: we are stopping)."""
     pending = list(tasks)

@@ -68,3 +68,38 @@ def test_a_second_signal_stops_a_stuck_service_at_once(sig: signal.Signals) -> N
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 1
     assert "second stop signal" in err
+
+
+async def test_unless_stopped_returns_true_when_the_work_finishes_and_raises_its_error() -> None:
+    import asyncio
+
+    from reflexarc.aio import unless_stopped
+
+    stop = asyncio.Event()
+    assert await unless_stopped(asyncio.sleep(0.01), stop) is True
+
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        await unless_stopped(fails(), stop)
+
+
+async def test_unless_stopped_cancels_the_work_when_stop_comes_first() -> None:
+    import asyncio
+
+    from reflexarc.aio import unless_stopped
+
+    stop = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    asyncio.get_running_loop().call_later(0.05, stop.set)
+    assert await unless_stopped(forever(), stop) is False
+    assert cancelled.is_set()
