@@ -175,8 +175,7 @@ def credentials(settings: KafkaSettings) -> SSLCredentials | SASLCredentials | N
     if protocol == "SSL":
         return SSLCredentials(opts["ssl_context"])
     if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
-        if "sasl_mechanism" not in opts:
-            raise ValueError(f"Kafka security_protocol {protocol} needs sasl_mechanism (PLAIN or SCRAM-SHA-256/512)")
+        # KafkaSettings refuses SASL without a mechanism, so the options always name one.
         return SASLCredentials(
             username=opts["sasl_plain_username"],
             password=opts["sasl_plain_password"],

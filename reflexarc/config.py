@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from reflexarc.topics import DEFAULT_NAMESPACE, Topics, check_name
 
@@ -220,6 +220,15 @@ class KafkaSettings(StrictModel):
     tls: TlsSettings | None = None
     partitions: int = Field(4, ge=1, le=1024, description="partitions for topics reflexarc creates")
     replication_factor: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _sasl_needs_a_mechanism(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL_") and self.sasl_mechanism is None:
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism "
+                "(PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512), username and password_env"
+            )
+        return self
 
     @classmethod
     def from_env(cls) -> KafkaSettings:

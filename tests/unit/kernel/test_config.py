@@ -99,3 +99,15 @@ def test_broker_defaults_come_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = parse_yaml("device: d\n", Agent)
     assert cfg.mqtt.port == 18830 and cfg.mqtt.protocol == "3.1.1"
     assert KafkaSettings.from_env().bootstrap_servers == "127.0.0.1:19092"
+
+
+def test_kafka_sasl_without_a_mechanism_is_a_config_error_naming_the_file_and_what_to_set(tmp_path: Path) -> None:
+    path = tmp_path / "fog.yaml"
+    path.write_text("kafka:\n  bootstrap_servers: 127.0.0.1:9092\n  security_protocol: SASL_SSL\n  username: rx\n")
+
+    class File(StrictModel):
+        kafka: KafkaSettings
+
+    with pytest.raises(ConfigError, match="needs sasl_mechanism") as info:
+        load_yaml(path, File)
+    assert "fog.yaml" in str(info.value)
