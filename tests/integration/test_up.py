@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from reflexarc.demo import prepare_scenario
+from reflexarc.testing.poll import poll_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -39,15 +40,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def wait_until(check, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def start_up(tmp_path: Path) -> tuple[subprocess.Popen[str], set[int]]:
@@ -80,7 +72,7 @@ def test_up_stops_everything_on_ctrl_c_and_sigterm(tmp_path: Path, sig: signal.S
     proc.send_signal(sig)
     proc.wait(60)
     assert proc.returncode is not None
-    assert wait_until(lambda: not any(alive(k) for k in kids), 20), [k for k in kids if alive(k)]
+    assert poll_until(lambda: not any(alive(k) for k in kids), 20), [k for k in kids if alive(k)]
 
 
 def test_up_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
@@ -88,7 +80,7 @@ def test_up_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     grandchildren = set().union(*(children_of(k) for k in kids))
     proc.kill()  # no chance to clean up: the kernel's parent-death signal must do it
     proc.wait(10)
-    assert wait_until(lambda: not any(alive(k) for k in kids | grandchildren), 30), [
+    assert poll_until(lambda: not any(alive(k) for k in kids | grandchildren), 30), [
         k for k in kids | grandchildren if alive(k)
     ]
 
@@ -113,4 +105,4 @@ def test_brokers_up_prints_env_and_stops_cleanly(tmp_path: Path) -> None:
     assert len(kids) == 2
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(30) == 0
-    assert wait_until(lambda: not any(alive(k) for k in kids), 15)
+    assert poll_until(lambda: not any(alive(k) for k in kids), 15)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -97,13 +96,3 @@ async def read_all(settings: KafkaSettings, topics: list[str], until: Callable[[
         return records
     finally:
         await consumer.stop()
-
-
-def wait_for(check: Callable[[], bool], timeout: float) -> bool:
-    """Poll ``check`` until true or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloud_harness import TOPICS, WorkerProcess, event, header, prepare, produce, read_all, wait_for
+from cloud_harness import TOPICS, WorkerProcess, event, header, prepare, produce, read_all
 
 from reflexarc.cloud.engine import TriggerEngine
 from reflexarc.cloud.validate import load_triggers
@@ -16,6 +16,7 @@ from reflexarc.config import KafkaSettings
 from reflexarc.envelope import Envelope
 from reflexarc.events import TaskRequest
 from reflexarc.kafka import event_of
+from reflexarc.testing.poll import poll_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -155,7 +156,7 @@ async def test_hot_reload_keeps_state_and_rejects_invalid_files(tmp_path: Path, 
         await read_all(kafka_settings, [CHANGELOG], lambda rs: len(rs) >= 2, timeout=60)
 
         path.write_text(head + "triggers:" + trig_a + trig_b)
-        assert await asyncio.to_thread(wait_for, lambda: "reloaded" in worker.text(), 30), worker.text()[-2000:]
+        assert await asyncio.to_thread(poll_until, lambda: "reloaded" in worker.text(), 30), worker.text()[-2000:]
         await produce(kafka_settings, [event("b1", 2, {"v": 11}, "d2", "b"), event("b0", 2, {"v": 10}, "d2", "b"),
                                        event("a3", 3, {}, "d1", "a")])
         recs = await read_all(kafka_settings, tasks_topic, lambda rs: len(rs) >= 2, timeout=60, settle=1.0)
@@ -165,7 +166,7 @@ async def test_hot_reload_keeps_state_and_rejects_invalid_files(tmp_path: Path, 
 
         # An invalid file is rejected; the running triggers stay in force.
         path.write_text(head + "triggers:" + trig_a + trig_b.replace("event.data.v > 10", "event.data.v >"))
-        assert await asyncio.to_thread(wait_for, lambda: "rejected" in worker.text(), 30), worker.text()[-2000:]
+        assert await asyncio.to_thread(poll_until, lambda: "rejected" in worker.text(), 30), worker.text()[-2000:]
         assert "invalid CEL" in worker.text()
         await produce(kafka_settings, [event("b2", 5, {"v": 12}, "d2", "b")])
         recs = await read_all(kafka_settings, tasks_topic, lambda rs: len(rs) >= 3, timeout=60, settle=1.0)

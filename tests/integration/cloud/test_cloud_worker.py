@@ -25,7 +25,6 @@ from cloud_harness import (
     produce,
     produce_raw,
     read_all,
-    wait_for,
 )
 
 from reflexarc.cloud.engine import TriggerEngine
@@ -35,6 +34,7 @@ from reflexarc.envelope import DeadLetter, Envelope
 from reflexarc.events import Command, TaskRequest, TaskResult, stable_id
 from reflexarc.kafka import event_of
 from reflexarc.signing import generate_keypair, load_verify_keys, verify_envelope
+from reflexarc.testing.poll import poll_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -239,7 +239,7 @@ async def test_sigterm_while_kafka_vanished_during_start_up_ends_the_worker(
     log = tmp_path / "worker.log"
     # The group join is under way (it takes seconds on Tansu) when the broker goes.
     # (the changelog is created right before faust's start, which joins the group)
-    assert wait_for(lambda: "trigger-state-changelog" in log.read_text(errors="replace"), 30), log.read_text()
+    assert poll_until(lambda: "trigger-state-changelog" in log.read_text(errors="replace"), 30), log.read_text()
     tansu.process.kill()
     t0 = time.monotonic()
     rc = worker.stop(grace=90)

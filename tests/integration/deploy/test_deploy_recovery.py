@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from reflexarc.deploy.cli import app
 from reflexarc.deploy.containers import container_name, volume_name
 from reflexarc.process import free_port
 from reflexarc.testing.docker import DockerEngine
+from reflexarc.testing.poll import poll_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -50,12 +50,8 @@ def fleet_doc(engine: DockerEngine, image: str, broker: MqttBroker, down: Docker
 
 def wait_for(pred: Any, timeout: float, what: str) -> None:
     """Poll ``pred`` until true or the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    if not poll_until(pred, timeout, interval=0.2):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_deploy_recovers_after_deployer_killed(
