@@ -53,7 +53,7 @@ from reflexarc.config import KafkaSettings, MqttSettings
 from reflexarc.envelope import Envelope, EventType
 from reflexarc.kafka import ensure_topics, make_consumer, make_producer
 from reflexarc.mqtt import MqttClient
-from reflexarc.process import ManagedProcess, free_port
+from reflexarc.process import ManagedProcess, free_port, freeze_startup_heap
 from reflexarc.topics import Topics
 
 T = Topics()
@@ -124,6 +124,7 @@ async def role_mqtt_sub(mqtt: MqttSettings, n: int) -> None:
     """Subscribe, print 'ready', receive ``n`` messages, print the wall time of the last one."""
     async with MqttClient(mqtt, "bench-sub", receive_maximum=WINDOW) as sub:
         await sub.subscribe([(T.mqtt_ingest_filters()[0], 1)])
+        freeze_startup_heap()  # as every reflexarc service does once it is up (notify_ready)
         print("ready", flush=True)
         got = 0
         while got < n:
@@ -143,6 +144,7 @@ async def role_kafka_produce(kafka: KafkaSettings, n: int, size: int, topic: str
         records.append(env.to_kafka())
     producer = make_producer(kafka)
     await producer.start()
+    freeze_startup_heap()
     try:
         t0 = time.perf_counter()
         c0 = time.process_time()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import signal
 import socket
@@ -144,14 +145,34 @@ class ManagedProcess:
 READY_ENV = "RX_READY_FILE"
 
 
+def freeze_startup_heap() -> None:
+    """Leave everything alive after start-up out of all later garbage collections.
+
+    A service's long-lived objects (imported modules, pydantic models,
+    clients) are a few hundred thousand containers, and CPython rescans all
+    of them at every full collection, which in-flight messages trigger
+    every thousand or so messages. In the fog bridge that cost about 10 µs
+    of CPU per message, a fifth of its work (timed with ``gc.callbacks``:
+    five full collections of ~45 ms per 20,000 messages). After
+    ``gc.freeze()`` only what was made since is scanned. Garbage made during
+    start-up is collected first, and objects made later are collected as
+    before. Safe to call more than once.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def notify_ready(detail: str = "") -> None:
     """Tell the supervisor this tier is up (its subscriptions exist, its consumers joined).
 
     ``reflexarc up`` starts tiers in order and waits for each to be ready
     before starting the next: MQTT drops a message nobody is subscribed to
     yet, so a device must not publish before the fog bridge has subscribed.
-    A no-op when the process was not started by a supervisor.
+    Telling the supervisor is a no-op when the process was not started by
+    one; start-up is over either way, so the start-up heap is frozen
+    (:func:`freeze_startup_heap`).
     """
+    freeze_startup_heap()
     path = os.environ.get(READY_ENV)
     if not path:
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,9 +42,33 @@ def test_unknown_tier_and_duplicate_names(tmp_path: Path) -> None:
 
 
 def test_notify_ready_writes_the_file_only_under_a_supervisor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # It also freezes the heap: not this test process's.
+    monkeypatch.setattr("reflexarc.process.freeze_startup_heap", lambda: None)
     monkeypatch.delenv("RX_READY_FILE", raising=False)
     notify_ready("x")  # no supervisor: nothing happens
     ready = tmp_path / "ready" / "fog-1"
     monkeypatch.setenv("RX_READY_FILE", str(ready))
     notify_ready("subscribed")
     assert ready.read_text().split()[1] == "subscribed"
+
+
+def test_notify_ready_freezes_the_start_up_heap_and_later_garbage_is_still_collected() -> None:
+    code = """
+import gc, weakref
+from reflexarc.process import notify_ready
+assert gc.get_freeze_count() == 0
+class Node: pass
+def cycle():
+    a = Node(); a.self = a
+    return weakref.ref(a)
+early = cycle()  # start-up garbage: collected before the freeze
+notify_ready()
+frozen = gc.get_freeze_count()
+late = cycle()   # made after the freeze: the collector still sees it
+gc.collect()
+print(frozen, early() is None, late() is None)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    frozen, early_gone, late_gone = out.stdout.split()
+    assert int(frozen) > 10_000  # the imports and everything else alive at start-up
+    assert (early_gone, late_gone) == ("True", "True")
