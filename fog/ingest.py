@@ -226,25 +226,24 @@ class Ingest:
                 return
             try:
                 # One parse: the Kafka record is built alongside, from the original bytes.
-                env, (key, value, headers) = Envelope.transcode_mqtt(
-                    msg.payload, msg.user_properties, msg.content_type, mt
-                )
+                event = Envelope.transcode_mqtt(msg.payload, msg.user_properties, msg.content_type, mt)
             except EnvelopeError as exc:
                 await self._dead(msg, ticket, "parse", str(exc))
                 return
             if st.validator is not None:
-                reason = st.validator(env.data)
+                reason = st.validator(event.data)
                 if reason is not None:
                     await self._dead(msg, ticket, "validate", f"stream {mt.stream!r}: {reason}")
                     return
-            if self._duplicate(env):
+            if self._duplicate(event.source, event.id):
                 return
             if st.passthrough:
                 # The common case: forward the record already built (what Shaper.add + _emit would do).
+                key, value, headers = event.record
                 ticket.holds += 1
                 await self.sender.send(Record(self.topics.kafka_data, key, value, headers, [ticket]))
                 return
-            await st.shaper.add((mt.site, mt.device, mt.stream), env, ticket)
+            await st.shaper.add((mt.site, mt.device, mt.stream), event.envelope, ticket)
         elif mt.kind is MqttKind.ACK:
             self.metrics.in_ack.inc()
             size = len(msg.payload)
@@ -262,7 +261,7 @@ class Ingest:
                 await self._dead(msg, ticket, "validate",
                                  f"ack names {ack.site}/{ack.device} but came from {mt.site}/{mt.device}")
                 return
-            if self._duplicate(env):
+            if self._duplicate(env.source, env.id):
                 return
             await self._emit(env, [ticket], self.topics.kafka_acks, hold=True)
             if self.on_command_ack is not None:
@@ -271,8 +270,8 @@ class Ingest:
             self.metrics.in_other.inc()
             await self._dead(msg, ticket, "topic", f"the fog bridge does not take {mt.kind.value!r} topics")
 
-    def _duplicate(self, env: Envelope) -> bool:
-        if self.dedupe is not None and self.dedupe.seen(f"{env.source}\x1f{env.id}"):
+    def _duplicate(self, source: str, event_id: str) -> bool:
+        if self.dedupe is not None and self.dedupe.seen(f"{source}\x1f{event_id}"):
             self.metrics.duplicates.inc()
             return True
         return False

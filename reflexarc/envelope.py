@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -54,6 +54,12 @@ _EXT_HEADERS: dict[str, str] = {}
 _CANONICAL_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.(?!000000)\d{6})?Z", re.ASCII)
 
 KafkaRecord = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
+
+# A device event as reflexarc's edge sends it in MQTT 5 binary mode (Envelope.for_device ->
+# to_mqtt): these user properties in this order, JSON data. Transcoded without an Envelope.
+_EDGE_ATTRS = ["specversion", "id", "source", "type", "time", "subject", "site", "device"]
+_EDGE_CTYPES = (JSON, None)
+_JSON_BYTES = JSON.encode()
 
 
 class EventType(StrEnum):
@@ -299,10 +305,10 @@ class Envelope:
     def transcode_mqtt(
         cls,
         payload: bytes,
-        user_properties: Iterable[tuple[str, str]] | None,
+        user_properties: Sequence[tuple[str, str]] | None,
         content_type: str | None,
         topic: MqttTopic | None = None,
-    ) -> tuple[Envelope, KafkaRecord]:
+    ) -> Transcoded:
         """``from_mqtt(...)`` and its ``to_kafka()`` in one step, without the SDK on the common path.
 
         The fog bridge's hot path. An MQTT 5 binary-mode message becomes
@@ -317,8 +323,18 @@ class Envelope:
         Errors are the same :class:`EnvelopeError`; anything unusual
         (structured mode, extension names or attributes the SDK must judge)
         takes the SDK path, so the verdict is always the SDK's.
+
+        A device event exactly as reflexarc's edge sends it (the eight
+        attributes of :meth:`for_device` in :meth:`to_mqtt`'s order, JSON
+        data, a canonical UTC time, on its own data topic) is forwarded
+        without building the :class:`Envelope` at all: the result builds it
+        when asked (:attr:`Transcoded.envelope`).
         """
         props = dict(user_properties or ())
+        if topic is not None and list(props) == _EDGE_ATTRS and content_type in _EDGE_CTYPES:
+            quick = cls._transcode_edge(payload, props, topic)
+            if quick is not None:
+                return quick
         if "specversion" in props:
             if props["specversion"] != SPECVERSION or not (props.get("id") and props.get("source") and props.get("type")):
                 return cls._transcode_slow(payload, props, content_type, topic)
@@ -348,16 +364,52 @@ class Envelope:
             _check_topic_agrees(env, topic)
         time_text = props.get("time")
         record = env._kafka_fast(value, time_text if time_text and _CANONICAL_UTC.fullmatch(time_text) else None)
-        if record is None:
-            return env, env.to_kafka()
-        return env, record
+        return Transcoded.of(env, record or env.to_kafka())
+
+    @classmethod
+    def _transcode_edge(cls, payload: bytes, props: dict[str, str], topic: MqttTopic) -> Transcoded | None:
+        """An edge device event as Kafka headers straight from its properties; None: take the general path.
+
+        Only when every check the general path makes passes here trivially:
+        the attributes are the eight :data:`_EDGE_ATTRS` (so no extension for
+        the SDK to judge), non-empty, naming this topic's site, device and
+        stream; the time is canonical UTC (forwarded as it came, parsed only
+        if the Envelope is asked for); the data is a JSON object.
+        """
+        site, device, subject, time_text = props["site"], props["device"], props["subject"], props["time"]
+        if (
+            props["specversion"] != SPECVERSION
+            or topic.kind is not MqttKind.DATA
+            or site != topic.site
+            or device != topic.device
+            or subject != topic.stream
+            or not (props["id"] and props["source"] and props["type"])
+            or _CANONICAL_UTC.fullmatch(time_text) is None
+        ):
+            return None
+        data = _utf8_json_object(payload) if payload else None
+        if data is None:
+            return None
+        # The headers _kafka_fast writes for this event, in its order.
+        headers = [
+            ("ce_specversion", b"1.0"),
+            ("ce_id", props["id"].encode()),
+            ("ce_source", props["source"].encode()),
+            ("ce_type", props["type"].encode()),
+            ("ce_time", time_text.encode()),
+            ("content-type", _JSON_BYTES),
+            ("ce_subject", subject.encode()),
+            ("ce_site", site.encode()),
+            ("ce_device", device.encode()),
+        ]
+        return Transcoded(props["source"], props["id"], data, (f"{site}/{device}".encode(), payload, headers), props)
 
     @classmethod
     def _transcode_slow(
         cls, payload: bytes, props: dict[str, str], content_type: str | None, topic: MqttTopic | None
-    ) -> tuple[Envelope, KafkaRecord]:
+    ) -> Transcoded:
         env = cls.from_mqtt(payload, props.items(), content_type, topic)
-        return env, env.to_kafka()
+        return Transcoded.of(env, env.to_kafka())
 
     def _kafka_fast(self, value: bytes, time_text: str | None = None) -> KafkaRecord | None:
         """Kafka binary mode without the SDK; ``None`` when the SDK must judge the attributes.
@@ -443,6 +495,40 @@ class Envelope:
         return cls.for_device(
             EventType.DATA, topic.site, topic.device, data, subject=topic.stream, id=event_id, time=time
         )
+
+
+@dataclass(slots=True, eq=False)
+class Transcoded:
+    """An MQTT message read for forwarding to Kafka (:meth:`Envelope.transcode_mqtt`).
+
+    ``record`` is the Kafka record; ``source``, ``id`` and ``data`` are what
+    the fog bridge needs of every event (deduplication, validation). The
+    :class:`Envelope` is built on first use of :attr:`envelope` (shaping
+    needs it; forwarding does not).
+    """
+
+    source: str
+    id: str
+    data: dict[str, Any] | bytes | None
+    record: KafkaRecord
+    # The edge's user properties, to build the Envelope from (None once it is built).
+    _props: dict[str, str] | None = None
+    _envelope: Envelope | None = None
+
+    @classmethod
+    def of(cls, env: Envelope, record: KafkaRecord) -> Transcoded:
+        """An already built envelope and its record."""
+        return cls(env.source, env.id, env.data, record, None, env)
+
+    @property
+    def envelope(self) -> Envelope:
+        """The event, as ``Envelope.from_mqtt`` reads it."""
+        env = self._envelope
+        if env is None:
+            assert self._props is not None
+            env = self._envelope = Envelope._of_properties(self._props, self.data, JSON)
+            self._props = None
+        return env
 
 
 # ---- dead letters -------------------------------------------------------------

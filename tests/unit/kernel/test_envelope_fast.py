@@ -78,7 +78,9 @@ def check_equivalent(payload: bytes, props: Props, ctype: str | None, topic: Any
             Envelope.transcode_mqtt(payload, props, ctype, topic)
         assert str(fast_exc.value) == str(exc)
         return
-    fast_env, (fk, fv, fh) = Envelope.transcode_mqtt(payload, props, ctype, topic)
+    fast = Envelope.transcode_mqtt(payload, props, ctype, topic)
+    fast_env, (fk, fv, fh) = fast.envelope, fast.record
+    assert (fast.source, fast.id, fast.data) == (fast_env.source, fast_env.id, fast_env.data)
     assert fk == sk
     # Attributes the input did not give are stamped by each path (uuid4 id, "now"): compare the rest.
     free = {h for h in ("ce_id", "ce_time") if h[3:] not in _given(payload, props)}
@@ -167,7 +169,7 @@ def test_binary_mode_without_topic() -> None:
 def test_fast_path_forwards_original_bytes() -> None:
     """JSON data is not re-serialised: the record value is the payload as published."""
     payload = b'{ "value" : 21.5 }'
-    _env, (_k, value, _h) = Envelope.transcode_mqtt(payload, _props(), "application/json", DATA_TOPIC)
+    _k, value, _h = Envelope.transcode_mqtt(payload, _props(), "application/json", DATA_TOPIC).record
     assert value is payload
 
 
@@ -186,8 +188,25 @@ def test_edge_envelopes_round_trip() -> None:
         )
         payload, props, ctype = env.to_mqtt(binary=True)
         check_equivalent(payload, props, ctype)
-        fast_env, _rec = Envelope.transcode_mqtt(payload, props, ctype, DATA_TOPIC)
+        fast_env = Envelope.transcode_mqtt(payload, props, ctype, DATA_TOPIC).envelope
         assert fast_env == Envelope.from_mqtt(payload, props, ctype, DATA_TOPIC)
+
+
+def test_edge_shaped_events_are_forwarded_without_building_the_envelope() -> None:
+    """The edge's own shape takes the quickest path (the cases above then test it); the rest build it at once."""
+    payload = b'{"v":1}'
+    fast = Envelope.transcode_mqtt(payload, _props(), "application/json", DATA_TOPIC)
+    assert fast._envelope is None  # not built yet
+    env = fast.envelope
+    assert env == Envelope.from_mqtt(payload, _props(), "application/json", DATA_TOPIC)
+    assert fast.envelope is env
+    for props, ctype in [
+        (_props(trace1="x"), "application/json"),  # an extension the SDK must judge
+        (_props(time="2024-05-01T14:00:00+02:00"), "application/json"),  # a time that is re-written
+        (list(reversed(_props())), "application/json"),  # another order: headers follow the SDK's
+        (_props(), "application/json; charset=utf-8"),
+    ]:
+        assert Envelope.transcode_mqtt(payload, props, ctype, DATA_TOPIC)._envelope is not None
 
 
 # ---- bare JSON and structured ------------------------------------------------------------
