@@ -241,7 +241,9 @@ class Ingest:
                 # The common case: forward the record already built (what Shaper.add + _emit would do).
                 key, value, headers = event.record
                 ticket.holds += 1
-                await self.sender.send(Record(self.topics.kafka_data, key, value, headers, [ticket]))
+                rec = Record(self.topics.kafka_data, key, value, headers, (ticket,))
+                if not self.sender.try_send(rec):
+                    await self.sender.send(rec)
                 return
             await st.shaper.add((mt.site, mt.device, mt.stream), event.envelope, ticket)
         elif mt.kind is MqttKind.ACK:

@@ -115,9 +115,6 @@ class Record:
     headers: list[tuple[str, bytes]]
     tickets: Sequence[Ticket] = ()
     on_done: Callable[[], None] | None = None
-    seq: int = 0
-    retrying: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def partition_for_key(key: bytes, partitions: Sequence[int]) -> int:
@@ -195,7 +192,6 @@ class KafkaSender:
         self.retrying = 0
         self.sent = 0
         self.batches = 0
-        self._seq = 0
         self._partmap = PartitionMap()
         self._queues: dict[tuple[str, int], _PartitionQueue] = {}
         self._room = asyncio.Event()
@@ -261,6 +257,17 @@ class KafkaSender:
             if parts:
                 self._partmap.set_partitions(topic, parts)
 
+    def try_send(self, rec: Record) -> bool:
+        """Queue ``rec`` for its partition if that can be done at once; False: ``await send(rec)`` instead.
+
+        The intake's common case, without a coroutine per record: there is
+        room, no partition is being retried and the topic's partitions are known.
+        """
+        if self.retrying or self.inflight >= self.max_in_flight or not self._partmap.known(rec.topic):
+            return False
+        self._enqueue(rec)
+        return True
+
     async def send(self, rec: Record) -> None:
         """Queue ``rec`` for its partition; returns at once unless Kafka is slow or down."""
         if not self._has_room():
@@ -273,9 +280,10 @@ class KafkaSender:
                 self._waiting -= 1
         if not self._partmap.known(rec.topic):
             await self._ensure_partitions(rec.topic)
+        self._enqueue(rec)
+
+    def _enqueue(self, rec: Record) -> None:
         p = self._partmap.partition(rec.topic, rec.key)
-        self._seq += 1
-        rec.seq = self._seq
         self.inflight += 1
         self._idle.clear()
         q = self._queues.get((rec.topic, p))

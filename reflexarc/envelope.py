@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import orjson
 from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
@@ -387,8 +388,7 @@ class Envelope:
             or _CANONICAL_UTC.fullmatch(time_text) is None
         ):
             return None
-        data = _utf8_json_object(payload) if payload else None
-        if data is None:
+        if not payload or not _is_json_object(payload):
             return None
         # The headers _kafka_fast writes for this event, in its order.
         headers = [
@@ -402,7 +402,7 @@ class Envelope:
             ("ce_site", site.encode()),
             ("ce_device", device.encode()),
         ]
-        return Transcoded(props["source"], props["id"], data, (f"{site}/{device}".encode(), payload, headers), props)
+        return Transcoded(props["source"], props["id"], (f"{site}/{device}".encode(), payload, headers), _UNPARSED, props)
 
     @classmethod
     def _transcode_slow(
@@ -497,20 +497,24 @@ class Envelope:
         )
 
 
+_UNPARSED: Any = object()
+
+
 @dataclass(slots=True, eq=False)
 class Transcoded:
     """An MQTT message read for forwarding to Kafka (:meth:`Envelope.transcode_mqtt`).
 
-    ``record`` is the Kafka record; ``source``, ``id`` and ``data`` are what
-    the fog bridge needs of every event (deduplication, validation). The
-    :class:`Envelope` is built on first use of :attr:`envelope` (shaping
-    needs it; forwarding does not).
+    ``record`` is the Kafka record; ``source`` and ``id`` are what the fog
+    bridge needs of every event (deduplication). :attr:`data` and
+    :attr:`envelope` are built on first use (validation and shaping need
+    them; plain forwarding does not).
     """
 
     source: str
     id: str
-    data: dict[str, Any] | bytes | None
     record: KafkaRecord
+    # JSON data not parsed yet (_UNPARSED) until asked for; the record value holds it.
+    _data: dict[str, Any] | bytes | None = None
     # The edge's user properties, to build the Envelope from (None once it is built).
     _props: dict[str, str] | None = None
     _envelope: Envelope | None = None
@@ -518,7 +522,16 @@ class Transcoded:
     @classmethod
     def of(cls, env: Envelope, record: KafkaRecord) -> Transcoded:
         """An already built envelope and its record."""
-        return cls(env.source, env.id, env.data, record, None, env)
+        return cls(env.source, env.id, record, env.data, None, env)
+
+    @property
+    def data(self) -> dict[str, Any] | bytes | None:
+        """The event data, as ``Envelope.from_mqtt`` reads it."""
+        data = self._data
+        if data is _UNPARSED:
+            # Checked already (_is_json_object): this parse gives the exact values (integers of any size).
+            data = self._data = _json_object(self.record[1])
+        return data
 
     @property
     def envelope(self) -> Envelope:
@@ -622,6 +635,21 @@ def _utf8_json_object(payload: bytes) -> dict[str, Any] | None:
     except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) else None
+
+
+def _is_json_object(payload: bytes) -> bool:
+    """True when ``payload`` is a JSON object in strict UTF-8: a check, several times faster than parsing.
+
+    orjson accepts a subset of what ``json.loads(payload.decode())`` accepts
+    (it refuses NaN, Infinity and lone surrogates, which then take the
+    general path, where the standard parser decides). Its values are not
+    kept: it reads integers beyond 64 bits as floats, and validation must
+    see the exact numbers.
+    """
+    try:
+        return type(orjson.loads(payload)) is dict
+    except orjson.JSONDecodeError:
+        return False
 
 
 def _looks_structured(payload: bytes) -> bool:

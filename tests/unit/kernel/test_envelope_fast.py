@@ -129,6 +129,9 @@ BINARY_CASES: list[tuple[str, bytes, Props, str | None]] = [
     ("time missing", b'{"v":1}', _props(time=None), "application/json"),
     ("time empty", b'{"v":1}', _props(time=""), "application/json"),
     ("duplicate json keys", b'{"v":1,"v":2}', _props(), "application/json"),
+    ("json nan", b'{"v":NaN}', _props(), "application/json"),  # the standard parser accepts it: general path
+    ("json escaped lone surrogate", b'{"v":"\\ud800"}', _props(), "application/json"),
+    ("json raw control char", b'{"v":"a\x01b"}', _props(), "application/json"),
     ("command ack type", b'{"command_id":"c1","status":"done"}', _props(type=str(EventType.COMMAND_ACK)),
      "application/json"),
     # failures: both paths must refuse, with the same words
@@ -207,6 +210,15 @@ def test_edge_shaped_events_are_forwarded_without_building_the_envelope() -> Non
         (_props(), "application/json; charset=utf-8"),
     ]:
         assert Envelope.transcode_mqtt(payload, props, ctype, DATA_TOPIC)._envelope is not None
+
+
+def test_data_keeps_exact_numbers_on_the_quickest_path() -> None:
+    """The quick JSON check reads big integers as floats: validation still sees the exact value."""
+    payload = b'{"v":123456789012345678901234567890}'
+    fast = Envelope.transcode_mqtt(payload, _props(), "application/json", DATA_TOPIC)
+    assert fast._envelope is None
+    assert fast.data == {"v": 123456789012345678901234567890} and type(fast.data["v"]) is int
+    assert fast.envelope.data == fast.data
 
 
 # ---- bare JSON and structured ------------------------------------------------------------
