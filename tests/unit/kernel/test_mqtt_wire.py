@@ -182,3 +182,33 @@ async def test_manual_ack_hands_out_at_most_receive_maximum() -> None:
     c._connected(0, "Success", True)
     assert c.messages.empty()
     await asyncio.sleep(0)
+
+
+async def test_pubacks_are_written_straight_to_the_connection_in_arrival_order() -> None:
+    """Automatic and manual PUBACKs skip paho's queue: paho's bytes, in order, sent on the next loop pass."""
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        for manual in (False, True):
+            c = MqttClient(MqttSettings(), "x", manual_ack=manual)
+            conn = _Conn(a)
+            c._c._sock = conn
+            c._c._state = paho._ConnectionState.MQTT_CS_CONNECTED
+            c._conn = conn
+            topic = b"rx/s/d/data/t"
+            for mid in (1, 2, 300):  # three QoS 1 PUBLISHes in one segment
+                body = struct.pack("!H", len(topic)) + topic + struct.pack("!H", mid) + b"\x00" + b"{}"
+                b.sendall(bytes([0x32, len(body)]) + body)
+            c._readable()
+            got = [c.messages.get_nowait() for _ in range(3)]
+            assert [m.mid for m in got] == [1, 2, 300]
+            if manual:
+                for m in got:
+                    c.ack(m)
+            assert not c._c._out_packet, "nothing went through paho's queue"
+            await asyncio.sleep(0)  # the flush runs after the current callback
+            expected = b"".join(struct.pack("!BBH", paho.PUBACK, 2, mid) for mid in (1, 2, 300))
+            assert b.recv(100) == expected
+    finally:
+        a.close()
+        b.close()
