@@ -80,6 +80,12 @@ class AckQueue:
         if ticket.holds <= 0 and self._q and self._q[0] is ticket:
             self._drain()
 
+    def settle(self) -> None:
+        """Acknowledge every leading message with no hold left (for holds dropped in bulk)."""
+        q = self._q
+        if q and q[0].holds <= 0:
+            self._drain()
+
     def _drain(self) -> None:
         q = self._q
         ack = self._ack
@@ -350,11 +356,18 @@ class KafkaSender:
             if self.retrying == 0:
                 log.warning("Kafka took the records for %s again; intake resumed", q.topic)
         self.metrics.count_out(q.topic, n)
+        # Holds are dropped in bulk and each ack queue settles once per batch, not once per record.
+        owners: list[AckQueue] = []
         for rec in recs:
             if rec.on_done is not None:
                 rec.on_done()
             for t in rec.tickets:
-                t.owner.release(t)
+                t.holds -= 1
+                owner = t.owner
+                if not owners or (owners[-1] is not owner and owner not in owners):
+                    owners.append(owner)
+        for owner in owners:
+            owner.settle()
         if not self._room.is_set() and self._has_room():
             self._room.set()
         if self.inflight == 0:

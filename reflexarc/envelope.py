@@ -60,7 +60,14 @@ KafkaRecord = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 # to_mqtt): these user properties in this order, JSON data. Transcoded without an Envelope.
 _EDGE_ATTRS = ["specversion", "id", "source", "type", "time", "subject", "site", "device"]
 _EDGE_CTYPES = (JSON, None)
-_JSON_BYTES = JSON.encode()
+_SPECVERSION_HEADER = ("ce_specversion", SPECVERSION.encode())
+_JSON_HEADER = ("content-type", JSON.encode())
+# (source, type, subject, site, device) -> the record key and the headers that are the same for
+# every event of that device stream: built once, shared by its records (aiokafka only reads them).
+_Header = tuple[str, bytes]
+_DeviceHeaders = tuple[bytes, _Header, _Header, _Header, _Header, _Header]
+_EDGE_DEVICE_HEADERS: dict[tuple[str, str, str, str, str], _DeviceHeaders] = {}
+_EDGE_DEVICE_HEADERS_MAX = 65_536
 
 
 class EventType(StrEnum):
@@ -390,19 +397,24 @@ class Envelope:
             return None
         if not payload or not _is_json_object(payload):
             return None
+        source, event_type = props["source"], props["type"]
+        per_device = _EDGE_DEVICE_HEADERS.get((source, event_type, subject, site, device))
+        if per_device is None:
+            per_device = _edge_device_headers(source, event_type, subject, site, device)
+        key, source_h, type_h, subject_h, site_h, device_h = per_device
         # The headers _kafka_fast writes for this event, in its order.
         headers = [
-            ("ce_specversion", b"1.0"),
+            _SPECVERSION_HEADER,
             ("ce_id", props["id"].encode()),
-            ("ce_source", props["source"].encode()),
-            ("ce_type", props["type"].encode()),
+            source_h,
+            type_h,
             ("ce_time", time_text.encode()),
-            ("content-type", _JSON_BYTES),
-            ("ce_subject", subject.encode()),
-            ("ce_site", site.encode()),
-            ("ce_device", device.encode()),
+            _JSON_HEADER,
+            subject_h,
+            site_h,
+            device_h,
         ]
-        return Transcoded(props["source"], props["id"], (f"{site}/{device}".encode(), payload, headers), _UNPARSED, props)
+        return Transcoded(source, props["id"], (key, payload, headers), _UNPARSED, props)
 
     @classmethod
     def _transcode_slow(
@@ -635,6 +647,24 @@ def _utf8_json_object(payload: bytes) -> dict[str, Any] | None:
     except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
     return data if isinstance(data, dict) else None
+
+
+def _edge_device_headers(
+    source: str, event_type: str, subject: str, site: str, device: str
+) -> _DeviceHeaders:
+    """The key and per-device headers of :meth:`Envelope._transcode_edge`, remembered (bounded)."""
+    built = (
+        f"{site}/{device}".encode(),
+        ("ce_source", source.encode()),
+        ("ce_type", event_type.encode()),
+        ("ce_subject", subject.encode()),
+        ("ce_site", site.encode()),
+        ("ce_device", device.encode()),
+    )
+    if len(_EDGE_DEVICE_HEADERS) >= _EDGE_DEVICE_HEADERS_MAX:
+        _EDGE_DEVICE_HEADERS.clear()  # names come from devices: never grow without bound
+    _EDGE_DEVICE_HEADERS[(source, event_type, subject, site, device)] = built
+    return built
 
 
 def _is_json_object(payload: bytes) -> bool:

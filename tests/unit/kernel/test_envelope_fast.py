@@ -212,6 +212,21 @@ def test_edge_shaped_events_are_forwarded_without_building_the_envelope() -> Non
         assert Envelope.transcode_mqtt(payload, props, ctype, DATA_TOPIC)._envelope is not None
 
 
+def test_per_device_headers_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device ids come from devices: the per-device header cache never grows past its bound."""
+    import reflexarc.envelope as envelope_module
+
+    monkeypatch.setattr(envelope_module, "_EDGE_DEVICE_HEADERS", {})
+    monkeypatch.setattr(envelope_module, "_EDGE_DEVICE_HEADERS_MAX", 3)
+    for i in range(10):
+        device = f"dev{i}"
+        topic = T.parse_mqtt(T.mqtt_data("s1", device, "temp"))
+        props = _props(device=device, source=f"/sites/s1/devices/{device}")
+        check_equivalent(b'{"v":1}', props, "application/json", topic)
+        assert len(envelope_module._EDGE_DEVICE_HEADERS) <= 3
+    assert envelope_module._EDGE_DEVICE_HEADERS, "the quickest path was taken (and remembered)"
+
+
 def test_data_keeps_exact_numbers_on_the_quickest_path() -> None:
     """The quick JSON check reads big integers as floats: validation still sees the exact value."""
     payload = b'{"v":123456789012345678901234567890}'

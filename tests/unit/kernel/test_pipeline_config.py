@@ -66,9 +66,10 @@ notify_ready()
 frozen = gc.get_freeze_count()
 late = cycle()   # made after the freeze: the collector still sees it
 gc.collect()
-print(frozen, early() is None, late() is None)
+print(frozen, early() is None, late() is None, gc.get_threshold()[1])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    frozen, early_gone, late_gone = out.stdout.split()
+    frozen, early_gone, late_gone, middle = out.stdout.split()
     assert int(frozen) > 10_000  # the imports and everything else alive at start-up
     assert (early_gone, late_gone) == ("True", "True")
+    assert middle == "100"
