@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from reflexarc.aio import cancel_and_wait
 from reflexarc.envelope import DeadLetter, Envelope, EnvelopeError
@@ -36,7 +37,7 @@ from reflexarc.fog.sender import AckQueue, KafkaSender, Record, Ticket
 from reflexarc.fog.shaping import Shaper, make_shaper
 from reflexarc.fog.validation import Validator, build_validator
 from reflexarc.mqtt import MqttClient, MqttMessage, Will
-from reflexarc.topics import MqttKind, TopicError
+from reflexarc.topics import MqttKind, MqttTopic, TopicError
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class Ingest:
         self.config = config
         self.settings = config.ingest
         self.topics = config.topics()
+        # One str object for the hot path (the property builds a new one; lookups hash it each time).
+        self._data_topic = self.topics.kafka_data
         self.sender = sender
         self.metrics = metrics
         self.on_command_ack = on_command_ack
@@ -82,6 +85,7 @@ class Ingest:
         d = self.settings.dedupe
         self.dedupe = dedupe if dedupe is not None else (DedupeWindow(d.window_size, d.window_s) if d.enabled else None)
         self._streams: dict[str, _Stream] = {}
+        self._routes: dict[str, tuple[MqttTopic, _Stream] | Literal[False]] = {}
         self._shapers: list[Shaper] = []
         self._by_entry: dict[int, tuple[Validator | None, Shaper]] = {}
         self._default: tuple[Validator | None, Shaper] | None = None
@@ -196,7 +200,8 @@ class Ingest:
             ticket = acks.new(msg)
             self.taken += 1
             try:
-                await self._route(msg, ticket)
+                if not self._forward(msg, ticket):
+                    await self._route(msg, ticket)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -204,6 +209,51 @@ class Ingest:
                 log.exception("unexpected error handling a message on %s", msg.topic)
                 await self._dead(msg, ticket, "internal", f"internal error in the fog bridge: {exc!r}")
             acks.release(ticket)
+
+    def _forward(self, msg: MqttMessage, ticket: Ticket) -> bool:
+        """The common case, without a coroutine: a valid new event of a forwarded stream, queued for Kafka.
+
+        Returns False, having changed nothing, when the message needs more
+        than that: another kind of topic, a shaped stream, too large, not
+        readable, invalid, or Kafka has no room now. :meth:`_route` then
+        handles it from the start (parsing a bad message twice costs less than
+        a coroutine for every good one).
+        """
+        route = self._routes.get(msg.topic)
+        if route is None:
+            route = self._forwarding(msg.topic)
+        if route is False or len(msg.payload) > route[1].max_bytes or not self.sender.can_take(self._data_topic):
+            return False
+        mt, st = route
+        try:
+            event = Envelope.transcode_mqtt(msg.payload, msg.user_properties, msg.content_type, mt)
+        except EnvelopeError:
+            return False
+        if st.validator is not None and st.validator(event.data) is not None:
+            return False
+        self.metrics.in_data_total += 1
+        if self._duplicate(event.source, event.id):
+            return True
+        key, value, headers = event.record
+        ticket.holds += 1
+        self.sender.try_send(Record(self._data_topic, key, value, headers, (ticket,)))  # can_take: it is queued
+        return True
+
+    def _forwarding(self, topic: str) -> tuple[MqttTopic, _Stream] | Literal[False]:
+        """What :meth:`_forward` needs of a topic (remembered; False: not a forwarded data stream)."""
+        try:
+            mt = self.topics.parse_mqtt(topic)
+        except TopicError:
+            return False
+        route: tuple[MqttTopic, _Stream] | Literal[False] = False
+        if mt.kind is MqttKind.DATA and mt.stream is not None:
+            st = self._stream(mt.stream)
+            if st.passthrough:
+                route = (mt, st)
+        # Bounded like the stream cache: topics come from devices.
+        if len(self._routes) < 100_000:
+            self._routes[topic] = route
+        return route
 
     async def _route(self, msg: MqttMessage, ticket: Ticket) -> None:
         try:
@@ -241,7 +291,7 @@ class Ingest:
                 # The common case: forward the record already built (what Shaper.add + _emit would do).
                 key, value, headers = event.record
                 ticket.holds += 1
-                rec = Record(self.topics.kafka_data, key, value, headers, (ticket,))
+                rec = Record(self._data_topic, key, value, headers, (ticket,))
                 if not self.sender.try_send(rec):
                     await self.sender.send(rec)
                 return
@@ -284,7 +334,7 @@ class Ingest:
             for t in tickets:
                 self._acks().hold(t)
         key, value, headers = env.to_kafka()
-        await self.sender.send(Record(topic or self.topics.kafka_data, key, value, headers, tickets))
+        await self.sender.send(Record(topic or self._data_topic, key, value, headers, tickets))
 
     async def _dead(self, msg: MqttMessage, ticket: Ticket, stage: str, reason: str) -> None:
         """Send the original bytes and the reason to the dead-letter topic."""

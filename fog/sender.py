@@ -263,13 +263,20 @@ class KafkaSender:
             if parts:
                 self._partmap.set_partitions(topic, parts)
 
+    def can_take(self, topic: str) -> bool:
+        """True when a record for ``topic`` can be queued at once (:meth:`try_send` will take it).
+
+        There is room, no partition is being retried and the topic's
+        partitions are known.
+        """
+        return not self.retrying and self.inflight < self.max_in_flight and self._partmap.known(topic)
+
     def try_send(self, rec: Record) -> bool:
         """Queue ``rec`` for its partition if that can be done at once; False: ``await send(rec)`` instead.
 
-        The intake's common case, without a coroutine per record: there is
-        room, no partition is being retried and the topic's partitions are known.
+        The intake's common case, without a coroutine per record.
         """
-        if self.retrying or self.inflight >= self.max_in_flight or not self._partmap.known(rec.topic):
+        if not self.can_take(rec.topic):
             return False
         self._enqueue(rec)
         return True
