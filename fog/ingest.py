@@ -236,7 +236,7 @@ class Ingest:
             return True
         key, value, headers = event.record
         ticket.holds += 1
-        self.sender.try_send(Record(self._data_topic, key, value, headers, (ticket,)))  # can_take: it is queued
+        self.sender.send_now(Record(self._data_topic, key, value, headers, (ticket,)))
         return True
 
     def _forwarding(self, topic: str) -> tuple[MqttTopic, _Stream] | Literal[False]:

@@ -281,6 +281,10 @@ class KafkaSender:
         self._enqueue(rec)
         return True
 
+    def send_now(self, rec: Record) -> None:
+        """Queue ``rec``, right after :meth:`can_take` said it can be (nothing awaited in between)."""
+        self._enqueue(rec)
+
     async def send(self, rec: Record) -> None:
         """Queue ``rec`` for its partition; returns at once unless Kafka is slow or down."""
         if not self._has_room():
@@ -297,8 +301,9 @@ class KafkaSender:
 
     def _enqueue(self, rec: Record) -> None:
         p = self._partmap.partition(rec.topic, rec.key)
+        if not self.inflight:
+            self._idle.clear()
         self.inflight += 1
-        self._idle.clear()
         q = self._queues.get((rec.topic, p))
         if q is None:
             q = self._queues[(rec.topic, p)] = _PartitionQueue(rec.topic, p)
@@ -324,13 +329,15 @@ class KafkaSender:
             pending = q.pending
             while pending:
                 batch = self.producer.create_batch()
+                append = batch.append
                 recs: list[Record] = []
+                take = recs.append
                 while pending:
                     r = pending[0]
                     # None: the batch is full (the first record always fits, whatever its size).
-                    if batch.append(timestamp=None, key=r.key, value=r.value, headers=r.headers) is None:
+                    if append(timestamp=None, key=r.key, value=r.value, headers=r.headers) is None:
                         break
-                    recs.append(pending.popleft())
+                    take(pending.popleft())
                 # Closed: aiokafka sends it at once instead of lingering for more records.
                 batch.close()
                 try:
