@@ -22,7 +22,7 @@ Next to the rates it prints the CPU time per message of every process in the
 path (publisher, Mosquitto, receiver or bridge, Tansu), read from /proc: on a
 2-core machine they share, that sum is what bounds the rate.
 
-    python benchmarks/fog_throughput.py [--n 20000] [--sizes 200,1024] [--runs 3] [--profile DIR]
+    python benchmarks/fog_throughput.py [--n 20000] [--sizes 200,1024] [--runs 5] [--profile DIR]
 
 ``--profile DIR`` records the bridge with py-spy (``pip install py-spy``) into
 ``DIR/fog-<size>.txt`` (collapsed stacks; summarise with ``--top``).
@@ -377,7 +377,7 @@ def _cli() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--sizes", default="200,1024")
-    ap.add_argument("--runs", type=int, default=3, help="interleaved rounds per size (the median round is reported)")
+    ap.add_argument("--runs", type=int, default=5, help="interleaved rounds per size (the median round is reported)")
     ap.add_argument("--profile", type=Path, help="record the bridge with py-spy into this directory")
     ap.add_argument("--top", type=Path, help="summarise a py-spy raw profile and exit")
     ap.add_argument("--role", choices=["mqtt-sub", "kafka-produce"], help=argparse.SUPPRESS)
