@@ -291,9 +291,7 @@ class Ingest:
                 # The common case: forward the record already built (what Shaper.add + _emit would do).
                 key, value, headers = event.record
                 ticket.holds += 1
-                rec = Record(self._data_topic, key, value, headers, (ticket,))
-                if not self.sender.try_send(rec):
-                    await self.sender.send(rec)
+                await self.sender.send(Record(self._data_topic, key, value, headers, (ticket,)))
                 return
             await st.shaper.add((mt.site, mt.device, mt.stream), event.envelope, ticket)
         elif mt.kind is MqttKind.ACK:

@@ -264,25 +264,15 @@ class KafkaSender:
                 self._partmap.set_partitions(topic, parts)
 
     def can_take(self, topic: str) -> bool:
-        """True when a record for ``topic`` can be queued at once (:meth:`try_send` will take it).
+        """True when a record for ``topic`` can be queued at once (:meth:`send_now`).
 
         There is room, no partition is being retried and the topic's
         partitions are known.
         """
         return not self.retrying and self.inflight < self.max_in_flight and self._partmap.known(topic)
 
-    def try_send(self, rec: Record) -> bool:
-        """Queue ``rec`` for its partition if that can be done at once; False: ``await send(rec)`` instead.
-
-        The intake's common case, without a coroutine per record.
-        """
-        if not self.can_take(rec.topic):
-            return False
-        self._enqueue(rec)
-        return True
-
     def send_now(self, rec: Record) -> None:
-        """Queue ``rec``, right after :meth:`can_take` said it can be (nothing awaited in between)."""
+        """Queue ``rec`` without a coroutine, right after :meth:`can_take` said it can be (nothing awaited between)."""
         self._enqueue(rec)
 
     async def send(self, rec: Record) -> None:

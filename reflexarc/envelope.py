@@ -62,10 +62,10 @@ _EDGE_ATTRS = ["specversion", "id", "source", "type", "time", "subject", "site",
 _EDGE_CTYPES = (JSON, None)
 _SPECVERSION_HEADER = ("ce_specversion", SPECVERSION.encode())
 _JSON_HEADER = ("content-type", JSON.encode())
-# (source, type, subject, site, device) -> the record key and the headers that are the same for
-# every event of that device stream: built once, shared by its records (aiokafka only reads them).
 _Header = tuple[str, bytes]
 _DeviceHeaders = tuple[bytes, _Header, _Header, _Header, _Header, _Header]
+# (source, type, subject, site, device) -> the record key and the headers that are the same for
+# every event of that device stream: built once, shared by its records (aiokafka only reads them).
 _EDGE_DEVICE_HEADERS: dict[tuple[str, str, str, str, str], _DeviceHeaders] = {}
 _EDGE_DEVICE_HEADERS_MAX = 65_536
 
