@@ -37,7 +37,7 @@ from cloudevents.core.exceptions import BaseCloudEventException
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from reflexarc.topics import MqttKind, MqttTopic, TopicError, check_name
+from reflexarc.topics import MqttKind, MqttTopic, TopicError, Topics, check_name
 
 JSON = "application/json"
 OCTETS = "application/octet-stream"
@@ -458,7 +458,7 @@ class Envelope:
             headers.append(("ce_subject", subject.encode()))
         headers += ext_headers
         site, device = ext.get("site"), ext.get("device")
-        key = f"{site}/{device}".encode() if site and device else None
+        key = Topics.device_key(site, device) if site and device else None
         return key, value, headers
 
     @classmethod
@@ -654,7 +654,7 @@ def _edge_device_headers(
 ) -> _DeviceHeaders:
     """The key and per-device headers of :meth:`Envelope._transcode_edge`, remembered (bounded)."""
     built = (
-        f"{site}/{device}".encode(),
+        Topics.device_key(site, device),
         ("ce_source", source.encode()),
         ("ce_type", event_type.encode()),
         ("ce_subject", subject.encode()),

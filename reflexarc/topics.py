@@ -91,11 +91,27 @@ class Topics:
     """
 
     namespace: str = DEFAULT_NAMESPACE
+    # The namespace's fixed Kafka topics, built once: hot paths use the same str object per
+    # record (its hash is computed once, for every dict lookup by topic).
+    #: Kafka topic holding every instrument event.
+    kafka_data: str = field(init=False, repr=False, compare=False)
+    #: Kafka topic holding whatever could not be taken, with the reason.
+    kafka_deadletter: str = field(init=False, repr=False, compare=False)
+    #: Kafka topic of task results.
+    kafka_results: str = field(init=False, repr=False, compare=False)
+    #: Kafka topic of job state transitions.
+    kafka_jobs: str = field(init=False, repr=False, compare=False)
+    #: Kafka topic of commands on their way to devices.
+    kafka_commands: str = field(init=False, repr=False, compare=False)
+    #: Kafka topic of command acks/nacks and delivery status.
+    kafka_acks: str = field(init=False, repr=False, compare=False)
     # Parsed MQTT topics: a bridge sees the same few thousand topics millions of times.
     _parsed: dict[str, MqttTopic] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_name(self.namespace, "namespace")
+        ns = check_name(self.namespace, "namespace")
+        for kind in ("data", "deadletter", "results", "jobs", "commands", "acks"):
+            object.__setattr__(self, f"kafka_{kind}", f"{ns}.{kind}")
 
     # ---- MQTT -----------------------------------------------------------------
     def mqtt_device_prefix(self, site: str, device: str) -> str:
@@ -159,39 +175,9 @@ class Topics:
         return MqttTopic(self.namespace, site, device, kind)
 
     # ---- Kafka ----------------------------------------------------------------
-    @property
-    def kafka_data(self) -> str:
-        """Kafka topic holding every instrument event."""
-        return f"{self.namespace}.data"
-
-    @property
-    def kafka_deadletter(self) -> str:
-        """Kafka topic holding whatever could not be taken, with the reason."""
-        return f"{self.namespace}.deadletter"
-
     def kafka_tasks(self, site: str) -> str:
         """Kafka topic of task requests for one HPC site."""
         return f"{self.namespace}.tasks.{check_name(site, 'site')}"
-
-    @property
-    def kafka_results(self) -> str:
-        """Kafka topic of task results."""
-        return f"{self.namespace}.results"
-
-    @property
-    def kafka_jobs(self) -> str:
-        """Kafka topic of job state transitions."""
-        return f"{self.namespace}.jobs"
-
-    @property
-    def kafka_commands(self) -> str:
-        """Kafka topic of commands on their way to devices."""
-        return f"{self.namespace}.commands"
-
-    @property
-    def kafka_acks(self) -> str:
-        """Kafka topic of command acks/nacks and delivery status."""
-        return f"{self.namespace}.acks"
 
     def kafka_core(self) -> list[str]:
         """The topics every pipeline has (site task topics are added per site)."""
