@@ -23,9 +23,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 from reflexarc.aio import cancel_and_wait
 from reflexarc.envelope import DeadLetter, Envelope, EnvelopeError
@@ -72,8 +72,6 @@ class Ingest:
         self.config = config
         self.settings = config.ingest
         self.topics = config.topics()
-        # One str object for the hot path (the property builds a new one; lookups hash it each time).
-        self._data_topic = self.topics.kafka_data
         self.sender = sender
         self.metrics = metrics
         self.on_command_ack = on_command_ack
@@ -85,7 +83,6 @@ class Ingest:
         d = self.settings.dedupe
         self.dedupe = dedupe if dedupe is not None else (DedupeWindow(d.window_size, d.window_s) if d.enabled else None)
         self._streams: dict[str, _Stream] = {}
-        self._routes: dict[str, tuple[MqttTopic, _Stream] | Literal[False]] = {}
         self._shapers: list[Shaper] = []
         self._by_entry: dict[int, tuple[Validator | None, Shaper]] = {}
         self._default: tuple[Validator | None, Shaper] | None = None
@@ -200,8 +197,10 @@ class Ingest:
             ticket = acks.new(msg)
             self.taken += 1
             try:
-                if not self._forward(msg, ticket):
-                    await self._route(msg, ticket)
+                # Most messages need nothing awaited: no coroutine per message.
+                pending = self._take(msg, ticket)
+                if pending is not None:
+                    await pending
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -210,115 +209,78 @@ class Ingest:
                 await self._dead(msg, ticket, "internal", f"internal error in the fog bridge: {exc!r}")
             acks.release(ticket)
 
-    def _forward(self, msg: MqttMessage, ticket: Ticket) -> bool:
-        """The common case, without a coroutine: a valid new event of a forwarded stream, queued for Kafka.
+    def _take(self, msg: MqttMessage, ticket: Ticket) -> Coroutine[Any, Any, None] | None:
+        """Route one message; returns what is left to await (None: done already).
 
-        Returns False, having changed nothing, when the message needs more
-        than that: another kind of topic, a shaped stream, too large, not
-        readable, invalid, or Kafka has no room now. :meth:`_route` then
-        handles it from the start (parsing a bad message twice costs less than
-        a coroutine for every good one).
+        A valid new event of a forwarded stream is queued for Kafka at once
+        when Kafka has room, which is the common case; a dead letter, a
+        shaper, a command ack or a send that must wait for room comes back
+        as a coroutine for :meth:`_intake` to await.
         """
-        route = self._routes.get(msg.topic)
-        if route is None:
-            route = self._forwarding(msg.topic)
-        if route is False or len(msg.payload) > route[1].max_bytes or not self.sender.can_take(self._data_topic):
-            return False
-        mt, st = route
-        try:
-            event = Envelope.transcode_mqtt(msg.payload, msg.user_properties, msg.content_type, mt)
-        except EnvelopeError:
-            return False
-        if st.validator is not None and st.validator(event.data) is not None:
-            return False
-        self.metrics.in_data_total += 1
-        if self._duplicate(event.source, event.id):
-            return True
-        key, value, headers = event.record
-        ticket.holds += 1
-        self.sender.send_now(Record(self._data_topic, key, value, headers, (ticket,)))
-        return True
-
-    def _forwarding(self, topic: str) -> tuple[MqttTopic, _Stream] | Literal[False]:
-        """What :meth:`_forward` needs of a topic (remembered; False: not a forwarded data stream)."""
-        try:
-            mt = self.topics.parse_mqtt(topic)
-        except TopicError:
-            return False
-        route: tuple[MqttTopic, _Stream] | Literal[False] = False
-        if mt.kind is MqttKind.DATA and mt.stream is not None:
-            st = self._stream(mt.stream)
-            if st.passthrough:
-                route = (mt, st)
-        # Bounded like the stream cache: topics come from devices.
-        if len(self._routes) < 100_000:
-            self._routes[topic] = route
-        return route
-
-    async def _route(self, msg: MqttMessage, ticket: Ticket) -> None:
         try:
             mt = self.topics.parse_mqtt(msg.topic)
         except TopicError as exc:
             self.metrics.in_other.inc()
-            await self._dead(msg, ticket, "topic", str(exc))
-            return
+            return self._dead(msg, ticket, "topic", str(exc))
         if mt.kind is MqttKind.DATA:
-            self.metrics.in_data_total += 1
-            assert mt.stream is not None
-            st = self._stream(mt.stream)
-            size = len(msg.payload)
-            if size > st.max_bytes:
-                await self._dead(
-                    msg, ticket, "size",
-                    f"payload of {size} bytes exceeds the limit of {st.max_bytes} bytes for stream "
-                    f"{mt.stream!r} (raise max_payload_bytes in fog.yaml, or send large data by reference)",
-                )
-                return
-            try:
-                # One parse: the Kafka record is built alongside, from the original bytes.
-                event = Envelope.transcode_mqtt(msg.payload, msg.user_properties, msg.content_type, mt)
-            except EnvelopeError as exc:
-                await self._dead(msg, ticket, "parse", str(exc))
-                return
-            if st.validator is not None:
-                reason = st.validator(event.data)
-                if reason is not None:
-                    await self._dead(msg, ticket, "validate", f"stream {mt.stream!r}: {reason}")
-                    return
-            if self._duplicate(event.source, event.id):
-                return
-            if st.passthrough:
-                # The common case: forward the record already built (what Shaper.add + _emit would do).
-                key, value, headers = event.record
-                ticket.holds += 1
-                await self.sender.send(Record(self._data_topic, key, value, headers, (ticket,)))
-                return
-            await st.shaper.add((mt.site, mt.device, mt.stream), event.envelope, ticket)
-        elif mt.kind is MqttKind.ACK:
-            self.metrics.in_ack.inc()
-            size = len(msg.payload)
-            if size > self.settings.max_payload_bytes:
-                await self._dead(msg, ticket, "size", f"ack payload of {size} bytes exceeds "
-                                 f"{self.settings.max_payload_bytes} bytes")
-                return
-            try:
-                env = Envelope.from_mqtt(msg.payload, msg.user_properties, msg.content_type, mt)
-                ack = CommandAck.from_envelope(env)
-            except EnvelopeError as exc:
-                await self._dead(msg, ticket, "parse", f"not a command ack: {exc}")
-                return
-            if ack.site != mt.site or ack.device != mt.device:
-                await self._dead(msg, ticket, "validate",
-                                 f"ack names {ack.site}/{ack.device} but came from {mt.site}/{mt.device}")
-                return
-            if self._duplicate(env.source, env.id):
-                return
-            await self._emit(env, [ticket], self.topics.kafka_acks, hold=True)
-            if self.on_command_ack is not None:
-                self.on_command_ack(ack)
-        else:
-            self.metrics.in_other.inc()
-            await self._dead(msg, ticket, "topic", f"the fog bridge does not take {mt.kind.value!r} topics")
+            return self._take_data(msg, ticket, mt)
+        if mt.kind is MqttKind.ACK:
+            return self._take_ack(msg, ticket, mt)
+        self.metrics.in_other.inc()
+        return self._dead(msg, ticket, "topic", f"the fog bridge does not take {mt.kind.value!r} topics")
+
+    def _take_data(self, msg: MqttMessage, ticket: Ticket, mt: MqttTopic) -> Coroutine[Any, Any, None] | None:
+        self.metrics.in_data_total += 1
+        assert mt.stream is not None
+        st = self._stream(mt.stream)
+        size = len(msg.payload)
+        if size > st.max_bytes:
+            return self._dead(
+                msg, ticket, "size",
+                f"payload of {size} bytes exceeds the limit of {st.max_bytes} bytes for stream "
+                f"{mt.stream!r} (raise max_payload_bytes in fog.yaml, or send large data by reference)",
+            )
+        try:
+            # One parse: the Kafka record is built alongside, from the original bytes.
+            event = Envelope.transcode_mqtt(msg.payload, msg.user_properties, msg.content_type, mt)
+        except EnvelopeError as exc:
+            return self._dead(msg, ticket, "parse", str(exc))
+        if st.validator is not None:
+            reason = st.validator(event.data)
+            if reason is not None:
+                return self._dead(msg, ticket, "validate", f"stream {mt.stream!r}: {reason}")
+        if self._duplicate(event.source, event.id):
+            return None
+        if not st.passthrough:
+            return st.shaper.add((mt.site, mt.device, mt.stream), event.envelope, ticket)
+        # Forward the record already built (what Shaper.add + _emit would do).
+        key, value, headers = event.record
+        ticket.holds += 1
+        rec = Record(self.topics.kafka_data, key, value, headers, (ticket,))
+        return None if self.sender.try_send(rec) else self.sender.send(rec)
+
+    async def _take_ack(self, msg: MqttMessage, ticket: Ticket, mt: MqttTopic) -> None:
+        self.metrics.in_ack.inc()
+        size = len(msg.payload)
+        if size > self.settings.max_payload_bytes:
+            await self._dead(msg, ticket, "size", f"ack payload of {size} bytes exceeds "
+                             f"{self.settings.max_payload_bytes} bytes")
+            return
+        try:
+            env = Envelope.from_mqtt(msg.payload, msg.user_properties, msg.content_type, mt)
+            ack = CommandAck.from_envelope(env)
+        except EnvelopeError as exc:
+            await self._dead(msg, ticket, "parse", f"not a command ack: {exc}")
+            return
+        if ack.site != mt.site or ack.device != mt.device:
+            await self._dead(msg, ticket, "validate",
+                             f"ack names {ack.site}/{ack.device} but came from {mt.site}/{mt.device}")
+            return
+        if self._duplicate(env.source, env.id):
+            return
+        await self._emit(env, [ticket], self.topics.kafka_acks, hold=True)
+        if self.on_command_ack is not None:
+            self.on_command_ack(ack)
 
     def _duplicate(self, source: str, event_id: str) -> bool:
         if self.dedupe is not None and self.dedupe.seen(f"{source}\x1f{event_id}"):
@@ -332,7 +294,7 @@ class Ingest:
             for t in tickets:
                 self._acks().hold(t)
         key, value, headers = env.to_kafka()
-        await self.sender.send(Record(topic or self._data_topic, key, value, headers, tickets))
+        await self.sender.send(Record(topic or self.topics.kafka_data, key, value, headers, tickets))
 
     async def _dead(self, msg: MqttMessage, ticket: Ticket, stage: str, reason: str) -> None:
         """Send the original bytes and the reason to the dead-letter topic."""

@@ -263,17 +263,17 @@ class KafkaSender:
             if parts:
                 self._partmap.set_partitions(topic, parts)
 
-    def can_take(self, topic: str) -> bool:
-        """True when a record for ``topic`` can be queued at once (:meth:`send_now`).
+    def try_send(self, rec: Record) -> bool:
+        """Queue ``rec`` for its partition if that can be done at once; False: ``await send(rec)`` instead.
 
-        There is room, no partition is being retried and the topic's
-        partitions are known.
+        It can when there is room, no partition is being retried and the
+        topic's partitions are known: the intake's common case, without a
+        coroutine per record.
         """
-        return not self.retrying and self.inflight < self.max_in_flight and self._partmap.known(topic)
-
-    def send_now(self, rec: Record) -> None:
-        """Queue ``rec`` without a coroutine, right after :meth:`can_take` said it can be (nothing awaited between)."""
+        if not (self._has_room() and self._partmap.known(rec.topic)):
+            return False
         self._enqueue(rec)
+        return True
 
     async def send(self, rec: Record) -> None:
         """Queue ``rec`` for its partition; returns at once unless Kafka is slow or down."""
@@ -319,15 +319,13 @@ class KafkaSender:
             pending = q.pending
             while pending:
                 batch = self.producer.create_batch()
-                append = batch.append
                 recs: list[Record] = []
-                take = recs.append
                 while pending:
                     r = pending[0]
                     # None: the batch is full (the first record always fits, whatever its size).
-                    if append(timestamp=None, key=r.key, value=r.value, headers=r.headers) is None:
+                    if batch.append(timestamp=None, key=r.key, value=r.value, headers=r.headers) is None:
                         break
-                    take(pending.popleft())
+                    recs.append(pending.popleft())
                 # Closed: aiokafka sends it at once instead of lingering for more records.
                 batch.close()
                 try:
