@@ -328,7 +328,7 @@ class _Paho(paho.Client):
         flush = self.rx_flush
         if type(conn) is not _Conn or flush is None or self._state != _CONNECTED:
             return super()._send_puback(mid)
-        conn.send(_PUBACK(0x40, 2, mid))
+        conn.send(_PUBACK(paho.PUBACK, 2, mid))
         flush()
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
