@@ -69,9 +69,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a t
 
 
 def _driver(name: str) -> Driver:
+    """The driver called ``name``."""
     from .drivers import InventoryDriver, SlurmDriver
 
-    """The driver called ``name``."""
     drivers: dict[str, Callable[[], Driver]] = {"inventory": InventoryDriver, "slurm": SlurmDriver}
     if name not in drivers:
         raise typer.BadParameter(f"unknown driver {name!r}; choose from {', '.join(drivers)}")
@@ -80,11 +80,11 @@ def _driver(name: str) -> Driver:
 
 @contextmanager
 def _composer(db: str | None, pools: Path | None, driver: str = "inventory") -> Iterator[Composer]:
+    """Open a composer and turn the library's errors into one red line + exit 1."""
     from .composer import Composer
     from .drivers import DriverError
     from .placement import PlacementError
 
-    """Open a composer and turn the library's errors into one red line + exit 1."""
     try:
         with Composer(db, pools, _driver(driver)) as composer:
             yield composer
