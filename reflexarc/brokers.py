@@ -46,18 +46,34 @@ def mosquitto_binary() -> str | None:
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
 
 
-def mosquitto_conf(port: int, data_dir: Path, extra: str = "", anonymous: bool = True) -> str:
-    """A Mosquitto config for one loopback listener, persistent, without silent queue drops."""
+def mosquitto_conf(
+    port: int,
+    data_dir: Path,
+    extra: str = "",
+    anonymous: bool = True,
+    *,
+    packaged_limits: bool = False,
+    persistence: bool = True,
+) -> str:
+    """A Mosquitto config for one loopback listener, persistent, without silent queue drops.
+
+    ``packaged_limits=True`` leaves Mosquitto's own queue limits in force
+    (1000 queued messages per session, 20 in flight), as a facility's broker
+    installed from a package has them: tests of "nothing lost on any broker"
+    use it on purpose.
+    """
     lines = [
         f"listener {port} 127.0.0.1",
         f"allow_anonymous {'true' if anonymous else 'false'}",
-        "persistence true",
-        f"persistence_location {data_dir}/",
+    ]
+    if persistence:
+        lines += ["persistence true", f"persistence_location {data_dir}/"]
+    if not packaged_limits:
         # The defaults (1000 queued, 20 in flight) drop messages to slow
         # subscribers without telling anyone; unbounded is the lossless choice,
         # and backpressure is applied by our clients instead.
-        "max_queued_messages 0",
-        "max_inflight_messages 0",
+        lines += ["max_queued_messages 0", "max_inflight_messages 0"]
+    lines += [
         "set_tcp_nodelay true",
         f"log_dest file {data_dir}/mosquitto.log",
         "log_type error",
@@ -100,8 +116,14 @@ def start_mqtt(
     flavour: MqttFlavour | None = None,
     extra_conf: str = "",
     anonymous: bool = True,
+    *,
+    packaged_limits: bool = False,
+    persistence: bool = True,
 ) -> MqttBroker:
-    """Start an MQTT broker on 127.0.0.1: Mosquitto if installed, else amqtt."""
+    """Start an MQTT broker on 127.0.0.1: Mosquitto if installed, else amqtt.
+
+    ``packaged_limits`` and ``persistence`` apply to Mosquitto (see :func:`mosquitto_conf`).
+    """
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     binary = mosquitto_binary()
@@ -111,7 +133,11 @@ def start_mqtt(
         if not binary:
             raise ProcessError("mosquitto is not installed (Debian: apt-get install mosquitto)")
         conf = data_dir / "mosquitto.conf"
-        conf.write_text(mosquitto_conf(port, data_dir, extra_conf, anonymous))
+        conf.write_text(
+            mosquitto_conf(
+                port, data_dir, extra_conf, anonymous, packaged_limits=packaged_limits, persistence=persistence
+            )
+        )
         proc = ManagedProcess("mosquitto", [binary, "-c", str(conf)], data_dir / "mosquitto.out")
     else:
         conf = None

@@ -81,6 +81,7 @@ class EventType(StrEnum):
     COMMAND_ACK = "io.reflexarc.command.ack"
     COMMAND_STATUS = "io.reflexarc.command.status"
     DEADLETTER = "io.reflexarc.deadletter"
+    RECEIPT = "io.reflexarc.receipt"
 
 
 class EnvelopeError(ValueError):

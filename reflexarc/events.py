@@ -13,6 +13,7 @@ JobState           ``{task_id}.{seq}``         ``rx.jobs``
 Command            the command id              ``rx.commands`` -> ``rx/{site}/{device}/cmd``
 CommandAck         ``{command_id}.ack``        ``rx/{site}/{device}/ack`` -> ``rx.acks``
 CommandStatus      ``{command_id}.{status}``   ``rx.acks``
+Receipt            hash of the ids             ``rx/{site}/{device}/receipt`` (fog -> edge, MQTT only)
 =================  ==========================  ===============================
 """
 
@@ -214,6 +215,32 @@ class CommandStatus(_Payload):
         """The event; one per command and status."""
         return self._envelope(
             f"{self.command_id}.{self.status}",
+            f"{PIPELINE_SOURCE}/fog",
+            {"site": self.site, "device": self.device},
+        )
+
+
+class Receipt(_Payload):
+    """The fog's confirmation to one device that Kafka durably holds some of its events.
+
+    Sent on ``{ns}/{site}/{device}/receipt`` only after Kafka acknowledged
+    (``acks=all``) every event named in ``ids``. An edge agent with
+    ``delivery: pipeline`` frees its spool rows on a receipt, not on the MQTT
+    PUBACK, because a broker with a bounded session queue may drop a message
+    it already acknowledged. Receipts are batched (many ids per message) and
+    may be lost or repeated: the device re-sends what stays unconfirmed and
+    the fog deduplicates by event id, then confirms again.
+    """
+
+    event_type: ClassVar[EventType] = EventType.RECEIPT
+    site: str
+    device: str
+    ids: list[str] = Field(description="event ids of this device that Kafka now holds")
+
+    def to_envelope(self) -> Envelope:
+        """The event, addressed to its device (``site``/``device`` extensions)."""
+        return self._envelope(
+            stable_id(self.site, self.device, *self.ids),
             f"{PIPELINE_SOURCE}/fog",
             {"site": self.site, "device": self.device},
         )

@@ -8,6 +8,7 @@ MQTT (per device, so a broker ACL can scope each device to its own prefix)::
     {ns}/{site}/{device}/cmd             commands, fog -> edge actuators
     {ns}/{site}/{device}/ack             command acks/nacks, edge -> fog
     {ns}/{site}/{device}/status          retained online/offline (last will)
+    {ns}/{site}/{device}/receipt         fog -> edge: event ids Kafka now holds (end-to-end receipts)
 
 Kafka (keyed by ``site/device`` so each device's order is kept per partition)::
 
@@ -47,6 +48,7 @@ class MqttKind(StrEnum):
     CMD = "cmd"
     ACK = "ack"
     STATUS = "status"
+    RECEIPT = "receipt"
 
 
 def check_name(value: str, what: str = "name") -> str:
@@ -133,6 +135,10 @@ class Topics:
     def mqtt_status(self, site: str, device: str) -> str:
         """Retained online/offline topic of a device (also its last will)."""
         return f"{self.mqtt_device_prefix(site, device)}/status"
+
+    def mqtt_receipt(self, site: str, device: str) -> str:
+        """Topic the fog confirms to a device which of its events Kafka holds (end-to-end receipts)."""
+        return f"{self.mqtt_device_prefix(site, device)}/receipt"
 
     def mqtt_ingest_filters(self, site: str = "+", device: str = "+") -> list[str]:
         """Subscription filters a fog bridge takes device traffic from."""

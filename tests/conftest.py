@@ -20,6 +20,18 @@ def mosquitto(tmp_path: Path) -> Iterator[MqttBroker]:
 
 
 @pytest.fixture
+def mosquitto_defaults(tmp_path: Path) -> Iterator[MqttBroker]:
+    """A real Mosquitto at its packaged queue limits (1000 queued per session), as a facility runs it.
+
+    No persistence either: a restart forgets every session, as after a crash of a broker
+    configured without it.
+    """
+    broker = start_mqtt(tmp_path / "mosquitto-defaults", flavour="mosquitto", packaged_limits=True, persistence=False)
+    yield broker
+    broker.process.stop()
+
+
+@pytest.fixture
 def tansu(tmp_path: Path) -> Iterator[KafkaBroker]:
     """A real Tansu (Kafka protocol) on a free loopback port, stopped afterwards."""
     broker = start_kafka(tmp_path / "tansu")
