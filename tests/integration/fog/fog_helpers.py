@@ -15,6 +15,7 @@ import yaml
 from reflexarc.config import KafkaSettings, MqttSettings
 from reflexarc.fog.config import FogConfig
 from reflexarc.process import ManagedProcess
+
 # Re-exported: the fog tests import the Kafka readers from here.
 from reflexarc.testing.kafka import KafkaTail as KafkaTail
 from reflexarc.testing.kafka import ids_of as ids_of
