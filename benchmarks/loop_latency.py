@@ -6,7 +6,9 @@ observer, the loop latency (triggering event's time -> actuator's ack) p50 and
 p99 and the instrument events/s. In the same run, on the same broker, it
 measures the baseline: one MQTT 5 QoS 1 publish -> subscribe round trip
 (p50/p99 over ``--rtt-samples`` sequential messages), and prints how many
-bare round trips one closed loop costs.
+bare round trips one closed loop costs, then the loop broken down per hop
+(edge -> Kafka, trigger decision, queued, running, done, result, command,
+actuator ack; see ``reflexarc.observer.HOPS``).
 
     python benchmarks/loop_latency.py [--duration 30] [--rate 20]
 
@@ -26,7 +28,7 @@ import yaml
 
 from reflexarc.demo import hpc_sites, prepare_scenario
 from reflexarc.mqtt import MqttClient
-from reflexarc.observer import LoopObserver, percentile
+from reflexarc.observer import HOPS, LoopObserver, percentile
 from reflexarc.supervisor import Supervisor, load_pipeline
 from reflexarc.topics import Topics
 
@@ -105,6 +107,13 @@ async def main(duration: float, rate: float, rtt_samples: int) -> None:
         f"loop      event -> trigger -> task -> result -> command -> actuator ack: p50 {l50 * 1e3:.1f} ms  p99 {l99 * 1e3:.1f} ms  (n={len(stats.latencies)})"
     )
     print(f"ratio     loop / bare MQTT round trip: p50 {l50 / b50:.0f}x  p99 {l99 / b99:.0f}x")
+    print(f"\nper hop (n={len(stats.hops['trigger'])} loops with every time stamp; times of the tiers' hosts):")
+    print(f"  {'hop':<17} {'p50 ms':>8} {'p99 ms':>8}  what")
+    for name, what in HOPS.items():
+        h50, h99 = stats.hop(name, 50), stats.hop(name, 99)
+        if h50 is None or h99 is None:
+            continue
+        print(f"  {name:<17} {h50 * 1e3:8.1f} {h99 * 1e3:8.1f}  {what}")
 
 
 if __name__ == "__main__":

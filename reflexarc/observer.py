@@ -7,6 +7,13 @@ the pipeline's topics. It joins the events of one loop by their ids::
         cause.time ...................................................... ack.at  = loop latency
 
 It is what ``reflexarc demo`` shows and what decides the demo's exit code.
+
+Each closed loop is also broken down per hop (:data:`HOPS`), from times the
+events already carry: the event's own time (the edge), the Kafka record
+timestamps (set by each producer when it sends: the fog, the trigger worker,
+the site's outbox), the job states' ``at`` (the site) and the ack's ``at``
+(the device). Clocks are those of the tiers' hosts: on one host the hops add
+up to the loop latency.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from aiokafka.errors import KafkaError
 
@@ -29,6 +37,21 @@ from reflexarc.kafka import ensure_topics, make_consumer
 from reflexarc.topics import Topics
 
 log = logging.getLogger(__name__)
+
+#: The hops of one loop, in order, with what each one measures.
+HOPS: dict[str, str] = {
+    "edge->kafka": "event time at the edge -> the fog's data record in Kafka",
+    "trigger": "data record -> the trigger worker's task request",
+    "request->queued": "task request -> the site's durable 'queued' state",
+    "queued->running": "queued -> running (waiting for an engine slot, environment)",
+    "running->done": "running -> done (the app itself and the engine)",
+    "done->result": "done -> the result record in Kafka (the site's outbox)",
+    "result->command": "result record -> the trigger worker's command",
+    "command->ack": "command record -> the actuator's ack (fog delivery, MQTT, the actuator)",
+}
+
+#: Data event times remembered to join with their tasks (bounded: the newest are kept).
+_MAX_EVENT_TIMES = 200_000
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -55,6 +78,14 @@ class LoopStats:
     statuses: dict[str, CommandStatus] = field(default_factory=dict)
     job_states: dict[str, str] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+    hops: dict[str, list[float]] = field(default_factory=lambda: {h: [] for h in HOPS})
+    # Times to join hops: data record time per event id, request/result record time per task,
+    # job state times per task, command record time per command.
+    _data_ts: dict[str, float] = field(default_factory=dict, repr=False)
+    _request_ts: dict[str, float] = field(default_factory=dict, repr=False)
+    _result_ts: dict[str, float] = field(default_factory=dict, repr=False)
+    _state_at: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
+    _command_ts: dict[str, float] = field(default_factory=dict, repr=False)
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=8))
     dead_reasons: deque[str] = field(default_factory=lambda: deque(maxlen=5))
 
@@ -98,6 +129,10 @@ class LoopStats:
         """Loop latency percentile in seconds (triggering event time -> actuator ack)."""
         return percentile(self.latencies, q)
 
+    def hop(self, name: str, q: float) -> float | None:
+        """Percentile ``q`` of one hop (see :data:`HOPS`) in seconds, over the closed loops."""
+        return percentile(self.hops[name], q)
+
     def summary(self) -> dict[str, object]:
         """Plain numbers, for printing and for tests."""
         p50, p99 = self.latency(50), self.latency(99)
@@ -121,32 +156,75 @@ class LoopStats:
         cmd, ack = self.commands.get(command_id), self.acks.get(command_id)
         if cmd and ack and ack.ok and cmd.cause and cmd.cause.time:
             self.latencies.append((ack.at - cmd.cause.time).total_seconds())
+            self._hops_of(cmd, ack)
 
-    def take(self, env: Envelope) -> None:
-        """Account for one event read from the pipeline's topics."""
+    def _hops_of(self, cmd: Command, ack: CommandAck) -> None:
+        """Add one closed loop's hops, when every time stamp on its path was seen."""
+        assert cmd.cause is not None and cmd.cause.time is not None
+        task = cmd.task_id
+        states = self._state_at.get(task or "", {})
+        marks = [
+            cmd.cause.time.timestamp(),
+            self._data_ts.get(cmd.cause.event_ids[-1]) if cmd.cause.event_ids else None,
+            self._request_ts.get(task or ""),
+            states.get("queued"),
+            states.get("running"),
+            states.get("done"),
+            self._result_ts.get(task or ""),
+            self._command_ts.get(cmd.command_id),
+            ack.at.timestamp(),
+        ]
+        known = [m for m in marks if m is not None]
+        if len(known) != len(marks):
+            return
+        for name, a, b in zip(HOPS, known, known[1:], strict=False):
+            self.hops[name].append(b - a)
+
+    def take(self, env: Envelope, record_ts: float | None = None) -> None:
+        """Account for one event read from the pipeline's topics.
+
+        ``record_ts`` is the Kafka record's timestamp in seconds (the producer's
+        send time), used for the per-hop breakdown.
+        """
         kind = env.type
         if kind == EventType.DATA:
             self.events += 1
             now = time.monotonic()
             self.first_event_at = self.first_event_at or now
             self.last_event_at = now
+            if record_ts is not None:
+                if len(self._data_ts) >= _MAX_EVENT_TIMES:
+                    self._data_ts.pop(next(iter(self._data_ts)))
+                self._data_ts.setdefault(env.id, record_ts)
         elif kind == EventType.TASK_REQUEST:
             req = TaskRequest.from_envelope(env)
             if req.task_id not in self.tasks:
                 self.tasks[req.task_id] = req
+                if record_ts is not None:
+                    self._request_ts[req.task_id] = record_ts
                 self.recent.append(f"trigger [bold]{req.trigger}[/] -> task {req.app} {req.task_id[:8]}")
         elif kind == EventType.TASK_RESULT:
             res = TaskResult.from_envelope(env)
             if res.task_id not in self.results:
                 self.results[res.task_id] = res
+                if record_ts is not None:
+                    self._result_ts[res.task_id] = record_ts
                 self.recent.append(f"task {res.app} {res.task_id[:8]} {res.status}")
         elif kind == EventType.JOB_STATE:
             if isinstance(env.data, dict):
-                self.job_states[str(env.data.get("task_id"))] = str(env.data.get("state"))
+                task_id, state = str(env.data.get("task_id")), str(env.data.get("state"))
+                self.job_states[task_id] = state
+                at = env.data.get("at")
+                if isinstance(at, str):
+                    with contextlib.suppress(ValueError):
+                        # The first time a task reached each state (a retry re-queues it).
+                        self._state_at.setdefault(task_id, {}).setdefault(state, _parse_time(at))
         elif kind == EventType.COMMAND:
             cmd = Command.from_envelope(env)
             if cmd.command_id not in self.commands:
                 self.commands[cmd.command_id] = cmd
+                if record_ts is not None:
+                    self._command_ts[cmd.command_id] = record_ts
                 self._latency_of(cmd.command_id)
         elif kind == EventType.COMMAND_ACK:
             ack = CommandAck.from_envelope(env)
@@ -195,7 +273,9 @@ class LoopObserver:
                             self.stats.take_deadletter(DeadLetter.from_kafka(rec.value, rec.headers))
                             continue
                         try:
-                            self.stats.take(Envelope.from_kafka(rec.value, rec.headers, rec.key))
+                            self.stats.take(
+                                Envelope.from_kafka(rec.value, rec.headers, rec.key), rec.timestamp / 1000.0
+                            )
                         except EnvelopeError as exc:
                             log.debug("observer skipped a record on %s: %s", tp.topic, exc)
         finally:
@@ -203,9 +283,14 @@ class LoopObserver:
                 await consumer.stop()
 
 
+def _parse_time(text: str) -> float:
+    """An RFC 3339 time (as the events carry it) as a POSIX timestamp."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def fmt_ms(seconds: float | None) -> str:
     """Seconds as a short millisecond string."""
     return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
-__all__ = ["LoopObserver", "LoopStats", "fmt_ms", "percentile"]
+__all__ = ["HOPS", "LoopObserver", "LoopStats", "fmt_ms", "percentile"]

@@ -83,3 +83,44 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([3.0], 99) == 3.0
     values = [float(i) for i in range(1, 101)]
     assert percentile(values, 50) == 50.0 and percentile(values, 99) == 99.0 and percentile(values, 100) == 100.0
+
+
+def test_a_closed_loop_is_broken_down_per_hop() -> None:
+    """Every hop between the event and the ack, from record times, job state times and the ack's time."""
+    from reflexarc.events import JobState
+    from reflexarc.observer import HOPS
+
+    ms = timedelta(milliseconds=1)
+    events = loop_events(0)
+    data, request, result, command, ack = events
+    base = T0.timestamp()
+    stats = LoopStats()
+    stats.take(data, base + 0.002)  # the fog's record: 2 ms after the event
+    stats.take(request, base + 0.005)
+    for state, after in (("queued", 7), ("running", 12), ("done", 40)):
+        stats.take(JobState(task_id="task-0", site="local", state=state, at=T0 + after * ms).to_envelope())
+    # A retry re-queues: the first time a state was reached counts.
+    stats.take(JobState(task_id="task-0", site="local", state="queued", seq=9, at=T0 + 90 * ms).to_envelope())
+    stats.take(result, base + 0.041)
+    stats.take(command, base + 0.045)
+    stats.take(ack)  # at T0 + 100 ms
+    hops = {h: stats.hop(h, 50) for h in HOPS}
+    got = {h: round(v * 1000, 3) for h, v in hops.items() if v is not None}
+    assert got == {
+        "edge->kafka": 2.0,
+        "trigger": 3.0,
+        "request->queued": 2.0,
+        "queued->running": 5.0,
+        "running->done": 28.0,
+        "done->result": 1.0,
+        "result->command": 4.0,
+        "command->ack": 55.0,
+    }
+    assert abs(sum(got.values()) - stats.latencies[0] * 1000) < 1e-6
+
+
+def test_a_loop_missing_a_time_stamp_has_no_breakdown() -> None:
+    stats = LoopStats()
+    for env in loop_events(0):
+        stats.take(env)  # no record times: the loop latency is known, the hops are not
+    assert len(stats.latencies) == 1 and stats.hop("trigger", 50) is None
