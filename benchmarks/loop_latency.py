@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -56,9 +57,16 @@ async def mqtt_round_trips(sup: Supervisor, samples: int) -> list[float]:
     return out
 
 
-async def main(duration: float, rate: float, rtt_samples: int) -> None:
+async def main(duration: float, rate: float, rtt_samples: int, fetch_wait_ms: int | None) -> None:
     work = Path(tempfile.mkdtemp(prefix="rx-bench-loop-"))
     pipeline_file, expected = prepare_scenario(work / "scenario", duration)
+    if fetch_wait_ms is not None:
+        # Every tier's consumers (RX_KAFKA_FETCH_WAIT_MS) and the trigger worker's own (worker.fetch_wait).
+        os.environ["RX_KAFKA_FETCH_WAIT_MS"] = str(fetch_wait_ms)
+        triggers = pipeline_file.parent / "triggers.yaml"
+        doc = yaml.safe_load(triggers.read_text())
+        doc.setdefault("worker", {})["fetch_wait"] = f"{fetch_wait_ms}ms"
+        triggers.write_text(yaml.safe_dump(doc, sort_keys=False))
     if rate:
         agent = pipeline_file.parent / "agent.yaml"
         doc = yaml.safe_load(agent.read_text())
@@ -121,5 +129,8 @@ if __name__ == "__main__":
     p.add_argument("--duration", type=float, default=30.0, help="seconds of instrument data")
     p.add_argument("--rate", type=float, default=0.0, help="events/s of the detector (default: the scenario's)")
     p.add_argument("--rtt-samples", type=int, default=500)
+    p.add_argument(
+        "--fetch-wait-ms", type=int, default=None, help="consumers' fetch wait (default: each tier's setting)"
+    )
     a = p.parse_args()
-    asyncio.run(main(a.duration, a.rate, a.rtt_samples))
+    asyncio.run(main(a.duration, a.rate, a.rtt_samples, a.fetch_wait_ms))

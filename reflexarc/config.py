@@ -220,6 +220,13 @@ class KafkaSettings(StrictModel):
     tls: TlsSettings | None = None
     partitions: int = Field(4, ge=1, le=1024, description="partitions for topics reflexarc creates")
     replication_factor: int = Field(1, ge=1)
+    fetch_max_wait_ms: int = Field(
+        50,
+        ge=0,
+        le=30_000,
+        description="longest a consumer's fetch waits for data (every Kafka hop of the loop pays part of it "
+        "on Tansu; use 500, Kafka's own default, on Apache Kafka or Redpanda: they answer as soon as data arrives)",
+    )
 
     @model_validator(mode="after")
     def _sasl_needs_a_mechanism(self) -> KafkaSettings:
@@ -232,8 +239,11 @@ class KafkaSettings(StrictModel):
 
     @classmethod
     def from_env(cls) -> KafkaSettings:
-        """Defaults from ``RX_KAFKA_BOOTSTRAP``."""
-        return cls(bootstrap_servers=os.environ.get("RX_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+        """Defaults from ``RX_KAFKA_BOOTSTRAP`` (and ``RX_KAFKA_FETCH_WAIT_MS``)."""
+        data: dict[str, Any] = {"bootstrap_servers": os.environ.get("RX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")}
+        if os.environ.get("RX_KAFKA_FETCH_WAIT_MS"):
+            data["fetch_max_wait_ms"] = os.environ["RX_KAFKA_FETCH_WAIT_MS"]
+        return cls.model_validate(data)
 
     def password(self) -> str | None:
         """The SASL password, read from the environment at connect time."""

@@ -72,10 +72,10 @@ def make_consumer(settings: KafkaSettings, *topics: str, group_id: str | None, *
         "heartbeat_interval_ms": 1000,
         "max_poll_interval_ms": 300000,
         # How long a fetch may wait for data. Some brokers (Tansu) re-check a
-        # multi-partition fetch only at halving intervals of this wait, so the
-        # 500 ms default adds up to 250 ms per hop; 50 ms costs a few % of a
-        # core in empty fetches while idle and keeps each hop near 10-30 ms.
-        "fetch_max_wait_ms": 50,
+        # multi-partition fetch only at halving intervals of this wait, so
+        # aiokafka's 500 ms default adds up to 250 ms per hop; a short wait
+        # costs empty fetches while idle (see KafkaSettings.fetch_max_wait_ms).
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
         **security_options(settings),
     }
     opts.update(overrides)
