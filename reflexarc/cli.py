@@ -191,7 +191,11 @@ def results_subscribe(
         consumer = make_consumer(
             settings, topic, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest"
         )
-        await consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            await consumer.stop()  # no "Unclosed AIOKafkaConsumer" after the error line
+            raise
         seen = 0
         try:
             async for rec in consumer:
@@ -214,18 +218,72 @@ def results_subscribe(
 def keys_generate(
     directory: Annotated[Path, typer.Argument(help="where to write NAME.key (private, mode 0600) and NAME.pub")],
     name: Annotated[str, typer.Option(help="file name stem")] = "pipeline",
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing key pair (every device must then get the new key)")
+    ] = False,
 ) -> None:
     """Create an Ed25519 key pair: the cloud tier signs commands, edge agents verify them."""
     from reflexarc.signing import generate_keypair
 
-    private, public = generate_keypair(directory, name)
+    private, public = generate_keypair(directory, name, overwrite=force)
     typer.echo(f"private key: {private}  (give to the cloud tier: RX_SIGNING_KEY={private})")
     typer.echo(f"public key:  {public}  (give to edge agents: RX_VERIFY_KEYS={public})")
 
 
+# Checks `reflexarc doctor` runs, in order: (module, function). Each function takes the pipeline's
+# brokers (a supervisor.BrokerSpec; None when the pipeline starts embedded ones) and its namespace, and
+# returns a report with .text(), .as_json() and .exit_code (see reflexarc.fog.brokercheck.CheckReport).
+_DOCTOR_CHECKS: list[tuple[str, str]] = [
+    ("reflexarc.fog.brokercheck", "doctor_check"),  # does the MQTT broker bound session queues?
+]
+
+
+@app.command()
+def doctor(
+    pipeline: Annotated[
+        Path | None,
+        typer.Argument(help="pipeline.yaml whose brokers to check (omit: the RX_MQTT_* variables)",
+                       exists=True, dir_okay=False),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object for scripts")] = False,
+) -> None:
+    """Check that the brokers a pipeline uses keep reflexarc's delivery guarantees.
+
+    Exits 0 when every check passed, 1 when one found a problem (it says what to set), 2 when one could not run.
+    """
+    import os
+
+    from reflexarc.config import ConfigError, KafkaSettings, MqttSettings
+    from reflexarc.supervisor import BrokerSpec, load_pipeline
+
+    try:
+        if pipeline is None:
+            brokers: BrokerSpec | None = BrokerSpec(mqtt=MqttSettings.from_env(), kafka=KafkaSettings.from_env())
+            namespace = os.environ.get("RX_NAMESPACE", "rx")
+        else:
+            cfg = load_pipeline(pipeline)
+            brokers, namespace = cfg.brokers, cfg.namespace
+    except (ConfigError, ValueError) as exc:
+        _config_error(exc)
+    reports = [getattr(importlib.import_module(m), f)(brokers, namespace) for m, f in _DOCTOR_CHECKS]
+    code = max(r.exit_code for r in reports)
+    if as_json:
+        typer.echo(json.dumps({"exit_code": code, "checks": [r.as_json() for r in reports]}))
+    else:
+        typer.echo("\n\n".join(r.text() for r in reports))
+    raise typer.Exit(code)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: every command runs inside the error boundary (:mod:`reflexarc.errors`)."""
+    from reflexarc.errors import report
+
+    try:
+        app()
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        sys.exit(report(exc))
 
 
 if __name__ == "__main__":

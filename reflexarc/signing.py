@@ -25,6 +25,7 @@ checks freshness of ``time`` only.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -74,7 +75,9 @@ def generate_keypair(directory: Path, name: str = "pipeline", *, overwrite: bool
     private_path = directory / f"{name}.key"
     public_path = directory / f"{name}.pub"
     if private_path.exists() and not overwrite:
-        raise FileExistsError(f"{private_path} exists; remove it or pass overwrite=True to replace the key")
+        raise FileExistsError(
+            errno.EEXIST, "a private key is already there (replacing it means re-keying every device)", str(private_path)
+        )
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
