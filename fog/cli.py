@@ -41,8 +41,32 @@ def run(
 
 
 @app.command()
-def check(config: Path = typer.Argument(..., help="fog.yaml to validate")) -> None:
-    """Validate fog.yaml (schemas, fields, shaping) without connecting to anything."""
+def check(
+    config: Path | None = typer.Argument(
+        None, help="fog.yaml (with --broker it may be omitted: the broker then comes from RX_MQTT_* variables)"
+    ),
+    broker: bool = typer.Option(
+        False, "--broker", help="probe the configured MQTT broker for a bounded session queue (publishes test messages)"
+    ),
+    messages: int = typer.Option(
+        3000, "--messages", min=1, max=200_000, help="with --broker: QoS 1 messages queued for the offline probe"
+    ),
+    payload_bytes: int = typer.Option(200, "--payload-bytes", min=32, max=262_144, help="with --broker: message size"),
+    timeout: float = typer.Option(60.0, "--timeout", min=1.0, help="with --broker: seconds the probe may take"),
+    as_json: bool = typer.Option(False, "--json", help="with --broker: print the result as one JSON object"),
+) -> None:
+    """Validate fog.yaml (schemas, fields, shaping) without connecting; or, with --broker, probe the broker.
+
+    --broker exits 0 when the broker kept every queued message (no bound found), 1 when it dropped some
+    (a bound: what to set is printed), 2 when it cannot be checked (unreachable, refused, bad usage).
+    """
+    if broker:
+        _check_broker(config, messages, payload_bytes, timeout, as_json)
+        return
+    if config is None:
+        raise typer.BadParameter("give the fog.yaml to validate, or --broker to probe the MQTT broker", param_hint="CONFIG")
+    if as_json:
+        raise typer.BadParameter("--json goes with --broker", param_hint="--json")
     from reflexarc.fog.validation import build_validator
 
     cfg = _load(config)
@@ -53,3 +77,27 @@ def check(config: Path = typer.Argument(..., help="fog.yaml to validate")) -> No
         f"{config}: ok — MQTT {cfg.mqtt.host}:{cfg.mqtt.port} v{cfg.mqtt.protocol} (shared group: {share}), "
         f"Kafka {cfg.kafka.bootstrap_servers}, {len(cfg.streams)} stream rule(s)"
     )
+
+
+def _check_broker(config: Path | None, messages: int, payload_bytes: int, timeout: float, as_json: bool) -> None:
+    """``fog check --broker``: the fog's own MQTT settings (TLS, credentials) and namespace, one probe."""
+    import json
+
+    from reflexarc.fog.brokercheck import check_broker
+
+    try:
+        cfg = _load(config)
+    except ValueError as exc:  # RX_MQTT_PORT / RX_MQTT_PROTOCOL that are not a port / a version
+        from reflexarc.errors import explain
+
+        text = explain(exc) or str(exc).splitlines()[0]
+        typer.echo(f"invalid MQTT settings in the environment (RX_MQTT_*): {text}", err=True)
+        raise typer.Exit(2) from None
+    rep = check_broker(cfg.mqtt, cfg.namespace, messages=messages, payload_bytes=payload_bytes, timeout_s=timeout)
+    if as_json:
+        typer.echo(json.dumps(rep.as_json()))
+    elif rep.status == "error":
+        typer.echo(rep.text(), err=True)
+    else:
+        typer.echo(rep.text())
+    raise typer.Exit(rep.exit_code)

@@ -439,6 +439,8 @@ class MqttClient:
         self.messages: asyncio.Queue[MqttMessage] = asyncio.Queue(queue_size)
         self.connected = asyncio.Event()
         self.disconnects = 0
+        #: Whether the broker resumed a stored session at the last accepted CONNACK.
+        self.session_present = False
         self._tls = _tls_context(settings)
         self._reconnect_min = reconnect_min_s
         self._reconnect_max = reconnect_max_s
@@ -955,6 +957,7 @@ class MqttClient:
                 log.error("%s; retrying with backoff", err)
             return
         self._backoff = None
+        self.session_present = session_present
         # From the first accepted CONNACK on, a lost connection is re-established.
         self._established = not self._closing
         self.connected.set()

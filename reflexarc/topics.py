@@ -9,6 +9,7 @@ MQTT (per device, so a broker ACL can scope each device to its own prefix)::
     {ns}/{site}/{device}/ack             command acks/nacks, edge -> fog
     {ns}/{site}/{device}/status          retained online/offline (last will)
     {ns}/{site}/{device}/receipt         fog -> edge: event ids Kafka now holds (end-to-end receipts)
+    {ns}/_probe/{probe}                  a broker check's own traffic (`reflexarc fog check --broker`)
 
 Kafka (keyed by ``site/device`` so each device's order is kept per partition)::
 
@@ -139,6 +140,14 @@ class Topics:
     def mqtt_receipt(self, site: str, device: str) -> str:
         """Topic the fog confirms to a device which of its events Kafka holds (end-to-end receipts)."""
         return f"{self.mqtt_device_prefix(site, device)}/receipt"
+
+    def mqtt_probe(self, probe: str) -> str:
+        """Topic of one broker check run (``reflexarc fog check --broker``).
+
+        Three levels under the namespace, so no device filter (``{ns}/+/+/...``) and no fog
+        ingest subscription ever matches it; an ACL entry for ``{ns}/_probe/#`` scopes it.
+        """
+        return f"{self.namespace}/_probe/{check_name(probe, 'probe id')}"
 
     def mqtt_ingest_filters(self, site: str = "+", device: str = "+") -> list[str]:
         """Subscription filters a fog bridge takes device traffic from."""
