@@ -202,15 +202,20 @@ class CommandProcessor:
         self.topics: Topics = cfg.topics()
         self.actuators = {a.name: Actuator.build(a) for a in cfg.actuators}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Commands held unacknowledged at once: the client's Receive Maximum also leaves room for receipts.
+        self._slots = asyncio.Semaphore(cfg.commands.receive_maximum)
         self.last: dict[str, Any] | None = None  # last answer, for status
 
-    async def run(self) -> None:
-        """Take commands from the client's queue; each runs in its own task."""
-        while True:
-            msg = await self.client.messages.get()
-            task = asyncio.create_task(self.handle(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def submit(self, msg: MqttMessage) -> None:
+        """Take one command message (in arrival order); it is handled in its own task."""
+        task = asyncio.create_task(self._handle_in_slot(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle_in_slot(self, msg: MqttMessage) -> None:
+        # Semaphore waiters are served in order, so commands keep their arrival order.
+        async with self._slots:
+            await self.handle(msg)
 
     async def drain(self, timeout: float) -> None:
         """Wait for running commands to finish (at shutdown)."""

@@ -1,5 +1,9 @@
 """The edge agent: sources -> spool -> MQTT, and MQTT commands -> actuators -> acks.
 
+With ``delivery: pipeline`` (the default) a spooled event is freed by the
+fog's receipt (Kafka holds it), received on the device's receipt topic; with
+``delivery: broker`` by the broker's PUBACK.
+
 One asyncio process. Sources start at once and write to the spool even while
 the broker is unreachable (store-and-forward from the first second); the
 connection is retried with backoff and jitter until it succeeds. A wrong
@@ -22,9 +26,11 @@ from typing import Any
 from reflexarc.edge.actuators import CommandProcessor
 from reflexarc.edge.claimcheck import ClaimCheck
 from reflexarc.edge.config import AgentConfig
+from reflexarc.edge.inbox import Inbox
 from reflexarc.edge.link import EdgeMqttClient
 from reflexarc.edge.metrics import EdgeMetrics
 from reflexarc.edge.publisher import Publisher
+from reflexarc.edge.receipts import Unconfirmed
 from reflexarc.edge.sources import Reading, Source, SourceContext, source_class
 from reflexarc.edge.spool import AsyncSpool, SpoolItem
 from reflexarc.edge.status import write_status
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # CONNACK refusals no retry can fix (bad credentials, banned, not authorized).
 _FATAL_CONNECT = ("bad user name or password", "not authorized", "banned", "client identifier")
+# Receive Maximum slots beyond commands.receive_maximum, so receipts flow while commands run.
+_RECEIPT_SLOTS = 16
 
 
 class AgentError(RuntimeError):
@@ -56,7 +64,11 @@ class EdgeAgent:
         self.spool: AsyncSpool | None = None
         self.client: EdgeMqttClient | None = None
         self.publisher: Publisher | None = None
+        self.unconfirmed: Unconfirmed | None = None
         self.commands: CommandProcessor | None = None
+        self.inbox: Inbox | None = None
+        self._publisher_task: asyncio.Task[None] | None = None
+        self._inbox_task: asyncio.Task[None] | None = None
         self.claim_check = ClaimCheck(cfg.claim_url(), cfg.claim_check.threshold_bytes)
         self.sources: list[Source] = []
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
@@ -99,6 +111,10 @@ class EdgeAgent:
         status = json.dumps(
             {"state": "offline", "site": cfg.site, "device": cfg.device, "reason": "connection lost"}
         ).encode()
+        pipeline = cfg.delivery == "pipeline"
+        if pipeline:
+            p = cfg.publish
+            self.unconfirmed = Unconfirmed(p.unconfirmed_max, p.confirm_timeout_s, p.confirm_timeout_max_s)
         self.client = EdgeMqttClient(
             cfg.mqtt,
             cfg.client_id(),
@@ -106,7 +122,7 @@ class EdgeAgent:
             session_expiry=cfg.publish.session_expiry_s,
             manual_ack=True,
             max_inflight=cfg.publish.inflight,
-            receive_maximum=cfg.commands.receive_maximum,
+            receive_maximum=cfg.commands.receive_maximum + (_RECEIPT_SLOTS if pipeline else 0),
             will=Will(self.topics.mqtt_status(cfg.site, cfg.device), status, 1, True),
             reconnect_min_s=cfg.publish.reconnect_min_s,
             reconnect_max_s=cfg.publish.reconnect_max_s,
@@ -118,11 +134,26 @@ class EdgeAgent:
             self.metrics,
             self.topics.mqtt_device_prefix(cfg.site, cfg.device),
             cfg.publish.inflight,
+            self.unconfirmed,
+            self.topics.mqtt_receipt(cfg.site, cfg.device),
         )
         publisher = self.publisher
         self.metrics.inflight.set_function(lambda: publisher.inflight)
+        unconfirmed = self.unconfirmed
+        if unconfirmed is not None:
+            self.metrics.unconfirmed.set_function(lambda: len(unconfirmed))
+            self.metrics.unconfirmed_oldest.set_function(lambda: unconfirmed.oldest_age() or 0.0)
         if cfg.actuators:
             self.commands = CommandProcessor(cfg, self.client, self.spool, self.metrics, keys)
+        self.inbox = Inbox(
+            self.client,
+            self.topics,
+            cfg.site,
+            cfg.device,
+            self.metrics,
+            self.commands,
+            self.publisher if pipeline else None,
+        )
         for spec in cfg.sources:
             await self._start_source(spec)
         self._tasks.append(asyncio.create_task(self._connect_and_serve(), name="edge-link"))
@@ -216,11 +247,13 @@ class EdgeAgent:
             self.fatal = exc
             self._stopped.set()
             return
-        assert self.client is not None and self.publisher is not None
-        if self.commands is not None:
-            await self.client.subscribe([(self.topics.mqtt_cmd(self.cfg.site, self.cfg.device), 1)])
-            self._tasks.append(asyncio.create_task(self.commands.run(), name="edge-commands"))
-        self._tasks.append(asyncio.create_task(self.publisher.run(), name="edge-publisher"))
+        assert self.client is not None and self.publisher is not None and self.inbox is not None
+        filters = self.inbox.filters()
+        if filters:
+            # Receipts and commands, before the first publish: no receipt can come before we listen.
+            await self.client.subscribe(filters)
+            self._inbox_task = asyncio.create_task(self.inbox.run(), name="edge-inbox")
+        self._publisher_task = asyncio.create_task(self.publisher.run(), name="edge-publisher")
         notify_ready("edge connected")
         await self._online_loop()
 
@@ -304,14 +337,29 @@ class EdgeAgent:
                 "max_events": self.cfg.spool.max_events,
                 "dropped": spool.dropped if spool else 0,
             },
+            "delivery": self.cfg.delivery,
             "events": {
                 "read": self.read,
                 "spooled": self.spooled,
                 "published": self.publisher.published if self.publisher else 0,
                 "inflight": self.publisher.inflight if self.publisher else 0,
+                **self._receipt_status(),
             },
             "sources": [{"key": k, "running": not t.done()} for k, t in self._source_tasks.items()],
             "last_command": self.commands.last if self.commands else None,
+        }
+
+    def _receipt_status(self) -> dict[str, Any]:
+        u = self.unconfirmed
+        if u is None:
+            return {}
+        age = u.oldest_age()
+        return {
+            "unconfirmed": len(u),
+            "oldest_unconfirmed_s": round(age, 3) if age is not None else None,
+            "resent": self.publisher.resent if self.publisher else 0,
+            "confirmed": u.confirmed,
+            "receipt_ids_unknown": u.unknown,
         }
 
     async def wait(self) -> None:
@@ -331,15 +379,25 @@ class EdgeAgent:
         await asyncio.gather(*self._source_tasks.values(), return_exceptions=True)
         if self.spool is not None:
             await self.spool.flush(timeout=grace)
+        if self.inbox is not None:
+            self.inbox.take_commands = False  # receipts still come in until the publisher settled
         if self.commands is not None:
             await self.commands.drain(grace)
         if self.publisher is not None:
             self.publisher.stopping = True
+        # The connection task first (it starts the publisher and the inbox), then the publisher:
+        # nothing new goes out. The inbox runs on while the publisher settles (receipts still free rows).
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._publisher_task is not None:
+            self._publisher_task.cancel()
+            await asyncio.gather(self._publisher_task, return_exceptions=True)
         if self.publisher is not None and self.client is not None and self.client.connected.is_set():
             await self.publisher.settle(grace)
+        if self._inbox_task is not None:
+            self._inbox_task.cancel()
+            await asyncio.gather(self._inbox_task, return_exceptions=True)
         if self.client is not None:
             if self.client.connected.is_set():
                 offline = json.dumps(

@@ -45,7 +45,7 @@ def status(
     config: Annotated[Path, typer.Argument(help="agent.yaml of the agent to inspect")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Show a (running) agent's state: connection, spool depth per stream, counters, dead letters."""
+    """Show a (running) agent's state: connection, spool depth per stream, events awaiting receipts, dead letters."""
     import json
 
     from reflexarc.edge.status import read_status
@@ -64,10 +64,20 @@ def status(
             f"{'connected' if agent.get('connected') else 'disconnected'}"
         )
         ev = agent.get("events", {})
+        delivered = "confirmed" if agent.get("delivery") == "pipeline" else "published"
         typer.echo(
             f"  events: read {ev.get('read', 0)}, spooled {ev.get('spooled', 0)}, "
-            f"published {ev.get('published', 0)}, in flight {ev.get('inflight', 0)}"
+            f"{delivered} {ev.get('published', 0)}, in flight {ev.get('inflight', 0)}"
         )
+        if agent.get("delivery") == "pipeline":
+            oldest = ev.get("oldest_unconfirmed_s")
+            typer.echo(
+                f"  awaiting the fog's receipt: {ev.get('unconfirmed', 0)}"
+                + (f", oldest for {oldest:.1f} s" if oldest is not None else "")
+                + f"; sent again {ev.get('resent', 0)}"
+            )
+        elif agent.get("delivery") == "broker":
+            typer.echo("  delivery: broker (an event leaves the spool on the broker's PUBACK; no receipts)")
         sp = agent.get("spool", {})
         typer.echo(
             f"  spool: {sp.get('depth', 0)} waiting, {sp.get('bytes', 0)} bytes, "

@@ -62,11 +62,31 @@ class PublishSettings(StrictModel):
         0.5, ge=0, le=1, description="random extra delay, as a fraction of the current delay"
     )
     connect_timeout_s: float = Field(15.0, gt=0)
+    unconfirmed_max: int = Field(
+        5000,
+        ge=1,
+        le=1_000_000,
+        description="delivery: pipeline: events published but not yet confirmed by the fog's receipt, at most "
+        "(publishing waits while this many are out)",
+    )
+    confirm_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="delivery: pipeline: an event the broker took but the fog has not confirmed after this long "
+        "is sent again (oldest first)",
+    )
+    confirm_timeout_max_s: float = Field(
+        30.0,
+        gt=0,
+        description="delivery: pipeline: while re-sends go unanswered the timeout doubles up to this",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> PublishSettings:
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.confirm_timeout_max_s < self.confirm_timeout_s:
+            raise ValueError("confirm_timeout_max_s must be >= confirm_timeout_s")
         return self
 
 
@@ -165,6 +185,11 @@ class AgentConfig(StrictModel):
         "~/.local/state/reflexarc/edge/NS/SITE/DEVICE)",
     )
     metrics_port: int | None = Field(None, ge=0, le=65535, description="0 = any free port")
+    delivery: Literal["pipeline", "broker"] = Field(
+        "pipeline",
+        description="pipeline: an event leaves the spool when the fog confirms Kafka holds it (receipt); "
+        "broker: on the broker's PUBACK (for a broker with no reflexarc fog behind it)",
+    )
     mqtt: MqttSettings = Field(default_factory=MqttSettings.from_env)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     publish: PublishSettings = Field(default_factory=PublishSettings)

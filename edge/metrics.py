@@ -14,7 +14,10 @@ class EdgeMetrics:
         self.events_read = Counter("rx_edge_events_read", "Readings produced by sources", ["stream"], registry=r)
         self.events_spooled = Counter("rx_edge_events_spooled", "Events committed to the spool", registry=r)
         self.events_published = Counter(
-            "rx_edge_events_published", "Events the broker acknowledged (removed from the spool)", registry=r
+            "rx_edge_events_published",
+            "Events delivered and removed from the spool (delivery: pipeline: confirmed by the fog's receipt; "
+            "broker: acknowledged by the broker)",
+            registry=r,
         )
         self.events_dropped = Counter(
             "rx_edge_events_dropped", "Events dropped by the drop_oldest spool policy", registry=r
@@ -32,6 +35,25 @@ class EdgeMetrics:
         )
         self.sources_blocked = Gauge("rx_edge_sources_blocked", "Sources waiting for spool space right now", registry=r)
         self.inflight = Gauge("rx_edge_inflight", "Publishes awaiting the broker's ack", registry=r)
+        self.unconfirmed = Gauge(
+            "rx_edge_unconfirmed_events", "Published events awaiting the fog's receipt (delivery: pipeline)", registry=r
+        )
+        self.unconfirmed_oldest = Gauge(
+            "rx_edge_unconfirmed_oldest_age_seconds",
+            "How long the oldest event awaiting the fog's receipt has been out (0: none)",
+            registry=r,
+        )
+        self.events_resent = Counter(
+            "rx_edge_events_resent", "Events sent again because no receipt confirmed them in time", registry=r
+        )
+        self.receipts = Counter(
+            "rx_edge_receipts", "Receipt messages from the fog, by result (ok, invalid)", ["result"], registry=r
+        )
+        self.receipt_ids_unknown = Counter(
+            "rx_edge_receipt_ids_unknown",
+            "Ids in receipts that await no confirmation (freed already, or from an earlier run): ignored",
+            registry=r,
+        )
         self.connected = Gauge("rx_edge_connected", "1 while connected to the broker", registry=r)
         self.reconnects = Counter("rx_edge_reconnects", "Connections lost", registry=r)
         self.commands_ok = Counter("rx_edge_commands_ok", "Commands executed successfully", ["actuator"], registry=r)

@@ -1,8 +1,9 @@
 """The disk spool: every event is committed to SQLite (WAL) before it is published.
 
-Rows leave the spool only when the broker acknowledged them (QoS 1 PUBACK),
-so neither a broker outage nor ``kill -9`` of the agent loses an event the
-spool accepted. Source checkpoints are written in the same transaction as
+Rows leave the spool only when they are delivered: with ``delivery:
+pipeline`` when the fog's receipt says Kafka holds them, with ``delivery:
+broker`` when the broker acknowledged them (QoS 1 PUBACK). So neither an
+outage nor ``kill -9`` of the agent loses an event the spool accepted. Source checkpoints are written in the same transaction as
 the events they produced, so a restarted source resumes exactly after what
 the spool holds.
 
@@ -176,7 +177,9 @@ class Spool:
             return 0
         dropped = 0
         freed_bytes = 0
-        # Oldest first, but never rows already handed to the broker (they may be acked any moment).
+        # Oldest first, but never rows already handed to the broker: they may be delivered any moment
+        # (PUBACK, or the fog's receipt), and an unconfirmed one may already be in Kafka. Those are
+        # bounded (publish.inflight / publish.unconfirmed_max), so the overshoot is too.
         rows = self.db.execute("SELECT seq, LENGTH(payload) FROM events WHERE seq > ? ORDER BY seq", (drop_before,))
         victims: list[int] = []
         for seq, size in rows:
@@ -197,16 +200,22 @@ class Spool:
             "SELECT seq, stream, event_id, topic, payload, props, ctype FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
             (seq, limit),
         ).fetchall()
-        return [
-            SpoolRow(
-                r[0],
-                SpoolItem(r[1], r[2], r[3], bytes(r[4]), [tuple(p) for p in json.loads(r[5])] if r[5] else None, r[6]),
-            )
-            for r in rows
-        ]
+        return [_row(r) for r in rows]
+
+    def read_seqs(self, seqs: Sequence[int]) -> list[SpoolRow]:
+        """The events with these sequence numbers that are still in the spool, in spool order."""
+        rows: list[Any] = []
+        for chunk in _chunks(list(seqs), 500):
+            marks = ",".join("?" * len(chunk))
+            rows += self.db.execute(
+                f"SELECT seq, stream, event_id, topic, payload, props, ctype FROM events WHERE seq IN ({marks})",
+                chunk,
+            ).fetchall()
+        rows.sort(key=lambda r: r[0])
+        return [_row(r) for r in rows]
 
     def delete(self, seqs: Iterable[int], counter: str = "published") -> int:
-        """Remove acknowledged (or dead-lettered) events; returns how many were still there."""
+        """Remove delivered (or dead-lettered) events; returns how many were still there."""
         seqs = list(seqs)
         if not seqs:
             return 0
@@ -299,6 +308,11 @@ class Spool:
         )
 
 
+def _row(r: Sequence[Any]) -> SpoolRow:
+    props = [tuple(p) for p in json.loads(r[5])] if r[5] else None
+    return SpoolRow(r[0], SpoolItem(r[1], r[2], r[3], bytes(r[4]), props, r[6]))  # type: ignore[arg-type]
+
+
 def _chunks(seq: list[int], n: int) -> Iterable[list[int]]:
     for i in range(0, len(seq), n):
         yield seq[i : i + n]
@@ -360,7 +374,7 @@ class AsyncSpool:
 
     @property
     def depth(self) -> int:
-        """Events in the spool (committed, not yet acknowledged by the broker)."""
+        """Events in the spool (committed, not yet delivered)."""
         return self.spool.depth if self.spool else 0
 
     @property
@@ -442,8 +456,13 @@ class AsyncSpool:
         assert self.spool is not None
         return await self.call(self.spool.read_after, seq, limit)
 
+    async def read_seqs(self, seqs: list[int]) -> list[SpoolRow]:
+        """The committed events with these sequence numbers still in the spool, in spool order."""
+        assert self.spool is not None
+        return await self.call(self.spool.read_seqs, seqs)
+
     async def delete(self, seqs: list[int], counter: str = "published") -> int:
-        """Remove acknowledged events and wake a blocked writer."""
+        """Remove delivered events and wake a blocked writer."""
         assert self.spool is not None
         removed = await self.call(self.spool.delete, seqs, counter)
         self._space.set()

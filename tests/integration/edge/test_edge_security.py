@@ -55,6 +55,7 @@ def _agent_yaml(tmp: Path, port: int, extra_mqtt: str = "") -> Path:
 site: bl1
 device: det1
 state_dir: state
+delivery: broker  # no fog behind this broker: the PUBACK frees an event
 mqtt: {{host: 127.0.0.1, port: {port}, username: bl1-det1, password_env: DET1_PW{extra_mqtt}}}
 publish: {{reconnect_min_s: 0.2, reconnect_max_s: 1.0}}
 sources:

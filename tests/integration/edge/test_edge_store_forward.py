@@ -34,6 +34,7 @@ site: bl1
 device: det1
 state_dir: state
 metrics_port: 0
+delivery: broker  # no fog behind this broker: the PUBACK frees an event
 mqtt: {{host: 127.0.0.1, port: {port}, protocol: "5"}}
 publish: {{reconnect_min_s: 0.2, reconnect_max_s: 1.0, inflight: 200}}
 spool: {spool}

@@ -45,4 +45,5 @@ def test_device_acl_block() -> None:
         "topic write rx/bl1/det1/ack",
         "topic readwrite rx/bl1/det1/status",
         "topic read rx/bl1/det1/cmd",
+        "topic read rx/bl1/det1/receipt",
     ]
