@@ -33,6 +33,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from reflexarc.edge.config import ActuatorSettings, AgentConfig, ArgvHandler, PythonHandler
+from reflexarc.edge.epics_actuator import EpicsActuator, EpicsCommandError, EpicsHandler
 from reflexarc.edge.metrics import EdgeMetrics
 from reflexarc.edge.spool import AsyncSpool
 from reflexarc.envelope import Envelope, EnvelopeError, EventType, utcnow
@@ -96,14 +97,18 @@ class Actuator:
     validator: Draft202012Validator
     func: Callable[..., Any] | None
     lock: asyncio.Lock
+    epics: EpicsActuator | None = None
 
     @classmethod
     def build(cls, settings: ActuatorSettings) -> Actuator:
         """Compile the schema and import the handler (fail at start, not at the first command)."""
         func = None
+        epics = None
         if isinstance(settings.handler, PythonHandler):
             func = load_python_handler(settings.handler.python)
-        return cls(settings, Draft202012Validator(settings.args_schema), func, asyncio.Lock())
+        elif isinstance(settings.handler, EpicsHandler):
+            epics = EpicsActuator(settings.handler.epics)
+        return cls(settings, Draft202012Validator(settings.args_schema), func, asyncio.Lock(), epics)
 
     def check_args(self, args: dict[str, Any]) -> None:
         """Raise :class:`HandlerError` naming the first schema violation."""
@@ -117,6 +122,14 @@ class Actuator:
         """Run the handler with a timeout; return its JSON result."""
         timeout = self.settings.timeout_s
         handler = self.settings.handler
+        if isinstance(handler, EpicsHandler):
+            assert self.epics is not None
+            try:
+                return await asyncio.wait_for(self.epics.run(args), timeout)
+            except TimeoutError:
+                raise HandlerError(f"handler timed out after {timeout:g}s") from None
+            except EpicsCommandError as exc:
+                raise HandlerError(str(exc)) from None
         if isinstance(handler, PythonHandler):
             assert self.func is not None
             try:

@@ -171,6 +171,7 @@ class EdgeAgent:
             reject=self._reject,
             flush=self.spool.flush,
             log=logging.getLogger(f"reflexarc.edge.source.{spec.type}"),
+            registry=self.metrics.registry,
         )
         source = cls(spec, ctx)
         ctx.checkpoint = await self.spool.call(self.spool.spool.checkpoint, source.checkpoint_key)

@@ -24,6 +24,7 @@ from reflexarc.config import (
     parse_yaml_text,
     validation_problems,
 )
+from reflexarc.edge.epics_actuator import EpicsHandler
 from reflexarc.topics import DEFAULT_NAMESPACE, Topics
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -129,7 +130,7 @@ class ActuatorSettings(StrictModel):
         alias="schema",
         description="JSON Schema of the args (default: no args allowed)",
     )
-    handler: PythonHandler | ArgvHandler
+    handler: PythonHandler | ArgvHandler | EpicsHandler
     timeout_s: float = Field(60.0, gt=0)
 
     @field_validator("args_schema")

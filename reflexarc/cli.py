@@ -155,16 +155,26 @@ def demo(
     duration: Annotated[float, typer.Option(help="seconds of instrument data to stream", min=1)] = 20.0,
     drain_timeout: Annotated[float, typer.Option(help="seconds to wait afterwards for open loops to close")] = 60.0,
     mqtt: MqttOpt = None,
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="beamline: simulated detector and motor; epics: a caproto IOC scanned with Bluesky, "
+            "the motor moved to the fitted peak over Channel Access"
+        ),
+    ] = "beamline",
 ) -> None:
     """Run the whole loop on embedded brokers with a simulated beamline, live.
 
-    Exits 0 only when every triggered task's command reached the actuator.
+    Exits 0 only when every triggered task's command reached the actuator
+    (``--scenario epics``: and the motor's readback on the IOC is the fitted peak).
     """
     from reflexarc.demo import run_demo
     from reflexarc.log import setup_logging
 
+    if scenario not in ("beamline", "epics"):
+        raise typer.BadParameter(f"unknown scenario {scenario!r}: beamline or epics", param_hint="--scenario")
     setup_logging("WARNING")
-    code, _stats = asyncio.run(run_demo(duration, drain_timeout, _flavour(mqtt)))
+    code, _stats = asyncio.run(run_demo(duration, drain_timeout, _flavour(mqtt), scenario=scenario))
     raise typer.Exit(code)
 
 

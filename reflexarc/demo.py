@@ -102,8 +102,14 @@ async def run_demo(
     mqtt_flavour: MqttFlavour | None = None,
     console: Console | None = None,
     live: bool = True,
+    scenario: str = "beamline",
 ) -> tuple[int, LoopStats]:
-    """Run the bundled scenario; return the exit code and what was observed."""
+    """Run a bundled scenario (``beamline`` or ``epics``); return the exit code and what was observed."""
+    if scenario == "epics":
+        # A caproto IOC, a Bluesky scan and the epics actuator: see reflexarc/scenarios/epics/demo.py.
+        from reflexarc.scenarios.epics.demo import run_epics_demo
+
+        return await run_epics_demo(drain_timeout, mqtt_flavour, console, live)
     console = console or Console()
     work = Path(tempfile.mkdtemp(prefix="reflexarc-demo-"))
     pipeline_file, expected_events = prepare_scenario(work / "scenario", duration)

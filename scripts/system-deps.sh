@@ -3,8 +3,9 @@
 # Mosquitto: the MQTT broker of the integration tests (the demo falls back to amqtt without it).
 # Slurm: a real single-node scheduler for the batch engine and composer tests.
 # docker.io + debootstrap: a real Docker engine and a locally built base image for deploy tests.
+# openmpi-bin + libopenmpi-dev + libpmix-dev: MPI apps in the pilot tests (mpirun; srun --mpi=pmix needs PMIx before slurmd starts).
 set -euo pipefail
-pkgs=(mosquitto mosquitto-clients slurmctld slurmd slurm-client docker.io debootstrap)
+pkgs=(mosquitto mosquitto-clients slurmctld slurmd slurm-client docker.io debootstrap openmpi-bin libopenmpi-dev libpmix-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

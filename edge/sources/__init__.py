@@ -43,6 +43,8 @@ BUILTIN_SOURCES: dict[str, str] = {
     "replay": "reflexarc.edge.sources.replay:ReplaySource",
     "directory": "reflexarc.edge.sources.directory:DirectorySource",
     "lines": "reflexarc.edge.sources.lines:LineSource",
+    "epics": "reflexarc.edge.sources.epics:EpicsSource",
+    "bluesky": "reflexarc.edge.bluesky:BlueskySource",
 }
 
 
@@ -91,6 +93,8 @@ class SourceContext:
     reject: Callable[[str, str, bytes], Awaitable[None]] = _no_reject
     flush: Callable[[], Awaitable[None]] | None = None
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("reflexarc.edge.source"))
+    # The agent's prometheus_client CollectorRegistry, where a source may add its own metrics (None: not served).
+    registry: Any = None
 
     def resolve(self, path: str) -> Path:
         """A path from the config, relative to the config file's directory."""
