@@ -72,9 +72,12 @@ class Implementation(StrictModel):
 
 
 class MpiSpec(StrictModel):
-    """How to launch an MPI app."""
+    """How to launch an MPI app: its ranks are reserved inside one allocation, then launched there."""
 
     ranks: int = Field(2, ge=1)
+    ranks_per_node: int | None = Field(
+        None, ge=1, description="ranks on each node (default: as many as fit, fewest nodes)"
+    )
     launcher: Literal["mpirun", "mpiexec", "srun"] = "mpirun"
     launcher_args: list[str] = Field(
         default_factory=list,
@@ -332,7 +335,17 @@ def render_argv(template: list[str], args: dict[str, Any]) -> list[str]:
 
 
 def mpi_argv(mpi: MpiSpec, argv: list[str]) -> list[str]:
-    """The launcher command line for an MPI app."""
+    """The launcher command line for an MPI app, run inside the allocation that holds its ranks.
+
+    ``srun`` makes a job step of that allocation (inside a pilot the worker sets
+    ``SLURM_OVERLAP=1``, so the step may share the cores the pilot's worker step
+    holds: the site reserved them for these ranks). ``mpirun`` is Open MPI's
+    (``--npernode``), ``mpiexec`` MPICH/Hydra's (``-ppn``).
+    """
     if mpi.launcher == "srun":
-        return ["srun", f"--ntasks={mpi.ranks}", *mpi.launcher_args, *argv]
+        per_node = [f"--ntasks-per-node={mpi.ranks_per_node}"] if mpi.ranks_per_node else []
+        return ["srun", f"--ntasks={mpi.ranks}", *per_node, *mpi.launcher_args, *argv]
+    if mpi.ranks_per_node:
+        flag = "--npernode" if mpi.launcher == "mpirun" else "-ppn"
+        return [mpi.launcher, "-n", str(mpi.ranks), flag, str(mpi.ranks_per_node), *mpi.launcher_args, *argv]
     return [mpi.launcher, "-n", str(mpi.ranks), *mpi.launcher_args, *argv]

@@ -62,11 +62,13 @@ def site_run(
     serve_metrics(cfg.metrics_port)
 
     from reflexarc.aio import run_service
+    from reflexarc.hpc_bridge.engines import EngineError
     from reflexarc.hpc_bridge.machines import MachinesError
 
     try:
         run_service(agent.run)
-    except MachinesError as exc:
+    except (MachinesError, EngineError) as exc:
+        # e.g. a pilot walltime above the partition's MaxTime, an address not of this host
         typer.echo(f"{file}: {exc}", err=True)
         raise typer.Exit(2) from None
 
@@ -87,7 +89,75 @@ def site_check(file: SiteFile) -> None:
     except AppError as exc:
         typer.echo(f"{file}: {exc}", err=True)
         raise typer.Exit(2) from None
+    if cfg.engine.pilot is not None:
+        # The pilot engines' start-up checks: the workers' address, the walltime against the partition.
+        import asyncio
+
+        from reflexarc.hpc_bridge.engines import EngineError, make_engine
+        from reflexarc.hpc_bridge.engines.pilot import PilotEngine
+
+        engine = make_engine(cfg.engine, str(cfg.state_path / "work"), cfg.site)
+        assert isinstance(engine, PilotEngine)
+        try:
+            address = asyncio.run(engine.preflight())
+        except EngineError as exc:
+            typer.echo(f"{file}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        p = cfg.engine.pilot
+        typer.echo(f"pilots: {p.min_allocations}..{p.max_allocations} allocation(s) of {p.nodes_per_allocation} "
+                   f"node(s) x {p.slots_per_node} slot(s), walltime {p.walltime}; workers connect to {address}")
     typer.echo(f"{file}: site {cfg.site!r} OK, {len(apps)} app(s), engine {cfg.engine.kind}")
+
+
+@site_app.command("status")
+def site_status(
+    file: SiteFile,
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """Allocations the site holds (pilot engines): state, Slurm job id, nodes, wall time left, workers, tasks."""
+    import json
+    import os
+    import time
+
+    from reflexarc.hpc_bridge.allocations import read_status
+
+    cfg = _load(file)
+    data = read_status(cfg.state_path) or {"site": cfg.site, "engine": cfg.engine.kind, "allocations": []}
+    now = time.time()
+    data["as_of"] = data.get("updated")
+    pid = data.get("pid")
+    alive = False
+    if isinstance(pid, int):
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except OSError:
+            alive = False
+    data["agent_running"] = alive
+    for a in data["allocations"]:
+        # Wall time left as of now, not as of the file's last write.
+        end = a.get("end_at")
+        if a.get("state") != "released" and isinstance(end, (int, float)):
+            a["walltime_left_s"] = max(0.0, end - now)
+    if as_json:
+        typer.echo(json.dumps(data, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    if not data["allocations"]:
+        typer.echo(f"site {cfg.site}: engine {cfg.engine.kind} holds no allocations")
+        return
+    table = Table("allocation", "state", "job", "nodes", "left", "workers", "tasks", "reason", box=None)
+    for a in data["allocations"]:
+        left = a.get("walltime_left_s")
+        table.add_row(a["name"], a["state"], str(a.get("job_id") or "-"), a.get("node_list") or str(a.get("nodes")),
+                      "-" if left is None else f"{left:.0f}s", str(a.get("workers", 0)),
+                      str(a.get("tasks_running", 0)), a.get("pending_reason") or a.get("reason") or "")
+    Console(width=200).print(table)
+    age = now - float(data.get("updated") or now)
+    typer.echo(f"{data.get('waiting_tasks', 0)} task(s) waiting, {data.get('free_slots', 0)} free slot(s); "
+               f"as of {age:.0f}s ago" + ("" if alive else " (the site agent is not running)"))
 
 
 @jobs_app.command("list")

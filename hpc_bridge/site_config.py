@@ -23,6 +23,23 @@ def _default_namespace() -> str:
     return os.environ.get("RX_NAMESPACE", "rx")
 
 
+def mpi_layout_problem(
+    ranks: int, ranks_per_node: int | None, cpus_per_rank: int, pilot: PilotSettings
+) -> tuple[str, str] | None:
+    """``(field, why)`` when ``ranks`` MPI ranks cannot fit one allocation of ``pilot`` (``None``: they fit)."""
+    per_node = pilot.slots_per_node // max(1, cpus_per_rank)
+    if per_node < 1:
+        return "ranks", f"one rank needs {cpus_per_rank} core(s), more than the {pilot.slots_per_node} of one node"
+    if ranks_per_node is not None and ranks_per_node > per_node:
+        return ("ranks_per_node", f"{ranks_per_node} ranks x {cpus_per_rank} core(s) is more than the "
+                f"{pilot.slots_per_node} slot(s) of one node")
+    rpn = ranks_per_node or per_node
+    nodes = -(-ranks // rpn)
+    if nodes > pilot.nodes_per_allocation:
+        return ("ranks", f"{ranks} ranks ({rpn} per node) need {nodes} node(s): larger than the allocation")
+    return None
+
+
 class LocalEngineSettings(StrictModel):
     """The ``local`` engine: a pool of worker processes on this machine."""
 
@@ -44,18 +61,152 @@ class AdaptSettings(StrictModel):
         return self
 
 
-class JobqueueSettings(StrictModel):
-    """A dask-jobqueue cluster: pilot jobs on a batch scheduler, many tasks per allocation."""
+_WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,3}):(\d{2}):(\d{2})$")
 
-    scheduler: Literal["slurm", "pbs", "lsf"] = "slurm"
-    cores: int = Field(1, ge=1)
-    processes: int = Field(1, ge=1)
-    memory: str = "1GB"
-    walltime: str = "00:30:00"
-    queue: str | None = None
+
+def walltime_seconds(text: str) -> int:
+    """Seconds in a batch wall time written ``[D-]HH:MM:SS`` (raises ``ValueError`` otherwise)."""
+    m = _WALLTIME_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"walltime {text!r} is not [D-]HH:MM:SS (e.g. 01:30:00)")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in m.groups())
+    if minutes > 59 or seconds > 59:
+        raise ValueError(f"walltime {text!r}: minutes and seconds must be below 60")
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"walltime {text!r} must be longer than zero")
+    return total
+
+
+class PilotSettings(StrictModel):
+    """Elastic, wall-time-aware allocations (pilot jobs) whose workers run the site's tasks.
+
+    Shared by the dask-jobqueue and Parsl engines; see ``docs/hpc_bridge.md`` (Pilots).
+    """
+
+    scheduler: Literal["slurm"] = Field("slurm", description="batch scheduler holding the allocations")
+    min_allocations: int = Field(0, ge=0, description="allocations kept even when idle")
+    max_allocations: int = Field(2, ge=1, description="allocations accepting tasks at once")
+    nodes_per_allocation: int = Field(1, ge=1)
+    cores_per_node: int = Field(1, ge=1, description="cores asked for on each node; one task slot per core")
+    memory_per_node: str | None = Field(None, description="memory asked for on each node, e.g. 8GB")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs asked for on each node (--gres=gpu:N)")
+    walltime: str = Field("01:00:00", description="wall time of each allocation, [D-]HH:MM:SS")
+    idle_timeout_s: float = Field(300.0, gt=0, description="release an allocation idle this long")
+    walltime_margin_s: float = Field(
+        10.0, ge=0, description="a task starts only where wall time left >= its timeout + this margin"
+    )
+    drain_s: float = Field(60.0, ge=0, description="no new task on an allocation with less wall time left")
+    connect_timeout_s: float = Field(
+        300.0, gt=0, description="release a running allocation whose workers have not connected by then"
+    )
+    partition: str | None = None
     account: str | None = None
-    job_extra_directives: list[str] = Field(default_factory=list)
+    job_directives: list[str] = Field(default_factory=list, description="extra #SBATCH options, e.g. --qos=high")
+    worker_init: list[str] = Field(
+        default_factory=list, description="shell lines run before the workers start (module load ...)"
+    )
+    address: str | None = Field(
+        None, description="address of this host that workers connect back to (default: interface, then 127.0.0.1)"
+    )
+    interface: str | None = Field(None, description="network interface whose address workers connect to (ib0, hsn0)")
+    python: str | None = Field(None, description="Python on the compute nodes (default: this one)")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment for scheduler commands (e.g. SLURM_CONF)"
+    )
+    poll_interval_s: float = Field(0.5, gt=0, description="how often the manager re-plans")
+    queue_poll_s: float = Field(10.0, gt=0, description="how often the scheduler's queue is read")
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime(cls, v: str) -> str:
+        walltime_seconds(v)
+        return v
+
+    @model_validator(mode="after")
+    def _pilot_order(self) -> PilotSettings:
+        if self.min_allocations > self.max_allocations:
+            raise ValueError(
+                f"min_allocations ({self.min_allocations}) is larger than max_allocations ({self.max_allocations})"
+            )
+        if self.address and self.interface:
+            raise ValueError("give either 'address' or 'interface', not both")
+        return self
+
+    @property
+    def walltime_s(self) -> int:
+        """The allocation wall time in seconds."""
+        return walltime_seconds(self.walltime)
+
+    @property
+    def slots_per_node(self) -> int:
+        """Task slots on each node of an allocation."""
+        return self.cores_per_node
+
+    @property
+    def slots_per_allocation(self) -> int:
+        """Task slots in one allocation."""
+        return self.slots_per_node * self.nodes_per_allocation
+
+
+# dask-jobqueue's own names for the fields of a jobqueue cluster, accepted as aliases.
+_JOBQUEUE_ALIASES = {"cores": "cores_per_node", "queue": "partition", "memory": "memory_per_node",
+                     "job_extra_directives": "job_directives"}
+
+
+class JobqueueSettings(PilotSettings):
+    """dask-jobqueue pilots: each allocation runs Dask workers that connect to the agent's scheduler."""
+
+    processes: int | None = Field(
+        None, ge=1, description="Dask worker processes per node (default: one per core, one thread each)"
+    )
+    port: int = Field(0, ge=0, le=65535, description="scheduler port workers connect to (0: any free port)")
+    death_timeout_s: float = Field(60.0, gt=0, description="a worker without its scheduler this long exits")
     local_directory: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for old, new in _JOBQUEUE_ALIASES.items():
+                if old in data and new not in data:
+                    data = {**data, new: data[old]}
+                    del data[old]
+        return data
+
+    @model_validator(mode="after")
+    def _processes(self) -> JobqueueSettings:
+        if self.processes is not None and self.cores_per_node % self.processes:
+            raise ValueError(f"cores_per_node ({self.cores_per_node}) is not a multiple of processes ({self.processes})")
+        return self
+
+
+class ParslEngineSettings(PilotSettings):
+    """Parsl HighThroughputExecutor pilots: one executor (interchange) per allocation, workers pull tasks."""
+
+    launcher: Literal["srun", "single"] = Field("srun", description="how a block starts its worker pools")
+    cores_per_worker: float = Field(1.0, gt=0, description="cores per Parsl worker process")
+    worker_port_range: tuple[int, int] = Field(
+        (54000, 55000), description="ports the interchanges listen on for workers (open them to compute nodes)"
+    )
+    heartbeat_s: int = Field(
+        5, ge=1, description="worker<->interchange heartbeat; also how soon a killed worker process is replaced"
+    )
+    max_running: int | None = Field(None, ge=1, description="tasks handed to the engine at once (default: all slots)")
+
+    @model_validator(mode="after")
+    def _ports(self) -> ParslEngineSettings:
+        low, high = self.worker_port_range
+        if not 0 < low <= high <= 65535:
+            raise ValueError(f"worker_port_range {list(self.worker_port_range)} is not a port range")
+        if self.launcher == "single" and self.nodes_per_allocation > 1:
+            raise ValueError("launcher: single starts workers on the first node only; use srun for several nodes")
+        return self
+
+    @property
+    def slots_per_node(self) -> int:
+        """Parsl worker processes on each node."""
+        return max(1, int(self.cores_per_node // self.cores_per_worker))
 
 
 class DaskEngineSettings(StrictModel):
@@ -73,8 +224,16 @@ class DaskEngineSettings(StrictModel):
     def _needs(self) -> DaskEngineSettings:
         if self.cluster == "address" and not self.address:
             raise ValueError("cluster: address needs 'address' (e.g. tcp://127.0.0.1:8786)")
+        if self.jobqueue is not None and "cluster" not in self.model_fields_set:
+            # `dask: {jobqueue: {...}}` alone means a jobqueue cluster.
+            self.cluster = "jobqueue"
         if self.cluster == "jobqueue" and self.jobqueue is None:
             self.jobqueue = JobqueueSettings()
+        if self.cluster == "jobqueue" and self.adapt is not None:
+            raise ValueError(
+                "adapt applies to cluster: local; jobqueue pilots scale with "
+                "jobqueue.min_allocations, max_allocations and idle_timeout_s"
+            )
         return self
 
 
@@ -95,10 +254,24 @@ class BatchEngineSettings(StrictModel):
 class EngineSettings(StrictModel):
     """Which engine runs the tasks, and its settings."""
 
-    kind: Literal["local", "dask", "batch"] = "local"
+    kind: Literal["local", "dask", "batch", "parsl"] = "local"
     local: LocalEngineSettings = Field(default_factory=LocalEngineSettings)
     dask: DaskEngineSettings = Field(default_factory=DaskEngineSettings)
     batch: BatchEngineSettings = Field(default_factory=BatchEngineSettings)
+    parsl: ParslEngineSettings = Field(default_factory=ParslEngineSettings)
+
+    @property
+    def pilot(self) -> PilotSettings | None:
+        """The pilot (allocation) settings of the engine in use, if it holds allocations."""
+        if self.kind == "parsl":
+            return self.parsl
+        if self.kind == "dask" and self.dask.cluster == "jobqueue":
+            return self.dask.jobqueue
+        return None
+
+    def pilot_field(self) -> str:
+        """Where the pilot settings are in site.yaml (for error messages)."""
+        return "engine.parsl" if self.kind == "parsl" else "engine.dask.jobqueue"
 
 
 class ResultSettings(StrictModel):
@@ -199,6 +372,24 @@ class SiteConfig(StrictModel):
         for name in v:
             check_name(name, "app name")
         return v
+
+    @model_validator(mode="after")
+    def _mpi_fits_allocation(self) -> SiteConfig:
+        # An MPI app on a pilot engine reserves its ranks inside one allocation: say so now
+        # rather than leave its tasks waiting for an allocation that can never hold them.
+        pilot = self.engine.pilot
+        if pilot is None:
+            return self
+        where = self.engine.pilot_field()
+        for name, spec in self.apps.items():
+            if spec.mpi is None:
+                continue
+            problem = mpi_layout_problem(spec.mpi.ranks, spec.mpi.ranks_per_node, spec.cpus, pilot)
+            if problem:
+                field, why = problem
+                raise ValueError(f"apps.{name}.mpi.{field}: {why} ({where}: {pilot.nodes_per_allocation} "
+                                 f"node(s) x {pilot.slots_per_node} slot(s) per allocation)")
+        return self
 
     def path(self, value: str | None, default: str) -> Path:
         """Resolve ``value`` (or ``default``) relative to the site file's folder."""

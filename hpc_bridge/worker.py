@@ -59,6 +59,10 @@ class RunSpec:
     #: Run a Python app in a child process even inside a shared worker (Dask), so that
     #: ``environment`` applies (e.g. the devices of a composed machine).
     isolate: bool = False
+    #: MPI ranks the launcher in ``argv`` starts (each with ``cpus`` cores): engines reserve them.
+    ranks: int = 1
+    #: Ranks on each node (0: as many as fit).
+    ranks_per_node: int = 0
 
     def to_json(self) -> str:
         """One line of JSON."""

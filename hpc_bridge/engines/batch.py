@@ -84,11 +84,21 @@ class BatchEngine(Engine):
         python = spec.python or self.settings.python or sys.executable
         cpus = spec.cpus
         walltime = spec.walltime_s or spec.timeout_s or 3600.0
-        resources = psij.ResourceSpecV1(
-            node_count=1, process_count=1, cpu_cores_per_process=cpus,
-            gpu_cores_per_process=spec.gpus or None,
-            memory=int(spec.memory_gb * 2**30) if spec.memory_gb else None,
-        )
+        ranks = max(1, spec.ranks)
+        if ranks > 1:
+            # An MPI app: the allocation holds its ranks; the worker (one process, on the first
+            # node) runs the launcher, which starts the ranks inside this allocation.
+            per_node = spec.ranks_per_node or ranks
+            resources = psij.ResourceSpecV1(
+                node_count=-(-ranks // per_node), process_count=ranks, cpu_cores_per_process=cpus,
+                memory=int(spec.memory_gb * 2**30) if spec.memory_gb else None,
+            )
+        else:
+            resources = psij.ResourceSpecV1(
+                node_count=1, process_count=1, cpu_cores_per_process=cpus,
+                gpu_cores_per_process=spec.gpus or None,
+                memory=int(spec.memory_gb * 2**30) if spec.memory_gb else None,
+            )
         attrs = psij.JobAttributes(
             duration=timedelta(seconds=max(60.0, walltime)),  # schedulers count whole minutes
             queue_name=self.settings.queue, account=self.settings.account,

@@ -1,10 +1,10 @@
 """The ``dask`` engine: tasks as futures on a ``distributed`` cluster.
 
-Three kinds of cluster: an in-process ``LocalCluster`` (worker processes on
-this machine), an existing scheduler by address, or a dask-jobqueue cluster
-whose workers are pilot jobs on Slurm/PBS/LSF (many tasks per allocation).
-With ``adapt`` the number of workers follows the backlog between ``minimum``
-and ``maximum``; a worker idle for ``idle_timeout_s`` is retired.
+Two kinds of cluster: an in-process ``LocalCluster`` (worker processes on
+this machine) or an existing scheduler by address. With ``adapt`` the number
+of LocalCluster workers follows the backlog between ``minimum`` and
+``maximum``; a worker idle for ``idle_timeout_s`` is retired. dask-jobqueue
+pilots (``cluster: jobqueue``) are :mod:`reflexarc.hpc_bridge.engines.jobqueue`.
 
 A worker that dies mid-task is not silently retried by Dask behind the
 agent's back (the scheduler's ``allowed-failures`` is 0 for clusters we start):
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class DaskEngine(Engine):
-    """A ``distributed`` client on a local, remote or jobqueue cluster."""
+    """A ``distributed`` client on a local or remote cluster."""
 
     name = "dask"
 
@@ -69,33 +69,13 @@ class DaskEngine(Engine):
         log.info("dask engine: %s", self.client)
 
     async def _make_cluster(self) -> Any:
+        from distributed import LocalCluster
+
         s = self.settings
-        if s.cluster == "local":
-            from distributed import LocalCluster
-
-            return await LocalCluster(
-                n_workers=0 if s.adapt else s.n_workers, threads_per_worker=s.threads_per_worker,
-                processes=True, host="127.0.0.1", dashboard_address=None, asynchronous=True,
-            )
-        jq = s.jobqueue
-        assert jq is not None
-        import dask_jobqueue
-
-        cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster,
-               "lsf": dask_jobqueue.LSFCluster}[jq.scheduler]
-        kwargs: dict[str, Any] = {
-            "cores": jq.cores, "processes": jq.processes, "memory": jq.memory, "walltime": jq.walltime,
-            "queue": jq.queue, "account": jq.account, "job_extra_directives": jq.job_extra_directives,
-            "asynchronous": True, "interface": None,
-            "scheduler_options": {"host": "127.0.0.1", "dashboard_address": None},
-            "worker_extra_args": ["--host", "127.0.0.1"],
-        }
-        if jq.local_directory:
-            kwargs["local_directory"] = jq.local_directory
-        cluster = await cls(**kwargs)
-        if s.adapt is None:
-            cluster.scale(jobs=max(1, s.n_workers))
-        return cluster
+        return await LocalCluster(
+            n_workers=0 if s.adapt else s.n_workers, threads_per_worker=s.threads_per_worker,
+            processes=True, host="127.0.0.1", dashboard_address=None, asynchronous=True,
+        )
 
     async def submit(self, spec: RunSpec) -> Execution:
         """One future per attempt; its key names task and attempt (visible in Dask's dashboard)."""

@@ -1,0 +1,227 @@
+"""dask-jobqueue pilots: each allocation is a ``SLURMJob`` whose Dask workers join the agent's scheduler.
+
+The agent starts a ``distributed`` scheduler as its child process (it dies
+with the agent), on the address workers connect back to
+(``address``/``interface``; the port is ``port`` or a free one). Each allocation the manager asks for is one
+dask-jobqueue ``SLURMJob`` (dask-jobqueue writes the batch script and calls
+``sbatch``): one Dask worker process per slot, one thread each, named after
+the allocation, so the manager knows which worker belongs to which job and
+sends each attempt to exactly the worker it chose (``workers=[name]``).
+
+* GPUs: the job asks ``--gres=gpu:N``; every worker declares the Dask
+  resource ``GPU=N``; a task asking for GPUs is submitted with
+  ``resources={"GPU": n}`` and gets the devices the manager reserved for it
+  (``CUDA_VISIBLE_DEVICES``, in a child process).
+* Several nodes per allocation: one ``srun`` task per node starts that
+  node's workers (named ``<allocation>-n<node>-<i>``).
+* A worker that dies mid-task (killed, out of memory, the job's end) fails
+  the attempt with the reason (``allowed-failures`` is 0: no silent re-run);
+  the app's retry policy decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import shlex
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from reflexarc.hpc_bridge.allocations import Allocation, Placement, WorkerInfo
+from reflexarc.hpc_bridge.engines.base import EngineError
+from reflexarc.hpc_bridge.engines.pilot import PilotBackend, RemoteTask
+from reflexarc.hpc_bridge.engines.pilot_worker import run_pilot_task
+from reflexarc.hpc_bridge.site_config import JobqueueSettings
+from reflexarc.hpc_bridge.worker import RunSpec, read_outcome
+from reflexarc.process import die_with_parent, free_port
+
+log = logging.getLogger(__name__)
+
+_ALLOC_RE = re.compile(r"^(rxp-[0-9a-f]{6}-a\d+)(?:-|$)")
+
+
+def job_kwargs(s: JobqueueSettings, scheduler_address: str, name: str, log_dir: Path) -> dict[str, Any]:
+    """Arguments of dask-jobqueue's ``SLURMJob`` for one allocation named ``name``."""
+    processes = s.processes or s.cores_per_node
+    directives = list(s.job_directives)
+    skip = []
+    if s.nodes_per_allocation > 1:
+        # One srun task per node starts that node's workers (see _PilotSLURMJob).
+        skip.append("-n 1")
+        directives += [f"--nodes={s.nodes_per_allocation}", "--ntasks-per-node=1"]
+    if s.gpus_per_node:
+        directives.append(f"--gres=gpu:{s.gpus_per_node}")
+    if s.memory_per_node:
+        memory, job_mem = s.memory_per_node, None
+    else:
+        # No memory request: Slurm's default applies, and Dask sets no memory limit.
+        memory, job_mem = "0", "0"
+        skip.append("--mem")
+    extra = ["--resources", f"GPU={s.gpus_per_node}"]
+    return {
+        "scheduler": scheduler_address, "name": name, "job_name": name,
+        "cores": s.cores_per_node, "processes": processes, "memory": memory, "job_mem": job_mem,
+        "walltime": s.walltime, "queue": s.partition, "account": s.account,
+        "job_extra_directives": directives, "job_directives_skip": skip,
+        "job_script_prologue": list(s.worker_init), "python": s.python or sys.executable,
+        "death_timeout": s.death_timeout_s, "local_directory": s.local_directory,
+        "log_directory": str(log_dir), "interface": s.interface, "worker_extra_args": extra, "nanny": True,
+    }
+
+
+def allocation_of(worker_name: str) -> str | None:
+    """The allocation a worker belongs to, from its name (``rxp-<token>-a<N>[-...]``)."""
+    m = _ALLOC_RE.match(worker_name)
+    return m.group(1) if m else None
+
+
+def _job_class() -> Any:
+    from dask_jobqueue.slurm import SLURMJob
+
+    class _PilotSLURMJob(SLURMJob):  # type: ignore[misc]
+        """A SLURMJob that starts workers on every node of a multi-node allocation."""
+
+        def __init__(self, *args: Any, nodes: int = 1, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if nodes > 1:
+                # Each node's workers get a distinct name: <allocation>-n<node id>[-<i>].
+                cmd = self._command_template.replace(f"--name {self.name}", f"--name {self.name}-n$SLURM_NODEID")
+                self._command_template = (f"srun --nodes={nodes} --ntasks-per-node=1 bash -c "
+                                          f"{shlex.quote('exec ' + cmd)}")
+
+    return _PilotSLURMJob
+
+
+class _DaskTask(RemoteTask):
+    def __init__(self, fut: Any, outcome_path: str) -> None:
+        self.fut = fut
+        self.outcome_path = outcome_path
+
+    async def result(self) -> dict[str, Any]:
+        from distributed import wait
+
+        try:
+            await wait(self.fut)
+            if self.fut.status == "finished":
+                # The worker wrote the outcome file before it returned: reading it saves the round trip
+                # of fetching the result from the worker (half of a warm task's cost).
+                data = await asyncio.to_thread(read_outcome, self.outcome_path)
+                if data is not None:
+                    return data
+            result: dict[str, Any] = await self.fut  # raises the worker's error (e.g. KilledWorker)
+            return result
+        finally:
+            # The outcome is in hand: let the scheduler forget the task.
+            with contextlib.suppress(Exception):
+                self.fut.release()
+
+    async def cancel(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.fut.cancel()
+
+
+class DaskJobqueueBackend(PilotBackend):
+    """A Dask scheduler (a child process of the agent) plus one ``SLURMJob`` per allocation."""
+
+    kind = "dask"
+    replaces_worker_on_cancel = True
+
+    def __init__(self, settings: JobqueueSettings, address: str, workdir: Path) -> None:
+        super().__init__(settings, address, workdir)
+        self.s = settings
+        self.scheduler_address = ""
+        self.proc: asyncio.subprocess.Process | None = None
+        self.client: Any = None
+        self.jobs: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        """Start the scheduler on the workers' address, and a client of it.
+
+        The scheduler runs in its own process (dying with the agent), not in the
+        agent's event loop: it gets a core of its own and is never delayed by the
+        agent's work (Kafka, the job database).
+        """
+        from distributed import Client
+
+        port = self.s.port or free_port(self.address)
+        where = f"{self.address}:{port}"
+        self.scheduler_address = f"tcp://{where}"
+        log_path = self.workdir / "scheduler.log"
+        argv = [self.s.python or sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", self.address,
+                "--port", str(port), "--no-dashboard"]
+        # A worker's death fails its task with the reason; the app's policy decides on a retry.
+        env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
+        with open(log_path, "ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                preexec_fn=die_with_parent,
+            )
+        try:
+            self.client = await Client(self.scheduler_address, asynchronous=True, timeout=30)
+        except (OSError, TimeoutError) as exc:
+            await self.close()
+            tail = log_path.read_text(errors="replace")[-1500:]
+            raise EngineError(f"the Dask scheduler did not start on {where} (engine.dask.jobqueue.port, address "
+                              f"or interface): {exc}; its log: {tail}") from exc
+        log.info("dask pilots: scheduler at %s (pid %d)", self.scheduler_address, self.proc.pid)
+
+    async def launch(self, alloc: Allocation) -> str:
+        """``sbatch`` one dask-jobqueue job script for the allocation."""
+        log_dir = self.workdir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        job = _job_class()(nodes=self.s.nodes_per_allocation,
+                           **job_kwargs(self.s, self.scheduler_address, alloc.name, log_dir))
+        (self.workdir / f"{alloc.name}.sh").write_text(job.job_script())
+        try:
+            await job.start()
+        except Exception as exc:
+            raise EngineError(f"sbatch failed: {exc}") from exc
+        self.jobs[alloc.name] = job
+        return str(job.job_id)
+
+    async def cancel(self, alloc: Allocation) -> None:
+        """Forget the allocation's job; the manager cancels it by id (its workers end with it)."""
+        self.jobs.pop(alloc.name, None)
+
+    async def workers(self) -> dict[str, list[WorkerInfo]]:
+        """Workers connected to the scheduler, by allocation."""
+        info = await self.client.scheduler.identity()
+        out: dict[str, list[WorkerInfo]] = {}
+        for addr, ws in info.get("workers", {}).items():
+            alloc = allocation_of(str(ws.get("name")))
+            if alloc is None:
+                continue
+            out.setdefault(alloc, []).append(WorkerInfo(
+                name=str(ws["name"]), node=str(ws.get("host", "")), slots=int(ws.get("nthreads", 1)),
+                gpus=int((ws.get("resources") or {}).get("GPU", 0)), incarnation=addr,
+            ))
+        return out
+
+    async def run(self, spec: RunSpec, placement: Placement) -> RemoteTask:
+        """Submit to exactly the worker the manager chose."""
+        gpus = list(placement.gpu_indices)
+        fut = self.client.submit(
+            run_pilot_task, spec.to_json(), gpus, f"{placement.allocation}/{placement.worker}",
+            key=f"rx-{spec.task_id}-{spec.attempt}-{uuid.uuid4().hex[:6]}", pure=False,
+            workers=[placement.worker], allow_other_workers=False,
+            resources={"GPU": len(gpus)} if gpus else None,
+        )
+        return _DaskTask(fut, spec.result_path)
+
+    async def close(self) -> None:
+        """Close the client and stop the scheduler."""
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.client.close(), 10)
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
