@@ -6,6 +6,10 @@ Prints evaluations per second for each library on the same expressions and
 per-event contexts (a new context per evaluation, as in the engine), the
 ratio against ``cel-python`` measured in the same run, and which of a set of
 correctness cases each library gets right.
+
+Also measured: the engine's own evaluation (:class:`reflexarc.cloud.expr.Expr`),
+which answers a common subset of CEL in Python (:mod:`reflexarc.cloud.fastcel`)
+and asks the Rust library for everything else; it must get the same cases right.
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import cel
-import celpy
+
+try:
+    import celpy
+except ImportError:  # cel-python is only needed for this comparison: pip install cel-python
+    celpy = None
+
+from reflexarc.cloud.expr import compile_expr
 
 EXPRESSIONS = {
     "threshold": "event.data.value > 400",
@@ -58,6 +68,25 @@ def bench_rust(expr: str, n: int) -> float:
     for c in ctxs:
         prog.execute(c)
     return n / (time.perf_counter() - t0)
+
+
+def bench_engine(expr: str, n: int) -> float:
+    """Evaluations per second through the engine's Expr (Python subset, the library for the rest)."""
+    compiled = compile_expr(expr, {"event", "agg", "window"})
+    ctxs = [_ctx(i) for i in range(n)]
+    t0 = time.perf_counter()
+    for c in ctxs:
+        compiled.eval(c)
+    return n / (time.perf_counter() - t0)
+
+
+def correct_engine(expr: str, ctx: dict[str, Any], expected: Any) -> bool:
+    """Whether the engine's Expr gives the expected answer (or error)."""
+    try:
+        got = compile_expr(expr, set(ctx) | {"m", "s", "t", "a"}).eval(ctx)
+    except Exception:
+        return expected is None
+    return expected is not None and got == expected
 
 
 def bench_celpy(expr: str, n: int) -> float:
@@ -106,15 +135,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=20000)
     args = ap.parse_args()
-    print(f"{'expression':<12} {'cel (Rust) ev/s':>16} {'cel-python ev/s':>16} {'ratio':>7}")
+    print(f"{'expression':<12} {'cel (Rust) ev/s':>16} {'cel-python ev/s':>16} {'ratio':>7} {'engine Expr ev/s':>17}")
+    if celpy is None:
+        print("(cel-python is not installed: its column is empty; pip install cel-python)")
     for name, expr in EXPRESSIONS.items():
         r = bench_rust(expr, args.n)
-        p = bench_celpy(expr, max(1000, args.n // 10))
-        print(f"{name:<12} {r:16,.0f} {p:16,.0f} {r / p:6.1f}x")
+        p = bench_celpy(expr, max(1000, args.n // 10)) if celpy is not None else float("nan")
+        e = bench_engine(expr, args.n)
+        print(f"{name:<12} {r:16,.0f} {p:16,.0f} {r / p:6.1f}x {e:17,.0f}")
     ok_r = sum(correct_rust(*c) for c in CASES)
-    ok_p = sum(correct_celpy(*c) for c in CASES)
-    print(f"correctness cases: cel (Rust) {ok_r}/{len(CASES)}, cel-python {ok_p}/{len(CASES)}")
+    ok_p = sum(correct_celpy(*c) for c in CASES) if celpy is not None else 0
+    ok_e = sum(correct_engine(*c) for c in CASES)
+    print(f"correctness cases: cel (Rust) {ok_r}/{len(CASES)}, cel-python {ok_p}/{len(CASES)}, "
+          f"engine Expr {ok_e}/{len(CASES)}")
     for c in CASES:
+        if not correct_engine(*c):
+            print(f"  differs: {c[0]!r}: engine Expr WRONG")
+        if celpy is None:
+            continue
         r, p = correct_rust(*c), correct_celpy(*c)
         if not (r and p):
             print(f"  differs: {c[0]!r}: cel={'ok' if r else 'WRONG'} cel-python={'ok' if p else 'WRONG'}")

@@ -1,6 +1,6 @@
 """CLI of the cloud tier: ``reflexarc cloud run`` and ``reflexarc triggers validate|test|schema``.
 
-Imports stay light here (faust and the CEL engine load inside the commands),
+Imports stay light here (Kafka clients and the CEL engine load inside the commands),
 because the main CLI imports this module at start-up.
 """
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Trigger engine (faust): YAML triggers -> task requests and commands.", no_args_is_help=True)
+app = typer.Typer(help="Trigger engine: YAML triggers -> task requests and commands.", no_args_is_help=True)
 triggers_app = typer.Typer(help="Validate, dry-run and describe trigger files.", no_args_is_help=True)
 
 
 @app.callback()
 def _cloud() -> None:
-    """Trigger engine (faust): YAML triggers -> task requests and commands."""
+    """Trigger engine: YAML triggers -> task requests and commands."""
 
 
 @triggers_app.callback()

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reflexarc.cloud.engine import Firing, MemoryStore, TriggerEngine
+from reflexarc.cloud.engine import CONFLICT_MESSAGE, Firing, MemoryStore, TriggerEngine
 from reflexarc.cloud.validate import CompiledConfig
 from reflexarc.envelope import Envelope, EnvelopeError, EventType
 from reflexarc.events import stable_id
@@ -37,6 +37,7 @@ class DryRunReport:
     firings: list[tuple[int, Firing]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     events: int = 0
+    duplicates: int = 0
 
     def lines(self, as_json: bool = False) -> list[str]:
         """One line per firing (text or JSON)."""
@@ -67,7 +68,8 @@ class DryRunReport:
         for _, f in self.firings:
             counts[f.trigger] = counts.get(f.trigger, 0) + 1
         per = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "no trigger fired"
-        return f"{self.events} events, {len(self.firings)} firings ({per}), {len(self.problems)} problems"
+        dupes = f", {self.duplicates} duplicate events ignored" if self.duplicates else ""
+        return f"{self.events} events, {len(self.firings)} firings ({per}){dupes}, {len(self.problems)} problems"
 
 
 def parse_event_line(text: str, lineno: int, source: str = "events") -> Envelope:
@@ -128,6 +130,10 @@ def dry_run(config: CompiledConfig, events: Path | str, engine: TriggerEngine | 
             store.apply(outcome)
             report.firings.extend((lineno, f) for f in outcome.firings)
             report.problems.extend(f"{path}:{lineno}: trigger '{f.trigger}': {f.message}" for f in outcome.failures)
+            if outcome.conflict:
+                report.problems.append(f"{path}:{lineno}: " + CONFLICT_MESSAGE.format(id=env.id))
+            elif outcome.duplicate:
+                report.duplicates += 1
     return report
 
 

@@ -1,9 +1,10 @@
 """The trigger engine: events and state in, decisions out. No broker, no clock of its own.
 
-The faust worker, ``reflexarc triggers test`` and the unit tests all run this
+The worker, ``reflexarc triggers test`` and the unit tests all run this
 same code. State is a JSON dict per *state key* (``trigger\\x1fsite/device`` or
-``...\\x1fsite/device/stream``); the caller stores it (a faust table in the
-worker, a dict in a dry run) and hands it back for the next event of that key.
+``...\\x1fsite/device/stream``); the caller stores it (in the worker: in memory,
+backed by a changelog; a dict in a dry run) and hands it back for the next
+event of that key.
 
 Determinism is what makes restarts exact: decisions depend only on the
 events (their event time, not the wall clock) and the state, and every
@@ -12,24 +13,42 @@ request carries an id derived from the events that caused it
 reproduces the same request instead of a second task. A state records the
 source position (Kafka offset) of the last event applied to it, so an event
 replayed after its state change was already stored is not counted twice.
+
+A window applies an event *id* at most once (see :mod:`reflexarc.cloud.windows`):
+a copy of an event that reached Kafka twice (a fog or broker redelivery, at
+another offset) is recognised by its id and changes nothing, so the windows
+fire exactly as they would on the events delivered once; a copy with other
+data under the same id is a device error (a *conflict*), reported and
+ignored. Triggers without a window need no such memory: a copy gives the same
+task ids (they derive from the event id), and a cooldown cannot fire twice on
+one event time.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from reflexarc.cloud.expr import CelEvalError, Scope
+import orjson
+
+from reflexarc.cloud.expr import CelEvalError, Expr, Scope
+from reflexarc.cloud.fastcel import GIVE_UP, HELPERS, MISSING, python_code
 from reflexarc.cloud.validate import CompiledAction, CompiledConfig, CompiledTrigger
 from reflexarc.cloud.windows import Pane, WindowKeeper
-from reflexarc.envelope import Envelope, EnvelopeError, EventType, utcnow
+from reflexarc.envelope import Envelope, EnvelopeError, EventType, KafkaEventFields, utcnow
 from reflexarc.events import Cause, Command, Resources, TaskRequest, TaskResult, stable_id
 
 log = logging.getLogger(__name__)
 SEP = "\x1f"
+
+
+CONFLICT_MESSAGE = ("event id {id!r} was applied already with other data (a device reusing an event id "
+                    "for another event): this event is ignored")
 
 
 @dataclass
@@ -52,15 +71,28 @@ class Failure:
     message: str
 
 
-@dataclass
 class Outcome:
-    """What one event caused: firings, state to store, failures, late events."""
+    """What one event caused: firings, state to store, failures, late events, copies recognised.
 
-    firings: list[Firing] = field(default_factory=list)
-    states: dict[str, dict[str, Any]] = field(default_factory=dict)
-    failures: list[Failure] = field(default_factory=list)
-    late: int = 0
-    skipped: int = 0
+    ``duplicate``: windows that had applied this event id already (a copy:
+    nothing changed); ``conflict``: windows that had applied this id with
+    other data (a device reusing an id: nothing changed; :data:`CONFLICT_MESSAGE`
+    says so in a dead letter). A plain class with slots: one is made per event.
+    """
+
+    __slots__ = ("conflict", "duplicate", "failures", "firings", "late", "skipped", "states")
+
+    def __init__(self) -> None:
+        self.firings: list[Firing] = []
+        self.states: dict[str, dict[str, Any]] = {}
+        self.failures: list[Failure] = []
+        self.late = 0
+        self.skipped = 0
+        self.duplicate = 0
+        self.conflict = 0
+
+    def __repr__(self) -> str:
+        return f"Outcome({', '.join(f'{k}={getattr(self, k)!r}' for k in self.__slots__)})"
 
 
 def epoch(t: datetime) -> float:
@@ -75,16 +107,39 @@ def from_epoch(x: float | None) -> datetime | None:
 
 def event_context(env: Envelope) -> dict[str, Any]:
     """The ``event`` variable of CEL for one instrument event."""
+    ext = env.extensions
+    time = env.time
+    data = env.data
     return {
         "id": env.id,
         "type": env.type,
         "source": env.source,
-        "site": env.site or "",
-        "device": env.device or "",
+        "site": ext.get("site") or "",
+        "device": ext.get("device") or "",
         "stream": env.subject or "",
-        "time": env.time if env.time.tzinfo else env.time.replace(tzinfo=UTC),
-        "data": env.data if isinstance(env.data, dict) else {},
+        "time": time if time.tzinfo else time.replace(tzinfo=UTC),
+        "data": data if isinstance(data, dict) else {},
     }
+
+
+def event_digest(ctx: dict[str, Any], t: float | None = None) -> int:
+    """A short, stable hash of what an event says (stream, time, data), remembered with its id.
+
+    Only to tell a copy of an event from another event under the same id, so
+    32 bits do: a device error goes unnoticed with probability 2**-32.
+    """
+    parts = [ctx["stream"], epoch(ctx["time"]) if t is None else t, ctx["data"]]
+    try:
+        text = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONEncodeError, TypeError):
+        # Integers beyond 64 bits and the like: the standard library writes them (slower, as rare).
+        text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return zlib.crc32(text)
+
+
+def ectx_t(ectx: dict[str, Any]) -> float:
+    """Event time of a stored window event (emit: close), as epoch seconds."""
+    return epoch(ectx["time"])
 
 
 def _stored_event(ctx: dict[str, Any]) -> dict[str, Any]:
@@ -102,6 +157,150 @@ def _window_vars(p: Pane) -> dict[str, Any]:
     return v
 
 
+class _Plan:
+    """One enabled trigger, ready for the per-event loop: everything it needs, looked up once."""
+
+    __slots__ = ("aggregates", "by_stream", "close", "cooldown", "filter", "fp", "keeper", "name", "needs_window",
+                 "order", "sliding", "stateful", "trig", "when")
+
+    def __init__(self, trig: CompiledTrigger, order: int) -> None:
+        w = trig.spec.window
+        self.order = order
+        self.trig = trig
+        self.name = trig.name
+        self.filter = trig.filter
+        self.when = trig.when
+        # Aggregate inputs: (expression, whether its value is the same for every trigger: it does
+        # not read `trigger`, so triggers with the same expression share one evaluation per event).
+        self.aggregates = [(e, e is not None and "trigger" not in e.variables) for e in trig.aggregates.values()]
+        self.keeper = WindowKeeper(w) if w is not None else None
+        self.close = w is not None and w.emit == "close"
+        self.sliding = w is not None and w.type == "sliding"
+        self.by_stream = w is not None and w.key == "stream"
+        self.cooldown = trig.spec.cooldown
+        self.stateful = trig.stateful
+        self.fp = trig.fingerprint
+        # The `window` variable costs four datetimes: built for `when` only if it reads it.
+        self.needs_window = "window" in trig.when.variables
+
+
+class SelectorIndex:
+    """The triggers' ``on:`` selectors as a tree of levels (site, device, stream), built once per config.
+
+    A lookup follows the event's three names and the ``+``/``#`` branches, so
+    its cost does not grow with the number of triggers; results are cached
+    per stream (bounded).
+    """
+
+    def __init__(self, triggers: list[CompiledTrigger]) -> None:
+        self.root: dict[str, Any] = {}
+        for order, trig in enumerate(triggers):
+            for sel in trig.spec.on:
+                node = self.root
+                for level in sel.split("/"):
+                    if level == "#":
+                        node.setdefault("#", set()).add(order)
+                        break
+                    node = node.setdefault("/" + level, {})
+                else:
+                    node.setdefault("", set()).add(order)
+
+    def lookup(self, names: tuple[str, ...]) -> set[int]:
+        """Positions (in config order) of the triggers whose selectors match ``names``."""
+        found: set[int] = set()
+        nodes = [self.root]
+        for name in names:
+            nxt = []
+            for node in nodes:
+                found |= node.get("#", set())
+                for child in (node.get("/" + name), node.get("/+")):
+                    if child is not None:
+                        nxt.append(child)
+            nodes = nxt
+        for node in nodes:
+            found |= node.get("", set()) | node.get("#", set())
+        return found
+
+
+_DATA = EventType.DATA.value
+_MISSING = object()
+# `agg` and `window` of triggers without a window (never changed: expressions only read).
+_EMPTY: dict[str, Any] = {}
+# A group function: (event, key, fired) appends i for a firing of plans[i], ~i for one the library must judge.
+_Group = Callable[[dict[str, Any], str, list[int]], None]
+
+
+def stateless_group(plans: list[_Plan]) -> _Group:
+    """One generated function that evaluates the filter and condition of every trigger without state.
+
+    These are most triggers (thresholds), evaluated on every event; in one
+    function they cost no call, no loop and no dict per trigger. Each
+    trigger's expressions are its Python forms (:func:`~reflexarc.cloud.fastcel.python_code`,
+    with ``trigger`` as a constant); a trigger whose expression is outside the
+    subset, or whose evaluation gives up or gives no boolean, is reported as
+    ``~i`` and evaluated again by the library, trigger by trigger, as before.
+    """
+    body: list[str] = []
+    # Field paths several triggers read (event.data.value ...): read once per event, in the prologue.
+    shared: dict[str, str] = {}
+    # Expressions several triggers share (the same filter ...): evaluated once, where first needed. A
+    # condition is evaluated under its filter's `if`, so it is shared only under that same filter.
+    results: dict[tuple[str, str | None, str | None], str] = {}
+
+    def value_of(expr: Expr, plan: _Plan, role: str, indent: str, under: str | None) -> str | None:
+        """The local holding ``expr``'s result (True/False/None: the library must judge), emitting its code once."""
+        own = plan.name if "trigger" in expr.variables else None  # `trigger` differs per trigger
+        local = results.get((expr.source, own, under))
+        if local is not None:
+            return local
+        names = {"event": "E", "key": "K", "trigger": repr(plan.name), "agg": "_EMPTY", "window": "_EMPTY"}
+        code = python_code(expr.source, names, f"_{role}{len(results)}_", shared)
+        if code is None:
+            return None
+        local = f"_r{len(results)}"
+        results[(expr.source, own, under)] = local
+        body.extend([f"{indent}try:", f"{indent}    {local} = {code}", f"{indent}except GIVE_UP:",
+                     f"{indent}    {local} = None"])
+        return local
+
+    for i, plan in enumerate(plans):
+        # A result is computed at its first use: a filter at the top, a condition under its filter.
+        flt = value_of(plan.filter, plan, "f", "    ", None) if plan.filter is not None else "True"
+        if flt is None:
+            body.append(f"    fired.append({~i})")
+            continue
+        body.append(f"    if {flt} is True:")
+        when = value_of(plan.when, plan, "w", "        ", flt)
+        if when is None:
+            body.append(f"        fired.append({~i})")
+        else:
+            body += [f"        if {when} is True:", f"            fired.append({i})",
+                     f"        elif {when} is not False:", f"            fired.append({~i})"]
+        body += [f"    elif {flt} is not False:", f"        fired.append({~i})"]
+    lines = ["def _group(E, K, fired):"]
+    for path, local in shared.items():
+        lines += ["    try:", f"        {local} = {path}", "    except GIVE_UP:", f"        {local} = MISSING"]
+    lines += body
+    namespace: dict[str, Any] = {**HELPERS, "GIVE_UP": GIVE_UP, "MISSING": MISSING, "_EMPTY": _EMPTY}
+    # Generated from parsed expressions only (see reflexarc.cloud.fastcel): no expression text runs as code.
+    exec(compile("\n".join(lines) + "\n", "<triggers-group>", "exec"), namespace)
+    group: _Group = namespace["_group"]
+    return group
+
+
+class _Selection:
+    """What an event of one stream selects: stateless triggers (one group function) and stateful ones."""
+
+    __slots__ = ("group", "key", "stateful", "stateless")
+
+    def __init__(self, key: str, stateless: list[_Plan], group: _Group | None,
+                 stateful: list[tuple[_Plan, str, str]]) -> None:
+        self.key = key  # site/device: the key of triggers without a window
+        self.stateless = stateless
+        self.group = group
+        self.stateful = stateful  # (plan, state key, key) in config order
+
+
 class TriggerEngine:
     """Evaluates compiled triggers against events; pure apart from the ``now`` used for deadlines."""
 
@@ -111,21 +310,43 @@ class TriggerEngine:
         self.triggers = [t for t in config.triggers if t.spec.enabled]
         self._by_name = {t.name: t for t in config.triggers}
         self.trigger_names = frozenset(self._by_name)
-        self._keepers = {t.name: WindowKeeper(t.spec.window) for t in self.triggers if t.spec.window}
-        self._select_cache: dict[tuple[str, str, str], list[CompiledTrigger]] = {}
+        self._plans = [_Plan(t, i) for i, t in enumerate(self.triggers)]
+        self._order = {p.name: p.order for p in self._plans}
+        self._index = SelectorIndex(self.triggers)
+        self._select_cache: dict[tuple[str, str, str], _Selection] = {}
+        # Group functions by the stateless triggers they run (the same for every device of a stream).
+        self._groups: dict[tuple[int, ...], _Group] = {}
         self.command_deadline = config.file.command_deadline
 
     # ---- selection -----------------------------------------------------------------
-    def selected(self, site: str, device: str, stream: str) -> list[CompiledTrigger]:
-        """Triggers listening to one stream (cached: selectors are fixed per config)."""
+    def _selection(self, site: str, device: str, stream: str) -> _Selection:
         k = (site, device, stream)
         hit = self._select_cache.get(k)
         if hit is None:
             if len(self._select_cache) > 100_000:
-                self._select_cache.clear()
-            hit = [t for t in self.triggers if t.selects(site, device, stream)]
+                self._select_cache.clear()  # stream names come from devices: never grow without bound
+            if len(self._groups) > 10_000:
+                self._groups.clear()  # one per distinct set of triggers: few, but bounded all the same
+            plans = [self._plans[i] for i in sorted(self._index.lookup(k))]
+            stateless = [p for p in plans if not p.stateful]
+            shape = tuple(p.order for p in stateless)
+            group = self._groups.get(shape)
+            if group is None and stateless:
+                group = self._groups[shape] = stateless_group(stateless)
+            stateful = []
+            for plan in plans:
+                if plan.stateful:
+                    key = f"{site}/{device}/{stream}" if plan.by_stream else f"{site}/{device}"
+                    stateful.append((plan, f"{plan.name}{SEP}{key}", key))
+            hit = _Selection(f"{site}/{device}", stateless, group, stateful)
             self._select_cache[k] = hit
         return hit
+
+    def selected(self, site: str, device: str, stream: str) -> list[CompiledTrigger]:
+        """Triggers listening to one stream (looked up in the selector index, cached), in config order."""
+        sel = self._selection(site, device, stream)
+        return sorted([p.trig for p in sel.stateless] + [p.trig for p, _, _ in sel.stateful],
+                      key=lambda t: self._order[t.name])
 
     @staticmethod
     def state_key(trig: CompiledTrigger, site: str, device: str, stream: str) -> str:
@@ -137,15 +358,17 @@ class TriggerEngine:
     def state_keys(self, env: Envelope) -> list[str]:
         """The state keys an event may read or write (for a store to fetch in advance)."""
         site, device, stream = env.site or "", env.device or "", env.subject or ""
-        return [self.state_key(t, site, device, stream) for t in self.selected(site, device, stream) if t.stateful]
+        return [skey for _, skey, _ in self._selection(site, device, stream).stateful]
 
     # ---- events --------------------------------------------------------------------
     def check_event(self, env: Envelope) -> None:
         """Raise :class:`EnvelopeError` if ``env`` is not an instrument event the engine can use."""
-        if env.type != EventType.DATA.value:
-            raise EnvelopeError(f"expected a {EventType.DATA.value} event, got {env.type!r}")
-        missing = [n for n, v in (("site", env.site), ("device", env.device), ("subject (stream)", env.subject)) if not v]
-        if missing:
+        if env.type != _DATA:
+            raise EnvelopeError(f"expected a {_DATA} event, got {env.type!r}")
+        ext = env.extensions
+        if not (ext.get("site") and ext.get("device") and env.subject):
+            missing = [n for n, v in (("site", env.site), ("device", env.device), ("subject (stream)", env.subject))
+                       if not v]
             raise EnvelopeError(f"instrument event {env.id} lacks {', '.join(missing)}")
 
     def process(
@@ -159,88 +382,191 @@ class TriggerEngine:
         ``states`` maps state keys (see :meth:`state_keys`) to stored states;
         ``position`` is the event's place in its source (Kafka offset): an
         event at or before a state's recorded position was applied already
-        and is skipped for that state.
+        and is skipped for that state. States are updated in place and
+        returned in :attr:`Outcome.states`, for the caller to store.
         """
         self.check_event(env)
+        return self.evaluate(event_context(env), states, position)
+
+    def event_of(self, fields: KafkaEventFields) -> dict[str, Any]:
+        """The ``event`` variable from a record's fields (:func:`~reflexarc.envelope.kafka_event_fields`).
+
+        What :func:`event_context` gives for the Envelope of the same record,
+        after the same checks as :meth:`check_event` (the same errors): the
+        worker's way, which skips building the Envelope.
+        """
+        event_id, event_type, source, subject, time, ext, data = fields
+        site, device = ext.get("site"), ext.get("device")
+        if event_type != _DATA:
+            raise EnvelopeError(f"expected a {_DATA} event, got {event_type!r}")
+        if not (site and device and subject):
+            missing = [n for n, v in (("site", site), ("device", device), ("subject (stream)", subject)) if not v]
+            raise EnvelopeError(f"instrument event {event_id} lacks {', '.join(missing)}")
+        return {"id": event_id, "type": event_type, "source": source, "site": site, "device": device,
+                "stream": subject, "time": time, "data": data}
+
+    def evaluate(
+        self,
+        ctx: dict[str, Any],
+        states: Mapping[str, dict[str, Any] | None],
+        position: int | None = None,
+    ) -> Outcome:
+        """:meth:`process` for an event already checked and turned into its ``event`` variable."""
         out = Outcome()
-        ctx = event_context(env)
-        scope = Scope({"event": ctx})
-        site, device, stream = ctx["site"], ctx["device"], ctx["stream"]
-        for trig in self.selected(site, device, stream):
-            try:
-                self._one(trig, scope, ctx, states, position, out)
-            except CelEvalError as exc:
-                out.failures.append(Failure(trig.name, str(exc)))
-            except (TypeError, ValueError) as exc:
-                out.failures.append(Failure(trig.name, f"{type(exc).__name__}: {exc}"))
+        scope = Scope(ctx)
+        sel = self._selection(ctx["site"], ctx["device"], ctx["stream"])
+        if sel.group is not None:
+            fired: list[int] = []
+            sel.group(ctx, sel.key, fired)
+            for i in fired:
+                self._stateless(sel.stateless[i if i >= 0 else ~i], sel.key, ctx, scope, out, judged=i >= 0)
+        if sel.stateful:
+            # The variables of filters and aggregates: one dict per event, `trigger` set per trigger.
+            evars: dict[str, Any] = {"event": ctx, "trigger": ""}
+            # Event time (epoch s), digest, aggregate inputs by expression: computed on first use, once per event.
+            memo: list[Any] = [None, None, {}]
+            stateless_fired = len(out.firings)
+            for plan, skey, key in sel.stateful:
+                evars["trigger"] = plan.name
+                try:
+                    self._stateful(plan, skey, key, scope, evars, ctx, states, position, out, memo)
+                except CelEvalError as exc:
+                    out.failures.append(Failure(plan.name, str(exc)))
+                except (TypeError, ValueError) as exc:
+                    out.failures.append(Failure(plan.name, f"{type(exc).__name__}: {exc}"))
+            if stateless_fired and len(out.firings) > stateless_fired:
+                out.firings.sort(key=lambda f: self._order[f.trigger])  # config order, as one loop would give
         return out
 
-    def _one(
+    def _stateless(self, plan: _Plan, key: str, ctx: dict[str, Any], scope: Scope, out: Outcome,
+                   judged: bool) -> None:
+        """A trigger without state that fired (``judged``), or that the library must evaluate."""
+        variables = {"event": ctx, "agg": _EMPTY, "window": _EMPTY, "key": key, "trigger": plan.name}
+        try:
+            if not judged:
+                if plan.filter is not None and not plan.filter.truth({"event": ctx, "trigger": plan.name}, scope):
+                    return
+                if not plan.when.truth(variables, scope):
+                    return
+            out.firings.append(self._fire(plan.trig, key, ctx, [ctx["id"]], variables))
+        except CelEvalError as exc:
+            out.failures.append(Failure(plan.name, str(exc)))
+        except (TypeError, ValueError) as exc:
+            out.failures.append(Failure(plan.name, f"{type(exc).__name__}: {exc}"))
+
+    def _stateful(
         self,
-        trig: CompiledTrigger,
+        plan: _Plan,
+        skey: str,
+        key: str,
         scope: Scope,
+        evars: dict[str, Any],
         ctx: dict[str, Any],
         states: Mapping[str, dict[str, Any] | None],
         position: int | None,
         out: Outcome,
+        memo: list[Any],
     ) -> None:
-        extra = {"trigger": trig.name}
-        if trig.filter is not None and not trig.filter.truth(scope.get(trig.filter, extra)):
+        if plan.filter is not None and not plan.filter.truth(evars, scope):
             return
-        site, device, stream = ctx["site"], ctx["device"], ctx["stream"]
-        skey = self.state_key(trig, site, device, stream)
-        key = skey.split(SEP, 1)[1]
-        state: dict[str, Any] | None = None
-        if trig.stateful:
-            old = states.get(skey)
-            if old is not None and old.get("fp") == trig.fingerprint:
-                if position is not None and old.get("pos") is not None and position <= old["pos"]:
-                    out.skipped += 1
-                    return
-                # Updated in place: the caller stores it again (a condition that fails
-                # afterwards still leaves the event counted in its window).
-                state = old
-            else:
-                state = {"fp": trig.fingerprint}
-        t = epoch(ctx["time"])
-        candidates: list[tuple[dict[str, Any], dict[str, Any], dict[str, Any], list[str]]] = []
-        if trig.spec.window is not None:
-            assert state is not None
-            values = {
-                n: (e.eval(scope.get(e, extra)) if e is not None else None) for n, e in trig.aggregates.items()
-            }
-            keeper = self._keepers[trig.name]
-            up = keeper.add_event(state.setdefault("win", {}), t, values, _stored_event(ctx))
-            if up.late:
-                out.late += 1
-            panes = up.closed if trig.spec.window.emit == "close" else up.current
-            for pane in panes:
-                pctx = _loaded_event(pane.last_event) if pane.last_event else ctx
-                ids = [pane.first_event_id, pane.last_event_id] if trig.spec.window.emit == "close" else [ctx["id"]]
-                ids = [i for i in dict.fromkeys(ids) if i]
-                candidates.append((pctx, pane.values, _window_vars(pane), ids))
+        old = states.get(skey)
+        if old is not None and old.get("fp") == plan.fp:
+            if position is not None and old.get("pos") is not None and position <= old["pos"]:
+                out.skipped += 1
+                return
+            # Updated in place: the caller stores it again (a condition that fails
+            # afterwards still leaves the event counted in its window).
+            state = old
         else:
-            candidates.append((ctx, {}, {}, [ctx["id"]]))
-        for ectx, agg, window, ids in candidates:
-            variables = {"event": ectx, "agg": agg, "window": window, "key": key, "trigger": trig.name}
-            wctx = scope.get(trig.when, variables) if ectx is ctx else {
-                k: variables[k] for k in trig.when.variables if k in variables
-            }
-            if not trig.when.truth(wctx):
+            state = {"fp": plan.fp}
+        keeper = plan.keeper
+        t = memo[0]
+        if t is None:
+            t = memo[0] = epoch(ctx["time"])
+        if keeper is None:
+            # A cooldown alone: the event itself is the only candidate.
+            variables = {"event": ctx, "agg": {}, "window": {}, "key": key, "trigger": plan.name}
+            if plan.when.truth(variables, scope):
+                until = state.get("cool")
+                if until is None or t >= until:
+                    state["cool"] = t + plan.cooldown
+                    out.firings.append(self._fire(plan.trig, key, ctx, [ctx["id"]], variables))
+            state["pos"] = position
+            out.states[skey] = state
+            return
+        win = state.get("win")
+        if win is None:
+            win = state["win"] = {}
+        digest = memo[1]
+        if digest is None:
+            digest = memo[1] = event_digest(ctx, t)
+        ids = win.get("ids")
+        seen = ids.get(ctx["id"]) if ids else None  # WindowKeeper.check, inline
+        if seen is not None:
+            if seen[1] == digest:
+                out.duplicate += 1
+            else:
+                out.conflict += 1
+            return
+        shared = memo[2]
+        values = []
+        for e, share in plan.aggregates:
+            if e is None:
+                values.append(None)
+            elif share:
+                v = shared.get(e.source, _MISSING)
+                if v is _MISSING:
+                    v = shared[e.source] = e.eval(evars, scope)
+                values.append(v)
+            else:
+                values.append(e.eval(evars, scope))
+        if plan.sliding:
+            # One window, always the current one: no generic Update (the hot path of sliding windows).
+            agg = keeper.slide(win, t, values, ctx["id"], digest)
+            if agg is None:
+                out.late += 1
+            else:
+                window = _window_vars(keeper.sliding_pane(win, agg)) if plan.needs_window else _EMPTY
+                variables = {"event": ctx, "agg": agg, "window": window, "key": key, "trigger": plan.name}
+                if plan.when.truth(variables, scope):
+                    until = state.get("cool") if plan.cooldown is not None else None
+                    if until is None or t >= until:
+                        if plan.cooldown is not None:
+                            state["cool"] = t + plan.cooldown
+                        if not plan.needs_window:
+                            variables["window"] = _window_vars(keeper.sliding_pane(win, agg))
+                        out.firings.append(self._fire(plan.trig, key, ctx, [ctx["id"]], variables))
+            state["pos"] = position
+            out.states[skey] = state
+            return
+        up = keeper.add_event(win, t, values, ctx["id"], digest,
+                              _stored_event(ctx) if plan.close else None)
+        if up.late:
+            out.late += 1
+        for pane in (up.closed if plan.close else up.current):
+            if plan.close:
+                ectx = _loaded_event(pane.last_event) if pane.last_event else ctx
+                ids = [i for i in dict.fromkeys((pane.first_event_id, pane.last_event_id)) if i]
+            else:
+                ectx, ids = ctx, [ctx["id"]]
+            window = _window_vars(pane) if plan.needs_window else {}
+            variables = {"event": ectx, "agg": pane.values, "window": window, "key": key, "trigger": plan.name}
+            # Only the event of this very event has its library context in `scope`.
+            if not plan.when.truth(variables, scope if ectx is ctx else None):
                 continue
-            fire_t = epoch(ectx["time"])
-            if trig.spec.cooldown is not None:
-                assert state is not None
+            fire_t = t if ectx is ctx else ectx_t(ectx)
+            if plan.cooldown is not None:
                 until = state.get("cool")
                 if until is not None and fire_t < until:
                     continue
-                state["cool"] = fire_t + trig.spec.cooldown
-            out.firings.append(self._fire(trig, key, ectx, ids, variables))
-            if trig.spec.window is None or trig.spec.window.emit == "update":
+                state["cool"] = fire_t + plan.cooldown
+            if not plan.needs_window:
+                variables["window"] = _window_vars(pane)
+            out.firings.append(self._fire(plan.trig, key, ectx, ids, variables))
+            if not plan.close:
                 break  # at most one firing per event (the oldest window that holds)
-        if state is not None:
-            state["pos"] = position
-            out.states[skey] = state
+        state["pos"] = position
+        out.states[skey] = state
 
     def _fire(
         self, trig: CompiledTrigger, key: str, ectx: dict[str, Any], ids: list[str], variables: dict[str, Any]

@@ -2,7 +2,10 @@
 
 The engine is ``common-expression-language`` (module ``cel``, Rust-backed);
 ``benchmarks/cel_compare.py`` measures it against ``cel-python`` (see
-docs/triggers.md for the figures and the reasons).
+docs/triggers.md for the figures and the reasons). Expressions in a common
+subset are also compiled to Python (:mod:`reflexarc.cloud.fastcel`), which
+reads the event's values without converting them for the library; whatever
+that subset cannot answer exactly, the library evaluates.
 
 CEL itself cannot import, open files, loop without bound or call anything the
 host did not register. On top of that every expression is checked at load:
@@ -18,10 +21,13 @@ host did not register. On top of that every expression is checked at load:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import cel
+
+from reflexarc.cloud.fastcel import GIVE_UP, compile_fast
 
 MAX_LENGTH = 2000
 MAX_MACRO_DEPTH = 1
@@ -117,14 +123,28 @@ def _position(text: str) -> tuple[str, int | None, int | None]:
 
 @dataclass(frozen=True)
 class Expr:
-    """A compiled, checked CEL expression."""
+    """A compiled, checked CEL expression (and its Python form, when it has one)."""
 
     source: str
     program: Any = field(repr=False, compare=False)
     variables: frozenset[str] = frozenset()
+    fast: Callable[[dict[str, Any]], Any] | None = field(default=None, repr=False, compare=False)
 
-    def eval(self, context: Any) -> Any:
-        """Evaluate against ``context``; :class:`CelEvalError` says what went wrong."""
+    def eval(self, variables: dict[str, Any], scope: Scope | None = None) -> Any:
+        """Evaluate with ``variables`` (Python values by name); :class:`CelEvalError` says what went wrong.
+
+        ``scope`` lends the library a context converted once per event, for the
+        evaluations the Python form cannot answer.
+        """
+        fast = self.fast
+        if fast is not None:
+            try:
+                return fast(variables)
+            except GIVE_UP:
+                pass  # not a case the Python form reproduces exactly: the library decides
+        context = scope.context(self, variables) if scope is not None else {
+            k: variables[k] for k in self.variables if k in variables
+        }
         try:
             return self.program.execute(context)
         except KeyError as exc:
@@ -132,10 +152,20 @@ class Expr:
         except Exception as exc:  # the Rust binding raises several built-in types
             raise CelEvalError(f"{self.source!r}: {type(exc).__name__}: {exc}") from None
 
-    def truth(self, context: Any) -> bool:
+    def truth(self, variables: dict[str, Any], scope: Scope | None = None) -> bool:
         """Evaluate a condition; anything but a boolean is an error (CEL does not coerce)."""
-        value = self.eval(context)
-        if not isinstance(value, bool):
+        fast = self.fast
+        if fast is not None:
+            # eval()'s first step, inline: conditions are evaluated for every event.
+            try:
+                value = fast(variables)
+            except GIVE_UP:
+                pass
+            else:
+                if value is True or value is False:
+                    return value
+        value = self.eval(variables, scope)
+        if type(value) is not bool:
             raise CelEvalError(f"{self.source!r} gave {type(value).__name__} {value!r}, not true/false")
         return value
 
@@ -176,30 +206,35 @@ def compile_expr(source: str, variables: frozenset[str] | set[str], what: str = 
             f"comprehensions ({', '.join(_MACROS)}) are nested {depth} deep; at most "
             f"{MAX_MACRO_DEPTH} level is allowed so that evaluation time stays bounded"
         )
-    return Expr(source, program, frozenset(used))
+    return Expr(source, program, frozenset(used), compile_fast(source))
 
 
 class Scope:
-    """The variables of one event's evaluations.
+    """The library's view of one event's variables, converted at most once.
 
-    Converting Python values to CEL dominates the cost of an evaluation, so the
-    event is converted once (a ``cel.Context``) and shared by every expression
-    that reads nothing else; other expressions get only the variables they use.
+    Converting Python values to CEL dominates the cost of a library evaluation,
+    so the event is converted once (a ``cel.Context``), when an expression the
+    Python form cannot answer first needs it, and shared by every such
+    expression that reads nothing else; other expressions get only the
+    variables they use.
     """
 
-    def __init__(self, base: dict[str, Any]) -> None:
-        self.base = base
-        self._names = frozenset(base)
+    __slots__ = ("_ctx", "event")
+
+    def __init__(self, event: dict[str, Any]) -> None:
+        self.event = event  # the `event` variable (created per event: nothing else happens here)
         self._ctx: Any = None
 
-    def get(self, expr: Expr, extra: dict[str, Any] | None = None) -> Any:
-        """A context for ``expr``: the shared one, or a dict of exactly the variables it reads."""
-        if expr.variables <= self._names:
+    def context(self, expr: Expr, variables: dict[str, Any]) -> Any:
+        """A library context for ``expr``: the shared one, or a dict of exactly the variables it reads."""
+        if expr.variables <= _EVENT_ONLY:
             if self._ctx is None:
-                self._ctx = cel.Context(self.base)
+                self._ctx = cel.Context({"event": self.event})
             return self._ctx
-        merged = {**self.base, **(extra or {})}
-        return {k: merged[k] for k in expr.variables if k in merged}
+        return {k: variables[k] for k in expr.variables if k in variables}
+
+
+_EVENT_ONLY = frozenset({"event"})
 
 
 @dataclass(frozen=True)
@@ -213,7 +248,7 @@ class ArgTemplate:
         """The argument values for one firing (JSON-ready)."""
         out = dict(self.literals)
         for name, expr in self.exprs.items():
-            out[name] = to_json(expr.eval({k: context[k] for k in expr.variables if k in context}))
+            out[name] = to_json(expr.eval(context))
         return out
 
 

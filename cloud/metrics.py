@@ -12,5 +12,12 @@ RESULTS = Counter("rx_triggers_results_total", "Task results read", ["status"])
 DEADLETTERS = Counter("rx_triggers_deadletters_total", "Records sent to the dead-letter topic", ["stage"])
 LATE = Counter("rx_triggers_late_events_total", "Events older than every open window (ignored by windows)")
 REPLAYED = Counter("rx_triggers_replayed_total", "Redelivered events whose state change was already stored")
+DUPLICATES = Counter(
+    "rx_triggers_duplicates_total", "Copies of events a window had applied already (same id, same data), ignored"
+)
+ID_CONFLICTS = Counter(
+    "rx_triggers_id_conflicts_total",
+    "Events reusing the id of an applied event with other data (a device error), ignored and dead-lettered",
+)
 RELOADS = Counter("rx_triggers_reloads_total", "Triggers file reloads", ["outcome"])
 ACTIVE = Gauge("rx_triggers_active", "Triggers currently loaded")

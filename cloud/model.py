@@ -230,10 +230,10 @@ class Trigger(StrictModel):
 
 
 class WorkerSettings(StrictModel):
-    """How the faust worker runs."""
+    """How the trigger worker runs."""
 
 
-    app_id: str | None = Field(None, description="faust app id = consumer group (default: {namespace}-triggers)")
+    app_id: str | None = Field(None, description="consumer group of the workers (default: {namespace}-triggers)")
     reload: bool = Field(True, description="watch the file and apply changes while running")
     reload_interval: Duration = 1.0
     session_timeout: Duration = Field(10.0, description="Kafka consumer session timeout")
@@ -245,11 +245,18 @@ class WorkerSettings(StrictModel):
         description="longest a fetch waits at the broker for new records: the worker's added latency on "
         "brokers that poll (Tansu); shorter costs more empty fetches while idle (one per wait)",
     )
-    data_dir: str | None = Field(None, description="faust's local data directory (default: a temporary one)")
+    max_batch: int = Field(
+        2000,
+        ge=1,
+        le=100_000,
+        description="most records evaluated together: their requests are acked together and each device's "
+        "state is written once for them (larger: fewer round trips; smaller: less to redo after a crash)",
+    )
+    data_dir: str | None = Field(None, description="no longer used (the faust worker's data directory); ignored")
     single_record_batches: bool = Field(
         True,
-        description="changelog records one per batch: needed for exact state recovery on Tansu "
-        "(wrong end offsets); brokers with correct end offsets (Kafka, Redpanda) may set false for speed",
+        description="no longer used, ignored: state recovery reads the changelog up to a marker record, "
+        "which is exact on every broker (Tansu's wrong end offsets included) with batches of any size",
     )
 
 

@@ -26,6 +26,8 @@ from reflexarc.config import ConfigError, Problem, parse_yaml_text
 from reflexarc.events import Resources
 from reflexarc.topics import TopicError, check_name, mqtt_match
 
+# Layout of trigger state (2: sliding windows by columns, remembered event ids).
+STATE_VERSION = 2
 # The variables each kind of expression may read (see docs/triggers.md).
 EVENT_VARS = frozenset({"event", "trigger"})
 WHEN_VARS = frozenset({"event", "agg", "window", "key", "trigger"})
@@ -175,9 +177,12 @@ def _site_info(base: Path, rel: str) -> SiteInfo:
 def fingerprint(trig: Trigger) -> str:
     """Identity of a trigger's *state*: window, key and cooldown (not its condition or actions).
 
-    State is kept across a reload when this is unchanged.
+    State is kept across a reload when this is unchanged. ``state`` is the
+    version of the state's layout: a worker of another version starts such
+    triggers afresh rather than misreading their state.
     """
     parts = {
+        "state": STATE_VERSION,
         "on": trig.on,
         "filter": trig.filter,
         "window": trig.window.model_dump(mode="json") if trig.window else None,

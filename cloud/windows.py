@@ -1,41 +1,71 @@
-"""Window state over event time, as plain JSON data (so a faust table can hold and replay it).
+"""Window state over event time, as plain JSON data (so a changelog can hold and replay it).
 
-A window's state is a dict that :func:`add_event` updates in place and that
-survives JSON round trips unchanged. Time is event time in epoch seconds, so
-the same events always give the same windows, whatever the wall clock and
-however often a worker restarts.
+A window's state is a dict that :meth:`WindowKeeper.add_event` updates in place
+and that survives JSON round trips unchanged. Time is event time in epoch
+seconds, so the same events always give the same windows, whatever the wall
+clock and however often a worker restarts.
 
 * Time panes (tumbling = hopping with ``hop == size``): ``panes`` holds the
   open windows ``[start, start + size)``; ``hi`` is the latest event time seen.
   A pane closes when an event at or after its end arrives. An event older
   than every open pane is *late* and ignored (counted by the caller).
-* Count panes (tumbling by ``events``): one pane of at most N events.
-* Sliding: ``samples`` within ``[hi - size, hi]`` (or the last N events).
+* Count panes (tumbling by ``events``): one pane of at most N events; ``lo`` is
+  the first event time of the last closed pane: older events are late.
+* Sliding: the samples within ``[hi - size, hi]`` (or the last N events: an
+  event older than all of a full window's N is late), column by column: their
+  times ``ts`` and one list of values per aggregate in ``cols``.
+
+**Each event id is applied at most once.** ``ids`` maps the id of every event
+applied to the window, for as long as a copy of it could still be applied, to
+``[event time, hash of the event]``. A copy of a remembered id is a
+*duplicate* (a fog or broker redelivery) and changes nothing; a copy with
+another hash is a device reusing an id for different data, a *conflict*, and
+changes nothing either. How long is "could still be applied" depends on the
+window: an id is forgotten once an event at its time would be late anyway
+(time windows: older than every open pane; sliding: older than ``hi - size``
+or than the oldest of a full window's N events; count windows: older than the
+window before the current one). So the memory holds about one window of ids
+(two for count windows), and is pruned when it doubles. A hard cap,
+:data:`MAX_REMEMBERED_IDS`, bounds it whatever the window: beyond it the
+oldest quarter is forgotten and ``floor`` marks their time, below which every
+event is late - so no copy of a forgotten id is ever applied.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 from reflexarc.cloud.model import MAX_SLIDING_SAMPLES, Window
 
+# Ids remembered per window state at most (see the module docstring). The state travels
+# in one changelog record, so it must stay well under a Kafka record's 1 MB default.
+MAX_REMEMBERED_IDS = 10_000
+# A new id is a new event; a remembered id with the same hash a duplicate; with another, a conflict.
+NEW, DUPLICATE, CONFLICT = 0, 1, 2
+# Time panes: ids older than ``hi - size`` by this margin are surely late (pane bounds are rounded to 1e-9).
+_PANE_MARGIN = 1e-6
 
-@dataclass
+
 class Pane:
     """A window as the condition sees it: bounds, counts and aggregate values."""
 
-    start: float
-    end: float
-    count: int
-    first_time: float | None
-    last_time: float | None
-    values: dict[str, Any]
-    last_event: dict[str, Any] | None = None
-    first_event_id: str | None = None
-    last_event_id: str | None = None
+    __slots__ = ("count", "end", "first_event_id", "first_time", "last_event", "last_event_id", "last_time",
+                 "start", "values")
+
+    def __init__(self, start: float, end: float, count: int, first_time: float | None, last_time: float | None,
+                 values: dict[str, Any], last_event: dict[str, Any] | None = None,
+                 first_event_id: str | None = None, last_event_id: str | None = None) -> None:
+        self.start = start
+        self.end = end
+        self.count = count
+        self.first_time = first_time
+        self.last_time = last_time
+        self.values = values
+        self.last_event = last_event
+        self.first_event_id = first_event_id
+        self.last_event_id = last_event_id
 
     def variables(self) -> dict[str, Any]:
         """The ``window`` variable of CEL (times as epoch seconds; the engine converts)."""
@@ -50,13 +80,19 @@ class Pane:
         }
 
 
-@dataclass
 class Update:
     """What one event did to a window: panes to evaluate now, and whether it was late."""
 
-    current: list[Pane] = field(default_factory=list)
-    closed: list[Pane] = field(default_factory=list)
-    late: bool = False
+    __slots__ = ("closed", "current", "late")
+
+    def __init__(self, current: list[Pane] | None = None, closed: list[Pane] | None = None,
+                 late: bool = False) -> None:
+        self.current = [] if current is None else current
+        self.closed = [] if closed is None else closed
+        self.late = late
+
+
+_LATE = Update(late=True)
 
 
 # ---- accumulators ---------------------------------------------------------------
@@ -106,6 +142,31 @@ def _value(acc: dict[str, Any], op: str) -> Any:
     raise ValueError(f"unknown aggregate {op}")
 
 
+def _rate(times: list[float], col: list[Any]) -> Any:
+    dt = times[-1] - times[0]
+    return (col[-1] - col[0]) / dt if dt > 0 else 0.0
+
+
+# One Python expression per aggregate of a sliding window (``ts``: its times, ``cols[i]``: its values,
+# time order), giving what _add over them gives: the C builtins fold in the same order (sum from 0.0
+# left to right; min/max keep the earliest of equals), without a Python loop per sample.
+_COLUMN_CODE = {
+    "count": "len(ts)", "sum": "sum({c}, 0.0)", "mean": "sum({c}, 0.0) / len(ts)", "min": "min({c})",
+    "max": "max({c})", "first": "{c}[0]", "last": "{c}[-1]", "rate": "_rate(ts, {c})",
+}
+
+
+def _column_aggregates(ops: list[tuple[str, str]]) -> Any:
+    """``f(ts, cols) -> {name: value}`` for a sliding window's aggregates, as one generated expression.
+
+    One expression, so no call per aggregate (evaluated on every event).
+    Names are identifiers (checked at load) and enter only as string
+    literals; operations come from the fixed table above.
+    """
+    items = ", ".join(f"{name!r}: {_COLUMN_CODE[op].format(c=f'cols[{i}]')}" for i, (name, op) in enumerate(ops))
+    return eval(f"lambda ts, cols: {{{items}}}", {"_rate": _rate})
+
+
 def _numeric(op: str, name: str, v: Any) -> Any:
     if op in ("sum", "mean", "min", "max", "rate"):
         if isinstance(v, bool) or not isinstance(v, int | float):
@@ -117,57 +178,138 @@ def _numeric(op: str, name: str, v: Any) -> Any:
 
 # ---- the window -------------------------------------------------------------------
 class WindowKeeper:
-    """Applies events to one trigger's window state (a JSON dict)."""
+    """Applies events to one trigger's window state (a JSON dict), each event id at most once."""
 
     def __init__(self, spec: Window) -> None:
         self.spec = spec
         self.ops = {name: a.op for name, a in spec.aggregates.items()}
+        # Aggregate inputs come as a list in this order; these positions must hold numbers.
+        self._numeric = [(i, op, name) for i, (name, op) in enumerate(self.ops.items())
+                         if op in ("sum", "mean", "min", "max", "rate")]
+        self._names_ops = list(self.ops.items())
+        self._aggregates = _column_aggregates(list(self.ops.items()))
+        self._size = float(spec.size) if spec.size is not None else None
+        self._n_max = int(spec.events or 0)
         self.keep_event = spec.emit == "close"
+        if spec.events is not None:
+            self._apply = self._count_tumbling
+        else:
+            self._apply = self._time_panes
+
+    # -- ids
+    @staticmethod
+    def check(state: dict[str, Any], event_id: str, digest: int) -> int:
+        """:data:`NEW`, :data:`DUPLICATE` or :data:`CONFLICT`: was ``event_id`` applied here already?"""
+        ids = state.get("ids")
+        seen = ids.get(event_id) if ids else None
+        if seen is None:
+            return NEW
+        return DUPLICATE if seen[1] == digest else CONFLICT
+
+    def horizon(self, state: dict[str, Any]) -> float | None:
+        """Event time below which this window finds every event late (so their ids can be forgotten)."""
+        spec = self.spec
+        if spec.type == "sliding":
+            if spec.size is not None:
+                hi = state.get("hi")
+                return None if hi is None else hi - spec.size
+            ts = state.get("ts")
+            return ts[0] if ts and len(ts) >= int(spec.events or 1) else None
+        if spec.events is not None:
+            return state.get("lo")
+        hi = state.get("hi")
+        return None if hi is None else hi - float(spec.size or 0.0) - _PANE_MARGIN
+
+    def _prune(self, state: dict[str, Any], ids: dict[str, list[Any]]) -> None:
+        """Forget the ids no copy of which could be applied any more; cap the rest."""
+        limits = [x for x in (self.horizon(state), state.get("floor")) if x is not None]
+        if limits:
+            lo = max(limits)
+            for k in [k for k, v in ids.items() if v[0] < lo]:
+                del ids[k]
+        if len(ids) > MAX_REMEMBERED_IDS:
+            # Forget the oldest quarter; from now on events at or before their time are late.
+            times = sorted(v[0] for v in ids.values())
+            floor = math.nextafter(times[len(times) - MAX_REMEMBERED_IDS * 3 // 4 - 1], math.inf)
+            state["floor"] = max(floor, state.get("floor") or floor)
+            for k in [k for k, v in ids.items() if v[0] < floor]:
+                del ids[k]
+        # Prune again when the memory has doubled: amortised O(1) per event.
+        state["idn"] = max(2 * len(ids), 64)
 
     # -- panes
     def _new_pane(self, start: float, end: float) -> dict[str, Any]:
         return {"s": start, "e": end, "n": 0, "acc": {k: _new_acc() for k in self.ops}}
 
-    def _add_to_pane(self, pane: dict[str, Any], t: float, values: dict[str, Any], ev: dict[str, Any]) -> None:
+    def _add_to_pane(self, pane: dict[str, Any], t: float, values: list[Any], event_id: str,
+                     ev: dict[str, Any] | None) -> None:
         pane["n"] += 1
         if pane.get("ft") is None or t < pane["ft"]:
             pane["ft"] = t
-            pane["fid"] = ev["id"]
+            pane["fid"] = event_id
         if pane.get("lt") is None or t >= pane["lt"]:
             pane["lt"] = t
-            pane["lid"] = ev["id"]
+            pane["lid"] = event_id
             if self.keep_event:
                 pane["ev"] = ev
-        for name, op in self.ops.items():
-            _add(pane["acc"][name], op, t, values.get(name))
+        acc = pane["acc"]
+        for (name, op), v in zip(self._names_ops, values, strict=True):
+            _add(acc[name], op, t, v)
 
     def _view(self, pane: dict[str, Any]) -> Pane:
+        acc = pane["acc"]
         return Pane(
             start=pane["s"],
             end=pane["e"],
             count=pane["n"],
             first_time=pane.get("ft"),
             last_time=pane.get("lt"),
-            values={name: _value(pane["acc"][name], op) for name, op in self.ops.items()},
+            values={name: _value(acc[name], op) for name, op in self.ops.items()},
             last_event=pane.get("ev"),
             first_event_id=pane.get("fid"),
             last_event_id=pane.get("lid"),
         )
 
-    def values_of(self, values: dict[str, Any]) -> dict[str, Any]:
-        """Check the per-event aggregate inputs (numbers where needed)."""
-        return {name: _numeric(op, name, values.get(name)) for name, op in self.ops.items()}
+    def add_event(self, state: dict[str, Any], t: float, values: list[Any], event_id: str, digest: int,
+                  ev: dict[str, Any] | None = None) -> Update:
+        """Apply one new event (:meth:`check` said :data:`NEW`) at event time ``t``.
 
-    def add_event(self, state: dict[str, Any], t: float, values: dict[str, Any], ev: dict[str, Any]) -> Update:
-        """Apply one event at event time ``t`` with its aggregate inputs ``values``."""
-        values = self.values_of(values)
+        ``values`` are its aggregate inputs (in the order of the window's
+        aggregates), ``digest`` the hash of the event remembered with its id,
+        ``ev`` the stored event (only for ``emit: close``). Raises ``TypeError``
+        if an aggregate that needs a number got something else.
+        """
         if self.spec.type == "sliding":
-            return self._sliding(state, t, values, ev)
-        if self.spec.events is not None:
-            return self._count_tumbling(state, t, values, ev)
-        return self._time_panes(state, t, values, ev)
+            agg = self.slide(state, t, values, event_id, digest)
+            return _LATE if agg is None else Update([self.sliding_pane(state, agg)])
+        if not self._admit(state, t, values):
+            return _LATE
+        up = self._apply(state, t, values, event_id, ev)
+        if not up.late:
+            self._remember(state, event_id, t, digest)
+        return up
 
-    def _time_panes(self, state: dict[str, Any], t: float, values: dict[str, Any], ev: dict[str, Any]) -> Update:
+    def _admit(self, state: dict[str, Any], t: float, values: list[Any]) -> bool:
+        """Check the aggregate inputs (``TypeError``); False if ``t`` is below the floor of forgotten ids."""
+        for i, op, name in self._numeric:
+            v = values[i]
+            tv = type(v)
+            if not (tv is int or (tv is float and v - v == 0.0)):  # a finite number
+                _numeric(op, name, v)
+        floor = state.get("floor")
+        return floor is None or t >= floor
+
+    def _remember(self, state: dict[str, Any], event_id: str, t: float, digest: int) -> None:
+        """Remember an applied event's id with its time and hash; prune when the memory has doubled."""
+        ids = state.get("ids")
+        if ids is None:
+            ids = state["ids"] = {}
+        ids[event_id] = [t, digest]
+        if len(ids) >= state.get("idn", 64):
+            self._prune(state, ids)
+
+    def _time_panes(self, state: dict[str, Any], t: float, values: list[Any], event_id: str,
+                    ev: dict[str, Any] | None) -> Update:
         size = float(self.spec.size or 0.0)
         hop = float(self.spec.hop or size)
         panes: list[dict[str, Any]] = state.setdefault("panes", [])
@@ -178,37 +320,49 @@ class WindowKeeper:
             state["hi"] = t
             # Close every pane the new high-water time is past.
             still = []
+            closed = []
             for p in panes:
-                (up.closed if p["e"] <= hi else still).append(p)
-            panes[:] = still
-            up.closed = [self._view(p) for p in up.closed]
+                (closed if p["e"] <= hi else still).append(p)
+            if closed:
+                panes[:] = still
+                up.closed = [self._view(p) for p in closed]
         # Windows [k*hop, k*hop + size) that contain t and are still open.
         k_hi = math.floor(t / hop)
         k_lo = math.floor((t - size) / hop) + 1
         open_starts = {p["s"] for p in panes}
+        added = False
         for k in range(k_lo, k_hi + 1):
             start = round(k * hop, 9)
             end = round(start + size, 9)
             if start <= t < end and end > hi and start not in open_starts:
                 panes.append(self._new_pane(start, end))
                 open_starts.add(start)
-        panes.sort(key=lambda p: p["s"])
+                added = True
+        if added:
+            panes.sort(key=lambda p: p["s"])
         hit = [p for p in panes if p["s"] <= t < p["e"]]
         if not hit:
             up.late = True
             return up
         for p in hit:
-            self._add_to_pane(p, t, values, ev)
+            self._add_to_pane(p, t, values, event_id, ev)
         up.current = [self._view(p) for p in hit]
         return up
 
-    def _count_tumbling(self, state: dict[str, Any], t: float, values: dict[str, Any], ev: dict[str, Any]) -> Update:
+    def _count_tumbling(self, state: dict[str, Any], t: float, values: list[Any], event_id: str,
+                        ev: dict[str, Any] | None) -> Update:
         n_max = int(self.spec.events or 1)
+        lo = state.get("lo")
+        if lo is not None and t < lo:
+            # Older than the whole window before this one: it belongs to a window long closed.
+            return _LATE
         pane = state.get("pane")
         if pane is None or pane["n"] >= n_max:
+            if pane is not None and pane.get("ft") is not None:
+                state["lo"] = pane["ft"] if lo is None else max(lo, pane["ft"])
             pane = self._new_pane(t, t)
             state["pane"] = pane
-        self._add_to_pane(pane, t, values, ev)
+        self._add_to_pane(pane, t, values, event_id, ev)
         pane["s"] = pane["ft"]
         pane["e"] = pane["lt"]
         view = self._view(pane)
@@ -217,39 +371,62 @@ class WindowKeeper:
             up.closed = [view]
         return up
 
-    def _sliding(self, state: dict[str, Any], t: float, values: dict[str, Any], ev: dict[str, Any]) -> Update:
-        samples: list[list[Any]] = state.setdefault("samples", [])
-        names = list(self.ops)
-        hi = max(t, state.get("hi") or t)
-        state["hi"] = hi
-        if self.spec.size is not None and t < hi - self.spec.size:
-            return Update(late=True)
-        row = [t, ev["id"], [values.get(n) for n in names]]
-        # Keep time order even when events arrive slightly out of order.
-        idx = bisect.bisect_right([s[0] for s in samples], t)
-        samples.insert(idx, row)
-        if self.spec.size is not None:
-            lo = hi - self.spec.size
-            drop = bisect.bisect_left([s[0] for s in samples], lo)
-            del samples[:drop]
-            start, end = lo, hi
+    def slide(self, state: dict[str, Any], t: float, values: list[Any], event_id: str,
+              digest: int) -> dict[str, Any] | None:
+        """:meth:`add_event` for a sliding window: the aggregates after the event, or ``None`` if it is late.
+
+        The engine's hot path (a sliding window is evaluated on every event), so
+        in one function; :meth:`sliding_pane` gives the window's bounds when a
+        condition or a firing needs them.
+        """
+        if not self._admit(state, t, values):
+            return None
+        ts: list[float] | None = state.get("ts")
+        if ts is None:
+            ts = state["ts"] = []
+            cols: list[list[Any]] = state.setdefault("cols", [[] for _ in self.ops])
         else:
-            del samples[: max(0, len(samples) - int(self.spec.events or 1))]
-            start, end = samples[0][0], samples[-1][0]
-        if len(samples) > MAX_SLIDING_SAMPLES:
-            del samples[: len(samples) - MAX_SLIDING_SAMPLES]
-        accs = {n: _new_acc() for n in names}
-        for st, _id, vals in samples:
-            for i, n in enumerate(names):
-                _add(accs[n], self.ops[n], st, vals[i])
-        view = Pane(
-            start=start,
-            end=end,
-            count=len(samples),
-            first_time=samples[0][0],
-            last_time=samples[-1][0],
-            values={n: _value(accs[n], self.ops[n]) for n in names},
-            first_event_id=samples[0][1],
-            last_event_id=samples[-1][1],
-        )
-        return Update(current=[view])
+            cols = state["cols"]
+        hi = state.get("hi")
+        if hi is None or t > hi:
+            hi = t  # a new latest event is never late
+        size = self._size
+        if size is not None:
+            if t < hi - size:
+                return None
+        elif len(ts) >= self._n_max and t < ts[0]:
+            # It would enter a full window only to leave it at once: older than all its N events.
+            return None
+        state["hi"] = hi
+        # Keep time order even when events arrive slightly out of order (ties: arrival order).
+        if not ts or t >= ts[-1]:
+            ts.append(t)
+            for col, v in zip(cols, values):  # noqa: B905 - one column per value, by construction
+                col.append(v)
+        else:
+            i = bisect.bisect_right(ts, t)
+            ts.insert(i, t)
+            for col, v in zip(cols, values):  # noqa: B905
+                col.insert(i, v)
+        if size is not None:
+            lo = hi - size
+            drop = bisect.bisect_left(ts, lo) if ts[0] < lo else 0
+        else:
+            drop = len(ts) - self._n_max
+        if len(ts) - drop > MAX_SLIDING_SAMPLES:
+            drop = len(ts) - MAX_SLIDING_SAMPLES
+        if drop > 0:
+            del ts[:drop]
+            for col in cols:
+                del col[:drop]
+        self._remember(state, event_id, t, digest)
+        return self._aggregates(ts, cols)
+
+    def sliding_pane(self, state: dict[str, Any], values: dict[str, Any]) -> Pane:
+        """A sliding window as a :class:`Pane` (after :meth:`slide`), for the ``window`` variable."""
+        ts = state["ts"]
+        if self._size is not None:
+            start, end = state["hi"] - self._size, state["hi"]
+        else:
+            start, end = ts[0], ts[-1]
+        return Pane(start, end, len(ts), ts[0], ts[-1], values)

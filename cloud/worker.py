@@ -1,31 +1,40 @@
-"""The faust runtime of the trigger engine: Kafka in, table state, task requests and commands out.
+"""The trigger worker: Kafka in, batches through the pure engine, task requests and commands out.
 
-Two agents:
+One aiokafka consumer in the group ``worker.app_id`` reads ``{ns}.data`` and
+``{ns}.results``; several workers in one group split the partitions. The
+worker takes what has arrived, up to ``worker.max_batch`` records, and for
+each batch:
 
-* ``data``: instrument events from ``{ns}.data``. For each event the pure
-  :class:`~reflexarc.cloud.engine.TriggerEngine` reads the state of the
-  triggers it concerns from a faust table (changelog-backed), decides, and the
-  agent first sends the resulting task requests and signed commands and waits
-  for the broker's acks (``acks=all``), *then* stores the new state. Offsets
-  are committed by faust only after the changelog records written so far are
-  acked, and no fetched event is dropped unprocessed (faust alone guarantees
-  neither: see :mod:`reflexarc.cloud.transport`). A crash anywhere
-  therefore either replays the event (same decisions, same ids: the site
-  deduplicates) or finds its state already stored (the engine skips it).
-* ``results``: task results from ``{ns}.results``; ``on_result`` turns them
-  into signed commands on ``{ns}.commands``.
+1. evaluates every record: instrument events through the pure
+   :class:`~reflexarc.cloud.engine.TriggerEngine`, against the state of their
+   device (in memory, see :mod:`reflexarc.cloud.state`); task results through
+   their trigger's ``on_result``;
+2. sends all the task requests, signed commands and dead letters the batch
+   decided, and waits once for the broker's acks (``acks=all``);
+3. then writes the state of each device the batch changed, one changelog
+   record per device, and waits for those acks;
+4. only then counts the batch's offsets as committable; they are committed
+   every ``worker.commit_interval``, when partitions are revoked and at stop.
 
-Whatever cannot be read or evaluated becomes a dead letter on
-``{ns}.deadletter`` and the worker carries on.
+So a committed offset never passes an event whose requests are not acked or
+whose state is not durable. After a crash (even ``kill -9``) the events after
+the last commit are read again: those whose state was already stored are
+skipped (each state records the offset of the last event applied to it), the
+others are decided again, identically (the engine is deterministic on event
+time) and with the same ids (the site runs a task id once). A copy of an
+event that reached Kafka twice at different offsets is recognised by its id.
 
-Tansu (and other small brokers) report wrong end offsets for multi-record
-batches, which would make faust stop table recovery early; the faust producer
-(used only for the changelog here) therefore sends one record per batch.
-Requests and commands go through a separate aiokafka producer.
+A worker that is given a partition first reads its changelog (recovery up to
+a marker record, correct on brokers with wrong end offsets such as Tansu),
+then its events from the committed offset. A partition taken away is
+committed and dropped at the revocation, after the batch in progress.
 
-Latency: faust's consumer would wait up to 1.5 s per fetch, which on Tansu
-(it polls, see :mod:`reflexarc.cloud.transport`) delays every record the worker
-reads by 0-750 ms; the worker sets ``worker.fetch_wait`` (50 ms) instead.
+faust-streaming was used before; it is not any more: its agents cost ~100 us
+of machinery per event, its tables write one changelog record per update (so
+no state write per batch), and its table recovery trusts end offsets (so on
+Tansu every changelog record needed a batch of its own, about a thousand
+events a second at most). The loop here is the few things the trigger engine
+needs of a stream processor.
 """
 
 from __future__ import annotations
@@ -34,26 +43,29 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from reflexarc.aio import run_service, unless_stopped
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from reflexarc.aio import run_service
 from reflexarc.cloud import metrics as m
-from reflexarc.cloud.engine import SEP, Outcome, TriggerEngine
+from reflexarc.cloud.engine import CONFLICT_MESSAGE, SEP, TriggerEngine, event_context
+from reflexarc.cloud.state import StateStore, changelog_topic
 from reflexarc.cloud.validate import CompiledConfig, load_triggers
 from reflexarc.config import ConfigError, KafkaSettings
-from reflexarc.envelope import DeadLetter, Envelope, EnvelopeError
+from reflexarc.envelope import DeadLetter, Envelope, EnvelopeError, kafka_event_fields
 from reflexarc.events import Command, TaskResult
-from reflexarc.kafka import ensure_topics, make_producer, partition_count, send_event
+from reflexarc.kafka import ensure_topics, make_consumer, make_producer, partition_count
 from reflexarc.process import notify_ready
 from reflexarc.topics import Topics
 
 log = logging.getLogger(__name__)
 
-STATE_TABLE = "trigger-state"
+# (topic, key, value, headers, partition or None): what a batch sends before its state is written.
+_Out = tuple[str, bytes | None, bytes, list[tuple[str, bytes]], int | None]
 
 
 class SigningKeyMissing(RuntimeError):
@@ -79,30 +91,47 @@ def needs_key(cfg: CompiledConfig) -> bool:
     ) or any(t.on_result is not None for t in cfg.triggers)
 
 
-def _headers(raw: Any) -> list[tuple[str, bytes]]:
-    if raw is None:
-        return []
-    items: Iterable[Any] = raw.items() if isinstance(raw, dict) else raw
-    return [(str(k), v if isinstance(v, bytes) else str(v).encode()) for k, v in items]
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka's callbacks around a group rebalance, handed to the worker."""
+
+    def __init__(self, worker: TriggerWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.worker._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self.worker._assigned(set(assigned))
 
 
 class TriggerWorker:
-    """One trigger-engine process: a faust app plus a producer for what it decides."""
+    """One trigger-engine process: a consumer in the group, the engine, a producer, the state store."""
 
     def __init__(self, config: CompiledConfig, kafka: KafkaSettings | None = None) -> None:
         self.config = config
         self.kafka = kafka or config.file.kafka
         self.topics = Topics(config.file.pipeline.namespace)
         self.engine = TriggerEngine(config)
+        w = config.file.worker
+        self.group = w.app_id or f"{self.topics.namespace}-triggers"
+        self.changelog = changelog_topic(self.group)
         self.key: Any = None
         self.producer: Any = None
-        self.app: Any = None
-        self.table: Any = None
-        self.partitions = self.kafka.partitions
-        self._data_dir: Path | None = None
-        self._tmp_dir: str | None = None
+        self.consumer: Any = None
+        self.store: StateStore | None = None
         self.ready = asyncio.Event()
+        # Set once the group gave this worker its partitions (possibly none) and their state is recovered.
+        self.joined = asyncio.Event()
         self.processed = 0
+        # Offsets (next to read) of batches whose requests are acked and state durable.
+        self._committable: dict[TopicPartition, int] = {}
+        # Held while a batch is processed: a revocation waits for the batch in progress.
+        self._batch_lock = asyncio.Lock()
+        self._next_commit = 0.0
+        # State of partitions revoked by the rebalance under way (see _assigned).
+        self._parked: dict[int, Any] = {}
+        # What went wrong in a rebalance callback (aiokafka only logs their errors): the loop raises it.
+        self._fatal: BaseException | None = None
 
     # ---- set-up -------------------------------------------------------------------
     def _check_key(self, cfg: CompiledConfig) -> Any:
@@ -120,145 +149,225 @@ class TriggerWorker:
             self.kafka, [*self.topics.kafka_core(), *(self.topics.kafka_tasks(s) for s in cfg.task_sites())]
         )
 
-    def _build_app(self) -> Any:
-        import faust
+    # ---- rebalances ---------------------------------------------------------------
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        """Partitions go: finish the batch in progress, commit what is durable, forget their state."""
+        async with self._batch_lock:
+            offsets = {tp: o for tp, o in self._committable.items() if tp in revoked}
+            if offsets:
+                try:
+                    await self.consumer.commit(offsets)
+                except KafkaError as exc:
+                    # The next owner reads these events again: same decisions, same ids.
+                    log.warning("commit before giving up partitions failed (%s): they will be re-read", exc)
+            for tp in revoked:
+                self._committable.pop(tp, None)
+            assert self.store is not None
+            gone = [tp.partition for tp in revoked if tp.topic == self.topics.kafka_data]
+            self._parked = {p: self.store.partitions[p] for p in gone if p in self.store}
+            self.store.drop(gone)
 
-        from reflexarc.cloud import transport
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        """Partitions come: recover their state before any of their events is evaluated.
 
-        w = self.config.file.worker
-        app_id = w.app_id or f"{self.topics.namespace}-triggers"
-        if w.data_dir:
-            self._data_dir = Path(w.data_dir)
-        else:
-            self._tmp_dir = tempfile.mkdtemp(prefix="reflexarc-triggers-")
-            self._data_dir = Path(self._tmp_dir)
-        app = faust.App(
-            app_id,
-            broker=[f"kafka://{h.strip()}" for h in self.kafka.bootstrap_servers.split(",")],
-            store="memory://",
-            autodiscover=False,
-            datadir=str(self._data_dir),
-            # Never bind a web server (it would listen on 0.0.0.0:6066).
-            web_enabled=False,
-            topic_partitions=self.partitions,
-            topic_replication_factor=self.kafka.replication_factor,
-            table_standby_replicas=0,
-            consumer_auto_offset_reset="earliest",
-            broker_session_timeout=w.session_timeout,
-            broker_heartbeat_interval=min(1.0, w.session_timeout / 4),
-            broker_commit_interval=w.commit_interval,
-            producer_acks=-1,
-            # One record per changelog batch: see the module docstring.
-            producer_max_batch_size=1 if w.single_record_batches else 256 * 1024,
-            producer_linger=0.0,
-            stream_wait_empty=True,
-            # The same TLS/SASL as every other client of this cluster.
-            broker_credentials=transport.credentials(self.kafka),
-        )
-        # faust hard-codes a 1.5 s fetch wait, which Tansu turns into 0-750 ms of added
-        # latency per hop, and its flush before a commit can return before the changelog
-        # is durable: see reflexarc.cloud.transport.
-        transport.install(app, w.fetch_wait)
-        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-        data_topic = app.topic(self.topics.kafka_data, partitions=self.partitions, **raw)
-        results_topic = app.topic(self.topics.kafka_results, **raw)
-        self.table = app.Table(
-            STATE_TABLE,
-            default=None,
-            partitions=self.partitions,
-            schema=faust.Schema(key_serializer="json", value_serializer="json"),
-        )
+        A rebalance revokes every partition and then assigns them; one that
+        comes straight back had no other owner in between, so its state in
+        memory (durable, its offsets committed at the revocation) is kept
+        instead of being read again from the changelog.
+        """
+        assert self.store is not None
+        try:
+            data = [tp.partition for tp in assigned if tp.topic == self.topics.kafka_data]
+            for p in data:
+                if p in self._parked:
+                    self.store.partitions[p] = self._parked[p]
+            self._parked = {}
+            await self.store.recover(data, fetch_wait_ms=10)
+        except BaseException as exc:
+            self._fatal = exc
+            raise
+        log.info("assigned %s", ", ".join(f"{tp.topic}/{tp.partition}" for tp in sorted(assigned)) or "nothing")
+        self.joined.set()
 
-        async def data_agent(stream: Any) -> None:
-            async for event in stream.events():
-                await self.on_data(event.message)
+    # ---- one batch ----------------------------------------------------------------
+    async def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Evaluate a batch, send what it decided, store its state, then mark its offsets committable."""
+        assert self.store is not None
+        engine = self.engine
+        store = self.store
+        data_topic = self.topics.kafka_data
+        assigned = self.consumer.assignment()
+        out: list[_Out] = []
+        dirty: dict[int, dict[str, Any]] = {}
+        done: dict[TopicPartition, int] = {}
+        for tp, records in batch.items():
+            if not records or tp not in assigned:
+                continue  # revoked meanwhile: its next owner reads these records
+            if tp.topic == data_topic:
+                if tp.partition not in store:
+                    # Fetched while its state is still being recovered: read them again afterwards.
+                    self.consumer.seek(tp, records[0].offset)
+                    continue
+                self._on_data(engine, records, store.devices(tp.partition), dirty.setdefault(tp.partition, {}), out)
+            else:
+                for rec in records:
+                    self._on_result(engine, rec, out)
+            done[tp] = records[-1].offset + 1
+        # 1. Every request, command and dead letter durably in Kafka ...
+        if out:
+            send = self.producer.send
+            await asyncio.gather(*[
+                await send(topic, key=key, value=value, headers=headers, partition=part)
+                for topic, key, value, headers, part in out
+            ])
+        # 2. ... before the state that records these events as applied ...
+        writes = []
+        live = engine.trigger_names
+        for partition, devices in dirty.items():
+            for device, bundle in devices.items():
+                if any(k.split(SEP, 1)[0] not in live for k in bundle):
+                    # States of triggers removed by a reload go with the next write.
+                    for k in [k for k in bundle if k.split(SEP, 1)[0] not in live]:
+                        del bundle[k]
+                writes.append(await store.write(partition, device, bundle))
+        if writes:
+            await asyncio.gather(*writes)
+        # 3. ... before the offsets that skip these events.
+        self._committable.update(done)
 
-        async def results_agent(stream: Any) -> None:
-            async for event in stream.events():
-                await self.on_result(event.message)
+    def _on_data(self, engine: TriggerEngine, records: list[Any], devices: dict[str, Any],
+                 dirty: dict[str, Any], out: list[_Out]) -> None:
+        """Instrument events of one partition, in offset order, against their devices' state."""
+        events = late = skipped = duplicates = 0
+        for rec in records:
+            events += 1
+            try:
+                # The kernel's fast reading of a record as reflexarc writes it; any other through the SDK.
+                fields = kafka_event_fields(rec.value, rec.headers)
+                if fields is not None:
+                    ctx = engine.event_of(fields)
+                else:
+                    env = Envelope.from_kafka(rec.value, rec.headers, rec.key)
+                    engine.check_event(env)
+                    ctx = event_context(env)
+            except EnvelopeError as exc:
+                self._deadletter(rec, "triggers.data", str(exc), out)
+                continue
+            device = f"{ctx['site']}/{ctx['device']}"
+            bundle = devices.get(device)
+            outcome = engine.evaluate(ctx, {} if bundle is None else bundle, position=rec.offset)
+            if outcome.states:
+                if bundle is None:
+                    bundle = devices[device] = {}
+                bundle.update(outcome.states)
+                dirty[device] = bundle
+            if outcome.firings:
+                for firing in outcome.firings:
+                    m.FIRINGS.labels(firing.trigger).inc()
+                    for req in firing.tasks:
+                        self._queue(self.topics.kafka_tasks(req.site), req.to_envelope(), req.task_id.encode(), out)
+                        m.TASKS.labels(req.site).inc()
+                    for cmd in firing.commands:
+                        self._queue_command(cmd, out)
+            late += outcome.late
+            skipped += outcome.skipped
+            if outcome.duplicate:
+                duplicates += 1
+            if outcome.conflict:
+                m.ID_CONFLICTS.inc()
+                self._deadletter(rec, "triggers.id_conflict", CONFLICT_MESSAGE.format(id=ctx["id"]), out)
+            for f in outcome.failures:
+                self._deadletter(rec, f"triggers.eval.{f.trigger}", f.message, out)
+        self.processed += events
+        m.EVENTS.inc(events)
+        if late:
+            m.LATE.inc(late)
+        if skipped:
+            m.REPLAYED.inc(skipped)
+        if duplicates:
+            m.DUPLICATES.inc(duplicates)
 
-        app.agent(data_topic, name="data")(data_agent)
-        app.agent(results_topic, name="results")(results_agent)
-        return app
+    def _on_result(self, engine: TriggerEngine, rec: Any, out: list[_Out]) -> None:
+        """One task result through its trigger's ``on_result``: signed commands."""
+        try:
+            env = Envelope.from_kafka(rec.value, rec.headers, rec.key)
+            result = TaskResult.from_envelope(env)
+        except EnvelopeError as exc:
+            self._deadletter(rec, "triggers.results", str(exc), out)
+            return
+        m.RESULTS.labels(result.status).inc()
+        commands, failure = engine.on_result(result)
+        for cmd in commands:
+            self._queue_command(cmd, out)
+        if failure is not None:
+            self._deadletter(rec, "triggers.on_result", failure.message, out)
 
-    # ---- per record ---------------------------------------------------------------
-    async def _deadletter(self, msg: Any, stage: str, error: str) -> None:
-        origin = f"{msg.topic}/{msg.partition}/{msg.offset}"
-        dl = DeadLetter(error=error, stage=stage, origin=origin, payload=msg.value or b"")
-        key, value, headers = dl.to_kafka()
-        fut = await self.producer.send(self.topics.kafka_deadletter, value=value, key=key, headers=headers)
-        await fut
-        m.DEADLETTERS.labels(stage).inc()
-        log.warning("dead letter (%s) %s: %s", stage, origin, error)
+    @staticmethod
+    def _queue(topic: str, env: Envelope, key: bytes | None, out: list[_Out]) -> None:
+        k, value, headers = env.to_kafka(key)
+        out.append((topic, k, value, headers, None))
 
-    async def _send_all(self, outcome: Outcome) -> None:
-        futs = []
-        for firing in outcome.firings:
-            m.FIRINGS.labels(firing.trigger).inc()
-            for req in firing.tasks:
-                futs.append(await send_event(
-                    self.producer, self.topics.kafka_tasks(req.site), req.to_envelope(), key=req.task_id.encode()
-                ))
-                m.TASKS.labels(req.site).inc()
-            for cmd in firing.commands:
-                futs.append(await self._send_command(cmd))
-        # Everything decided must be durably in Kafka before the state moves on.
-        if futs:
-            await asyncio.gather(*futs)
-
-    async def _send_command(self, cmd: Command) -> Any:
+    def _queue_command(self, cmd: Command, out: list[_Out]) -> None:
         from reflexarc.signing import sign_envelope
 
         env = cmd.to_envelope()
         if self.key is not None:
             env = sign_envelope(env, self.key)
         m.COMMANDS.inc()
-        return await send_event(self.producer, self.topics.kafka_commands, env, key=Topics.device_key(cmd.site, cmd.device))
+        self._queue(self.topics.kafka_commands, env, Topics.device_key(cmd.site, cmd.device), out)
 
-    async def on_data(self, msg: Any) -> None:
-        """Evaluate one instrument event (a faust message from the data topic)."""
-        self.processed += 1
-        m.EVENTS.inc()
-        try:
-            env = Envelope.from_kafka(msg.value, _headers(msg.headers), msg.key)
-            engine = self.engine
-            engine.check_event(env)
-        except EnvelopeError as exc:
-            await self._deadletter(msg, "triggers.data", str(exc))
-            return
-        # One table entry per device holds the state of every trigger for it, so an
-        # event costs at most one changelog record whatever the number of triggers.
-        device_key = f"{env.site}/{env.device}"
-        bundle: dict[str, Any] = self.table.get(device_key) or {}
-        outcome = engine.process(env, bundle, position=msg.offset)
-        await self._send_all(outcome)
-        if outcome.states:
-            live = engine.trigger_names
-            fresh = {k: v for k, v in bundle.items() if k.split(SEP, 1)[0] in live}
-            fresh.update(outcome.states)
-            self.table[device_key] = fresh
-        if outcome.late:
-            m.LATE.inc(outcome.late)
-        if outcome.skipped:
-            m.REPLAYED.inc(outcome.skipped)
-        for f in outcome.failures:
-            await self._deadletter(msg, f"triggers.eval.{f.trigger}", f.message)
+    def _deadletter(self, rec: Any, stage: str, error: str, out: list[_Out]) -> None:
+        origin = f"{rec.topic}/{rec.partition}/{rec.offset}"
+        dl = DeadLetter(error=error, stage=stage, origin=origin, payload=rec.value or b"")
+        key, value, headers = dl.to_kafka()
+        out.append((self.topics.kafka_deadletter, key, value, headers, None))
+        m.DEADLETTERS.labels(stage).inc()
+        log.warning("dead letter (%s) %s: %s", stage, origin, error)
 
-    async def on_result(self, msg: Any) -> None:
-        """Map one task result through its trigger's ``on_result`` to signed commands."""
-        try:
-            env = Envelope.from_kafka(msg.value, _headers(msg.headers), msg.key)
-            result = TaskResult.from_envelope(env)
-        except EnvelopeError as exc:
-            await self._deadletter(msg, "triggers.results", str(exc))
+    # ---- the loop -------------------------------------------------------------------
+    async def _commit(self) -> None:
+        if not self._committable:
             return
-        m.RESULTS.labels(result.status).inc()
-        commands, failure = self.engine.on_result(result)
-        futs = [await self._send_command(c) for c in commands]
-        if futs:
-            await asyncio.gather(*futs)
-        if failure is not None:
-            await self._deadletter(msg, "triggers.on_result", failure.message)
+        offsets = dict(self._committable)
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:
+            # A rebalance is under way; the revocation commits what is durable, or the next owner re-reads.
+            log.info("commit deferred (%s)", exc)
+            return
+        for tp, o in offsets.items():
+            if self._committable.get(tp) == o:
+                del self._committable[tp]
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        w = self.config.file.worker
+        loop = asyncio.get_running_loop()
+        self._next_commit = loop.time() + w.commit_interval
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                if self._fatal is not None:
+                    raise RuntimeError(f"taking partitions failed: {self._fatal!r}") from self._fatal
+                # getmany() ignores its timeout while a rebalance is under way, which is for ever if
+                # the broker went away meanwhile: a stop request must still end the loop.
+                get = asyncio.ensure_future(self.consumer.getmany(timeout_ms=100, max_records=w.max_batch))
+                await asyncio.wait([get, stopping], return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return  # stopping: nothing fetched is lost (its offsets are not committed)
+                await self._after_fetch(get.result(), loop)
+        finally:
+            stopping.cancel()
+
+    async def _after_fetch(self, batch: dict[TopicPartition, list[Any]], loop: asyncio.AbstractEventLoop) -> None:
+        """Process what one fetch returned; commit when the interval is over."""
+        if batch:
+            async with self._batch_lock:
+                await self._process(batch)
+        if loop.time() >= self._next_commit:
+            async with self._batch_lock:
+                await self._commit()
+            self._next_commit = loop.time() + self.config.file.worker.commit_interval
 
     # ---- reload -------------------------------------------------------------------
     async def reload_once(self) -> bool:
@@ -288,6 +397,7 @@ class TriggerWorker:
         old_names = {t.name: t.fingerprint for t in self.config.triggers}
         self.config = new
         self.key = key
+        # Swapped between batches: a batch runs with one engine throughout.
         self.engine = TriggerEngine(new)
         m.ACTIVE.set(len(new.triggers))
         m.RELOADS.labels("applied").inc()
@@ -310,51 +420,66 @@ class TriggerWorker:
     # ---- run ----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set (SIGTERM/SIGINT in the CLI)."""
+        w = self.config.file.worker
         self.key = self._check_key(self.config)
         await self._prepare_topics(self.config)
-        self.partitions = await partition_count(self.kafka, self.topics.kafka_data)
-        # No linger: each event's sends are awaited before the next event is read, so
-        # there is never a second event's record to batch with, only latency to add.
+        partitions = await partition_count(self.kafka, self.topics.kafka_data)
+        # The changelog is co-partitioned with the data topic: partition p holds the state of p's devices.
+        await ensure_topics(self.kafka, [self.changelog], partitions)
+        changelog_parts = await partition_count(self.kafka, self.changelog)
+        if changelog_parts != partitions:
+            raise RuntimeError(f"{self.changelog} has {changelog_parts} partitions but {self.topics.kafka_data} "
+                               f"has {partitions}: they must match (state of partition p is in partition p)")
+        # No linger: a batch's records are all sent at once and then awaited, so they batch anyway.
         self.producer = make_producer(self.kafka, linger_ms=0)
         await self.producer.start()
+        self.store = StateStore(self.kafka, self.changelog, self.producer)
+        self.consumer = make_consumer(
+            self.kafka,
+            group_id=self.group,
+            fetch_max_wait_ms=max(1, round(w.fetch_wait * 1000)),
+            session_timeout_ms=round(w.session_timeout * 1000),
+            heartbeat_interval_ms=round(min(1.0, w.session_timeout / 4) * 1000),
+        )
+        loop_task: asyncio.Task[None] | None = None
         watcher: asyncio.Task[None] | None = None
         try:
-            self.app = self._build_app()
-            # The changelog is created here, explicitly, with the data topic's partition count
-            # (faust's own declaration is then a no-op).
-            await ensure_topics(self.kafka, [self.table.changelog_topic.get_topic_name()], self.partitions)
-            # faust's start waits until the group is joined and the tables recovered, which is
-            # for ever if Kafka went away meanwhile: a stop request must still end it.
-            if not await unless_stopped(self.app.start(), stop):
-                log.warning("stop requested while starting (group join or table recovery unfinished): not starting")
+            await self.consumer.start()
+            self.consumer.subscribe([self.topics.kafka_data, self.topics.kafka_results], listener=_Rebalance(self))
+            loop_task = asyncio.create_task(self._loop(stop))
+            # Joining the group (and recovering state) is for ever if Kafka went away meanwhile:
+            # a stop request must still end it.
+            joined = asyncio.ensure_future(self.joined.wait())
+            await asyncio.wait([joined, loop_task], return_when=asyncio.FIRST_COMPLETED)
+            if loop_task.done():
+                joined.cancel()
+                loop_task.result()  # raises what ended the loop
+            if not self.joined.is_set():
+                log.warning("stop requested while starting (group join or state recovery unfinished): not starting")
                 return
             m.ACTIVE.set(len(self.config.triggers))
-            log.info(
-                "trigger engine up: %d triggers on %s (%d partitions), group %s",
-                len(self.config.triggers), self.topics.kafka_data, self.partitions, self.app.conf.id,
-            )
+            log.info("trigger engine up: %d triggers on %s (%d partitions), group %s",
+                     len(self.config.triggers), self.topics.kafka_data, partitions, self.group)
             self.ready.set()
             notify_ready("triggers running")
-            if self.config.file.worker.reload:
+            if w.reload:
                 watcher = asyncio.create_task(self._watch(stop))
-            if await unless_stopped(self._crashed(), stop):
-                raise RuntimeError(f"faust app crashed: {self.app._crash_reason!r}")
+            await loop_task  # ends at the next batch boundary once stop is set; raises if the loop failed
         finally:
             stop.set()
             if watcher is not None:
                 watcher.cancel()
-            if self.app is not None:
-                try:
-                    await asyncio.wait_for(self.app.stop(), 30)
-                except TimeoutError:
-                    log.error("faust app did not stop within 30 s")
-            await self.producer.stop()
-            if self._tmp_dir:
-                shutil.rmtree(self._tmp_dir, ignore_errors=True)
-
-    async def _crashed(self) -> None:
-        while not self.app.crashed:
-            await asyncio.sleep(0.5)
+            if loop_task is not None and not loop_task.done():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(loop_task, 30)
+            with contextlib.suppress(KafkaError, asyncio.CancelledError):
+                async with self._batch_lock:
+                    await self._commit()
+            # Leaving the group and flushing need the broker: bounded, so that a stop always ends.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.consumer.stop(), 10)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.producer.stop(), 10)
 
 
 def run_file(path: str | Path) -> None:

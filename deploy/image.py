@@ -2,7 +2,7 @@
 
 The build context is assembled on the deployer's machine: a wheel of
 reflexarc (built from a checkout, or given) plus wheels of only what the edge
-agent imports (the Kafka, faust, CEL and broker dependencies of the other
+agent imports (the Kafka, CEL and broker dependencies of the other
 tiers stay out), so the image build itself needs no network and no compiler.
 The dependency wheels are cached under ``$RX_CACHE_DIR`` (default
 ``~/.cache/reflexarc``) keyed by the requirement list, so a rebuild only
@@ -86,7 +86,7 @@ def edge_requirements(wheel: Path) -> list[str]:
 
     pyproject.toml's ``[project.optional-dependencies] edge`` is the one list of
     what the agent needs; the image installs reflexarc without its other
-    dependencies (no Kafka, faust or Dask on a device).
+    dependencies (no Kafka or Dask on a device).
     """
     from packaging.requirements import Requirement
 

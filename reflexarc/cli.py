@@ -34,7 +34,7 @@ app = typer.Typer(
 _TIERS: list[tuple[str, str, str, str]] = [
     ("reflexarc.edge.cli", "app", "edge", "Edge agent: instrument sources, spool, actuators."),
     ("reflexarc.fog.cli", "app", "fog", "Fog bridge: MQTT -> Kafka ingest and commands back down."),
-    ("reflexarc.cloud.cli", "app", "cloud", "Trigger engine (faust): YAML triggers -> task requests."),
+    ("reflexarc.cloud.cli", "app", "cloud", "Trigger engine: YAML triggers (CEL, windows) -> task requests."),
     ("reflexarc.cloud.cli", "triggers_app", "triggers", "Validate, dry-run and describe trigger files."),
     ("reflexarc.hpc_bridge.cli", "site_app", "site", "HPC site agent: runs the apps triggers ask for."),
     ("reflexarc.hpc_bridge.cli", "jobs_app", "jobs", "Inspect and steer jobs at a site."),

@@ -46,6 +46,8 @@ SPECVERSION = "1.0"
 
 _FORMAT = JSONFormat()
 _CORE_ATTRS = ("id", "source", "type", "specversion", "subject", "time", "datacontenttype")
+# Extension names the fast writers leave to the SDK (attributes of their own, or reserved).
+_NOT_EXTENSIONS = frozenset({*_CORE_ATTRS, "data", "dataschema", "partitionkey"})
 # The SDK's rule for extension attribute names (cloudevents.core.v1.event), checked by the fast path.
 _EXT_NAME = re.compile(r"[a-z0-9]+")
 # Extension names already checked -> their Kafka header name; bounded (names come from devices).
@@ -229,6 +231,14 @@ class Envelope:
     # ---- Kafka ----------------------------------------------------------------
     def to_kafka(self, key: bytes | None = None) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
         """Kafka binary mode: ``(key, value, headers)`` ready for aiokafka ``send``."""
+        if self._plain():
+            # Without the SDK, byte for byte what it writes (the site agent publishes every job state).
+            try:
+                record = self._kafka_fast(json.dumps(self.data).encode())
+            except (TypeError, ValueError):  # data the SDK's encoder must write (e.g. datetimes)
+                record = None
+            if record is not None:
+                return (key if key is not None else record[0]), record[1], record[2]
         msg = ce_kafka.to_binary(self.to_cloudevent(), _FORMAT, key_mapper=lambda _e: None)
         if key is None and self.site and self.device:
             key = f"{self.site}/{self.device}".encode()
@@ -239,6 +249,11 @@ class Envelope:
         cls, value: bytes | None, headers: Iterable[tuple[str, bytes]] | None, key: bytes | None = None
     ) -> Envelope:
         """Parse a Kafka record in binary or structured mode."""
+        if headers is not None and not isinstance(headers, list | tuple):
+            headers = list(headers)
+        quick = cls._from_kafka_fast(value, headers)
+        if quick is not None:
+            return quick
         msg = ce_kafka.KafkaMessage(headers=dict(headers or ()), key=None, value=value or b"")
         try:
             event = ce_kafka.from_kafka(msg, _FORMAT)
@@ -246,10 +261,68 @@ class Envelope:
             raise EnvelopeError(f"not a CloudEvent Kafka record: {exc}") from None
         return cls.from_cloudevent(event)
 
+    @classmethod
+    def _from_kafka_fast(
+        cls, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None
+    ) -> Envelope | None:
+        """Binary mode as :meth:`_kafka_fast` writes it, read without the SDK; ``None``: the SDK judges.
+
+        The inverse of the fog's fast path, for consumers that read every
+        record (the trigger engine): see :func:`kafka_event_fields`.
+        """
+        fields = kafka_event_fields(value, headers)
+        if fields is None:
+            return None
+        event_id, event_type, source, subject, time, ext, data = fields
+        return cls(
+            type=event_type,
+            source=source,
+            data=data,
+            id=event_id,
+            subject=subject,
+            time=time,
+            datacontenttype=JSON,
+            extensions=ext,
+        )
+
     # ---- structured JSON ------------------------------------------------------
     def to_json(self) -> bytes:
         """Structured mode: the whole event as ``application/cloudevents+json``."""
+        if self._plain():
+            # Without the SDK, byte for byte what it writes: its attributes in its order, then data.
+            doc: dict[str, Any] = {"specversion": SPECVERSION, "id": self.id, "source": self.source,
+                                   "type": self.type, "time": _attr_text(self.time),
+                                   "datacontenttype": self.datacontenttype}
+            if self.subject is not None:
+                doc["subject"] = self.subject
+            doc.update(self.extensions)
+            doc["data"] = self.data
+            try:
+                return json.dumps(doc).encode()
+            except (TypeError, ValueError):  # data the SDK's encoder must write (e.g. datetimes)
+                pass
         return _FORMAT.write(self.to_cloudevent())
+
+    def _plain(self) -> bool:
+        """True when the SDK would accept this event as it is and write its JSON data with no help.
+
+        JSON-object data, string id/source/type, a time-zone-aware time, a non-empty subject if
+        any, string extensions with names the SDK allows. The fast writers of :meth:`to_kafka` and
+        :meth:`to_json` are used only then; anything else goes through the SDK, which judges it.
+        """
+        if type(self.data) is not dict or self.datacontenttype != JSON:
+            return False
+        if not (type(self.id) is str and self.id and type(self.source) is str and self.source
+                and type(self.type) is str and self.type):
+            return False
+        if not isinstance(self.time, datetime) or self.time.tzinfo is None:
+            return False
+        if self.subject is not None and (type(self.subject) is not str or not self.subject):
+            return False
+        return all(
+            type(name) is str and type(value) is str and name not in _NOT_EXTENSIONS and _EXT_NAME.fullmatch(name)
+            for name, value in self.extensions.items()
+        )
 
     @classmethod
     def from_json(cls, payload: bytes) -> Envelope:
@@ -668,6 +741,107 @@ def _edge_device_headers(
     return built
 
 
+KafkaEventFields = tuple[str, str, str, str | None, datetime, dict[str, str], dict[str, Any]]
+
+
+def kafka_event_fields(value: bytes | None, headers: Sequence[tuple[str, bytes]] | None) -> KafkaEventFields | None:
+    """``(id, type, source, subject, time, extensions, data)`` of a record as :meth:`Envelope.from_kafka` reads it.
+
+    Without the SDK and without building an :class:`Envelope`, for the
+    consumers that read every record (the trigger engine), and only for
+    binary mode as reflexarc writes it: lower-case ``ce_*`` headers with UTF-8
+    values, specversion 1.0, non-empty id/source/type, a canonical UTC time,
+    extension names the SDK accepts, JSON data that is an object. For
+    anything else (structured mode, other content types, odd names or times)
+    it returns ``None``: then :meth:`Envelope.from_kafka` decides, through the
+    SDK, so the verdict on unusual records is always the SDK's. The values are
+    those of ``Envelope.from_kafka`` (the time as the same instant).
+    """
+    if not value or headers is None:
+        return None
+    try:
+        names = tuple([h[0] for h in headers])
+        shape = _KAFKA_SHAPES.get(names)
+        if shape is None:
+            shape = _kafka_shape(names)
+        if shape is False:
+            return None
+        i_id, i_source, i_type, i_time, i_subject, i_ctype, i_spec, exts = shape
+        if headers[i_ctype][1] != b"application/json" or headers[i_spec][1] != b"1.0":
+            return None
+        event_id = headers[i_id][1].decode()
+        source = headers[i_source][1].decode()
+        event_type = headers[i_type][1].decode()
+        time_text = headers[i_time][1].decode()
+        subject = headers[i_subject][1].decode() if i_subject is not None else None
+        ext = {name: headers[i][1].decode() for name, i in exts}
+    except (UnicodeDecodeError, AttributeError, TypeError, ValueError, IndexError):
+        return None
+    if not (event_id and source and event_type) or subject == "" or _CANONICAL_UTC.fullmatch(time_text) is None:
+        return None
+    data = _record_json_object(value)
+    if data is None:
+        return None
+    return event_id, event_type, source, subject, datetime.fromisoformat(time_text), ext, data
+
+
+# Kafka header names of a record (in order) -> where kafka_event_fields finds each attribute, or False
+# when the SDK must read such records. Bounded: header names come from producers.
+_KafkaShape = tuple[int, int, int, int, int | None, int, int, tuple[tuple[str, int], ...]]
+_KAFKA_SHAPES: dict[tuple[str, ...], _KafkaShape | bool] = {}
+
+
+def _kafka_shape(names: tuple[str, ...]) -> _KafkaShape | bool:
+    """Positions of the attributes in records with these header names (the last of a repeated name wins)."""
+    pos: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name.startswith("ce_") or name == "content-type":
+            pos[name] = i
+        elif name.lower().startswith("ce_") or name.lower() == "content-type":
+            pos = {}  # the SDK reads header names case-insensitively: let it
+            break
+    exts = []
+    for name, i in pos.items():
+        attr = name[3:]
+        if name == "content-type" or attr in _CORE_ATTRS:
+            continue
+        if attr in ("data", "dataschema", "partitionkey") or not _EXT_NAME.fullmatch(attr):
+            pos = {}
+            break
+        exts.append((attr, i))
+    need = ("ce_id", "ce_source", "ce_type", "ce_time", "content-type", "ce_specversion")
+    shape: _KafkaShape | bool = False
+    # A ce_datacontenttype header competes with content-type in the SDK: let it decide.
+    if all(n in pos for n in need) and "ce_datacontenttype" not in pos:
+        shape = (pos["ce_id"], pos["ce_source"], pos["ce_type"], pos["ce_time"], pos.get("ce_subject"),
+                 pos["content-type"], pos["ce_specversion"], tuple(exts))
+    if len(_KAFKA_SHAPES) >= 1000:
+        _KAFKA_SHAPES.clear()
+    _KAFKA_SHAPES[names] = shape
+    return shape
+
+
+# 19 digits in a row: perhaps an integer beyond 64 bits, which orjson would read as a double.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _record_json_object(payload: bytes) -> dict[str, Any] | None:
+    """:func:`_utf8_json_object`, faster: orjson reads it when that gives the same values.
+
+    orjson refuses what the standard parser would read differently (NaN,
+    Infinity, lone surrogates, invalid UTF-8: then the standard parser
+    decides) except integers beyond 64 bits, which it turns into doubles: a
+    payload with 19 digits in a row anywhere goes to the standard parser.
+    """
+    if _LONG_DIGITS.search(payload) is None:
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return _utf8_json_object(payload)
+        return data if type(data) is dict else None
+    return _utf8_json_object(payload)
+
+
 def _is_json_object(payload: bytes) -> bool:
     """True when ``payload`` is a JSON object in strict UTF-8: a check, several times faster than parsing.
 
@@ -713,5 +887,6 @@ __all__ = [
     "EventType",
     "TopicError",
     "device_source",
+    "kafka_event_fields",
     "utcnow",
 ]

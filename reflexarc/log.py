@@ -11,7 +11,7 @@ def setup_logging(level: str | int | None = None, name: str | None = None) -> No
     """Configure the root logger once per process.
 
     ``RX_LOG_LEVEL`` overrides the level and ``RX_LIB_LOG_LEVEL`` that of the
-    client libraries (aiokafka, faust, paho's wrappers; WARNING by default).
+    client libraries (aiokafka, paho's wrappers; WARNING by default).
     Output goes to stderr so that stdout stays free for data (``reflexarc
     results subscribe`` prints events there).
     """

@@ -8,8 +8,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from reflexarc.cloud.engine import TriggerEngine
+from reflexarc.cloud.validate import load_triggers
 from reflexarc.config import KafkaSettings
 from reflexarc.envelope import Envelope, EventType
+from reflexarc.events import TaskRequest
 from reflexarc.kafka import ensure_topics, make_consumer, make_producer, send_event
 from reflexarc.testing.tiers import TierProcess
 from reflexarc.topics import Topics
@@ -37,6 +40,22 @@ def event(i: int | str, seconds: float, data: dict[str, Any], device: str, strea
     return Envelope.for_device(
         EventType.DATA, site, device, data, subject=stream, id=f"e{i}", time=T0 + timedelta(seconds=seconds)
     )
+
+
+def engine_tasks(path: Path, events: list[Envelope]) -> dict[str, TaskRequest]:
+    """The task requests the pure engine makes on ``events`` delivered once, by task id, in firing order.
+
+    What a worker run on the same events must send (the engine is the same code).
+    """
+    engine = TriggerEngine(load_triggers(path))
+    store: dict[str, Any] = {}
+    tasks: dict[str, TaskRequest] = {}
+    for pos, e in enumerate(events):
+        out = engine.process(e, store, position=pos)
+        store.update(out.states)
+        for firing in out.firings:
+            tasks.update((t.task_id, t) for t in firing.tasks)
+    return tasks
 
 
 class WorkerProcess(TierProcess):

@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloud_harness import TOPICS, WorkerProcess, event, header, prepare, produce, read_all
+from cloud_harness import TOPICS, WorkerProcess, engine_tasks, event, header, prepare, produce, read_all
 
-from reflexarc.cloud.engine import TriggerEngine
-from reflexarc.cloud.validate import load_triggers
 from reflexarc.config import KafkaSettings
 from reflexarc.envelope import Envelope
 from reflexarc.events import TaskRequest
@@ -69,13 +67,7 @@ async def test_kill_9_in_the_middle_of_windows_fires_exactly_as_without(
     events = restart_events()
 
     # What the trigger decides without any kill: the pure engine over the same events.
-    engine = TriggerEngine(load_triggers(path))
-    store: dict[str, Any] = {}
-    expected_tasks: dict[str, TaskRequest] = {}
-    for pos, e in enumerate(events):
-        out = engine.process(e, store, position=pos)
-        store.update(out.states)
-        expected_tasks.update((t.task_id, t) for f in out.firings for t in f.tasks)
+    expected_tasks = engine_tasks(path, events)
     expected = set(expected_tasks)
     # Per device: 8 windows of 50 frames; 'busy' fires at 0.9 s, then once its 7 s cooldown
     # is over and a window holds 10 frames: 8.0, 15.9, 22.9, 29.9, 36.9 s.
@@ -152,8 +144,9 @@ async def test_hot_reload_keeps_state_and_rejects_invalid_files(tmp_path: Path, 
     tasks_topic = [TOPICS.kafka_tasks("local")]
     try:
         await produce(kafka_settings, [event("a1", 0, {}, "d1", "a"), event("a2", 1, {}, "d1", "a")])
-        # Both events applied to the window (stored in the changelog) before the reload.
-        await read_all(kafka_settings, [CHANGELOG], lambda rs: len(rs) >= 2, timeout=60)
+        # Both events applied to the window (stored in the changelog: d1's state with a pane of 2) before the reload.
+        await read_all(kafka_settings, [CHANGELOG],
+                       lambda rs: any(r.key == b"bl1/d1" and b'"n":2' in (r.value or b"") for r in rs), timeout=60)
 
         path.write_text(head + "triggers:" + trig_a + trig_b)
         assert await asyncio.to_thread(poll_until, lambda: "reloaded" in worker.text(), 30), worker.text()[-2000:]

@@ -6,6 +6,7 @@ import json
 import textwrap
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -416,3 +417,51 @@ def test_on_result_gives_nothing(tmp_path: Path, result: TaskResult, why: str) -
 def test_result_of_unknown_trigger_is_a_failure(tmp_path: Path) -> None:
     cmds, failure = engine(tmp_path, ON_RESULT).on_result(_result(trigger="gone"))
     assert cmds == [] and failure is not None and "'gone'" in failure.message
+
+
+# ---- triggers without state: evaluated together, each as on its own -------------------
+GROUP = """
+- {name: a, on: bl1/+/counts, filter: has(event.data.x), when: event.data.v > 1, then: [{task: {app: fit}}]}
+- {name: b, on: bl1/+/counts, filter: has(event.data.x), when: event.data.v > 1, then: [{task: {app: fit}}]}
+- {name: c, on: bl1/+/counts, filter: event.data.v > 100, when: event.data.v > 1, then: [{task: {app: fit}}]}
+- {name: d, on: bl1/+/counts, when: event.data.v > 1, then: [{task: {app: fit}}]}
+- {name: e, on: bl1/+/counts, when: "trigger == 'e'", then: [{task: {app: fit}}]}
+- {name: f, on: bl1/+/counts, when: "trigger == 'e'", then: [{task: {app: fit}}]}
+- {name: g, on: bl1/+/counts, filter: has(event.data.m), when: event.data.m.x > 1, then: [{task: {app: fit}}]}
+- {name: h, on: bl1/+/counts, when: "event.data.s.matches('^a')", then: [{task: {app: fit}}]}
+- {name: i, on: bl1/+/counts, when: event.data.nope > 1, then: [{task: {app: fit}}]}
+- {name: j, on: bl1/+/counts, filter: event.data.v > 1, when: event.data.v > 1, then: [{task: {app: fit}}]}
+"""
+
+
+@pytest.mark.parametrize(("data", "fired"), [
+    ({"x": 1, "v": 5, "s": "abc"}, ["a", "b", "d", "e", "h", "j"]),
+    ({"v": 0, "s": "zz"}, ["e"]),
+    ({"x": 1, "v": 500, "s": "a", "m": {"x": 2}}, ["a", "b", "c", "d", "e", "g", "h", "j"]),
+    ({"x": 1, "v": 5.5, "s": 3}, ["a", "b", "d", "e", "j"]),  # h fails: matches() of a number
+])
+def test_triggers_without_state_fire_and_fail_each_as_alone(tmp_path: Path, data: dict[str, Any],
+                                                            fired: list[str]) -> None:
+    eng = engine(tmp_path, GROUP)
+    out = eng.process(ev(0, 0, data), {}, position=0)
+    assert [f.trigger for f in out.firings] == fired
+    failed = sorted(f.trigger for f in out.failures)
+    assert failed == (["h", "i"] if data["s"] == 3 else ["i"]), out.failures
+    assert "nope" in next(f.message for f in out.failures if f.trigger == "i")
+
+
+def test_the_selector_index_matches_as_mqtt_filters_do(tmp_path: Path) -> None:
+    import itertools
+
+    from reflexarc.cloud.engine import SelectorIndex
+    from reflexarc.topics import mqtt_match
+
+    levels = ["s1", "s2", "+"]
+    selectors = ["#", "s1/#", "+/#", "s1/d1/#", "+/+/#"] + [
+        "/".join(p) for p in itertools.product(levels, ["d1", "+"], ["x", "+"])
+    ]
+    triggers = [SimpleNamespace(spec=SimpleNamespace(on=[sel])) for sel in selectors]
+    index = SelectorIndex(triggers)  # type: ignore[arg-type]
+    for names in itertools.product(["s1", "s2"], ["d1", "d2"], ["x", "y"]):
+        want = {i for i, sel in enumerate(selectors) if mqtt_match(sel, "/".join(names))}
+        assert index.lookup(names) == want, names
