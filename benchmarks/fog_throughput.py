@@ -9,6 +9,13 @@ Measured in one run, on the same embedded brokers (Mosquitto + Tansu, loopback):
   bridge produced. Completion is detected by polling the bridge's metrics
   endpoint at 10 Hz and only then is every record read back from Kafka (checked:
   zero loss), so no verifying consumer competes for the CPU while the clock runs.
+* bridge with Kafka paused (``--no-buffered`` skips it): Tansu is stopped
+  (SIGSTOP) while the same messages are published, so the bridge takes them
+  into its disk buffer; the intake rate is until every message is taken and
+  acknowledged in MQTT (compared with raw MQTT), then Tansu continues
+  (SIGCONT) and the drain rate is until the last record's Kafka timestamp
+  (compared with raw Kafka). The steady-state runs also report whether the
+  disk buffer ever engaged (it should not).
 
 Each path has the same shape (the same pre-encoded MQTT 5 binary payloads,
 QoS 1, the same publish window, the receiving side in its own process), so the
@@ -22,7 +29,7 @@ Next to the rates it prints the CPU time per message of every process in the
 path (publisher, Mosquitto, receiver or bridge, Tansu), read from /proc: on a
 2-core machine they share, that sum is what bounds the rate.
 
-    python benchmarks/fog_throughput.py [--n 20000] [--sizes 200,1024] [--runs 5] [--profile DIR]
+    python benchmarks/fog_throughput.py [--n 20000] [--sizes 200,1024] [--runs 5] [--profile DIR] [--no-buffered]
 
 ``--profile DIR`` records the bridge with py-spy (``pip install py-spy``) into
 ``DIR/fog-<size>.txt`` (collapsed stacks; summarise with ``--top``).
@@ -168,6 +175,9 @@ class Result:
     cpu_us: dict[str, float]
     lost: int = 0
     dups: int = 0
+    #: the disk buffer's engagements during the run (0 in the steady state), and the drain rate when measured
+    engaged: int = 0
+    drain: float = 0.0
 
 
 def _role(args: list[str]) -> subprocess.Popen[str]:
@@ -220,17 +230,33 @@ def _py_spy() -> str:
     return str(beside) if beside.exists() else shutil.which("py-spy") or "py-spy"
 
 
-def _records_out(port: int, topic: str) -> float:
+def _metric(port: int, name: str, label: str = "") -> float:
+    """One fog metric from the bridge's endpoint (``label``: e.g. 'topic="rx.data"'; 0 if absent)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    m = re.search(r'^rx_fog_records_out_total\{[^}]*topic="' + re.escape(topic) + r'"[^}]*\} (\S+)$', text, re.M)
+    m = re.search(r"^" + name + r"\{[^}]*" + re.escape(label) + r"[^}]*\} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def _records_out(port: int, topic: str) -> float:
+    return _metric(port, "rx_fog_records_out_total", f'topic="{topic}"')
+
+
+def _taken_to_disk(port: int, n: int) -> bool:
+    """True once the bridge took ``n`` data messages and acknowledged them all (they are in its disk buffer)."""
+    return (_metric(port, "rx_fog_messages_in_total", 'kind="data"') >= n
+            and _metric(port, "rx_fog_mqtt_unacked") == 0)
 
 
 async def through_bridge(
     brokers: EmbeddedBrokers, mqtt: MqttSettings, kafka: KafkaSettings, n: int, size: int, tmp: Path, ns: str,
-    profile: Path | None = None,
+    profile: Path | None = None, kafka_paused: bool = False,
 ) -> Result:
-    """Messages/s publisher -> Mosquitto -> fog bridge process -> Kafka, with loss and duplicate counts."""
+    """Messages/s publisher -> Mosquitto -> fog bridge process -> Kafka, with loss and duplicate counts.
+
+    ``kafka_paused``: Tansu is stopped (SIGSTOP) while the messages are published, so the bridge takes them
+    into its disk buffer; the rate is then how fast it did (every message taken and acknowledged in MQTT),
+    and ``drain`` how fast the buffer reached Kafka once Tansu continued (SIGCONT).
+    """
     topics = Topics(ns)
     msgs = [encoded(i, size, topics) for i in range(n)]
     metrics_port = free_port()
@@ -239,7 +265,8 @@ async def through_bridge(
         "metrics_port": metrics_port,
         "mqtt": {"host": mqtt.host, "port": mqtt.port},
         "kafka": {"bootstrap_servers": kafka.bootstrap_servers},
-        "ingest": {"client_id": f"fog-bench-{ns}", "receive_maximum": WINDOW},
+        "ingest": {"client_id": f"fog-bench-{ns}", "receive_maximum": WINDOW,
+                   "buffer": {"path": str(tmp / f"buffer-{ns}.db")}},
         "commands": {"enabled": False},
     }
     path = tmp / f"fog-{ns}.yaml"
@@ -265,15 +292,33 @@ async def through_bridge(
         assert brokers.mqtt is not None and brokers.kafka is not None
         meter = CpuMeter({"mosquitto": brokers.mqtt.process.pid, "bridge": bridge.pid,
                           "tansu": brokers.kafka.process.pid})
+        tansu = brokers.kafka.process
+        if kafka_paused:
+            tansu.signal(signal.SIGSTOP)
         meter.start()
         t0 = time.time()
-        await publish(MqttSettings(host=mqtt.host, port=mqtt.port), msgs, f"bench-pub-bridge-{size}")
-        deadline = time.monotonic() + 300
-        while await asyncio.to_thread(_records_out, metrics_port, topics.kafka_data) < n:
-            if time.monotonic() > deadline or not bridge.running():
-                break
-            await asyncio.sleep(0.1)
-        meter.stop()
+        resumed = 0.0
+        try:
+            await publish(MqttSettings(host=mqtt.host, port=mqtt.port), msgs, f"bench-pub-bridge-{size}")
+            deadline = time.monotonic() + 300
+            if kafka_paused:
+                while not await asyncio.to_thread(_taken_to_disk, metrics_port, n):
+                    if time.monotonic() > deadline or not bridge.running():
+                        break
+                    await asyncio.sleep(0.05)
+                meter.stop()
+                taken_at = time.time()
+                resumed = time.time()
+                tansu.signal(signal.SIGCONT)
+            while await asyncio.to_thread(_records_out, metrics_port, topics.kafka_data) < n:
+                if time.monotonic() > deadline or not bridge.running():
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            tansu.signal(signal.SIGCONT)
+        if not kafka_paused:
+            meter.stop()
+        engaged = int(await asyncio.to_thread(_metric, metrics_port, "rx_fog_buffer_engagements_total"))
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             await asyncio.to_thread(spy.wait, 30)
@@ -298,17 +343,21 @@ async def through_bridge(
             spy.wait()
         bridge.stop()
     unique = set(ids)
+    lost, dups = n - len(unique), len(ids) - len(unique)
+    if kafka_paused:
+        drain = n / max(last_ms / 1000.0 - resumed, 1e-3)
+        return Result(n / max(taken_at - t0, 1e-3), meter.per_msg_us(n), lost, dups, engaged, drain)
     # The record timestamp is taken by the bridge's producer when it appends the record, a few ms
     # before Kafka acknowledges it (linger_ms=5): a small, constant advantage over the raw runs.
     dt = max(last_ms / 1000.0 - t0, 1e-3)
-    return Result(n / dt, meter.per_msg_us(n), n - len(unique), len(ids) - len(unique))
+    return Result(n / dt, meter.per_msg_us(n), lost, dups, engaged)
 
 
 def _cpu_text(r: Result) -> str:
     return " ".join(f"{k} {v:.0f}" for k, v in r.cpu_us.items()) + f" = {sum(r.cpu_us.values()):.0f}"
 
 
-async def main(n: int, sizes: list[int], runs: int, profile: Path | None) -> int:
+async def main(n: int, sizes: list[int], runs: int, profile: Path | None, buffered: bool = True) -> int:
     """Run every measurement and print the table; exit 1 on any loss."""
     with tempfile.TemporaryDirectory(prefix="fog-bench-") as tmp, EmbeddedBrokers(
         data_dir=Path(tmp) / "brokers", mqtt_flavour="mosquitto"
@@ -323,17 +372,22 @@ async def main(n: int, sizes: list[int], runs: int, profile: Path | None) -> int
               "  ratio per round")
         lost_any = False
         cpu_lines: list[str] = []
+        buffer_lines: list[str] = []
         for size in sizes:
             # Interleaved rounds: each ratio compares measurements taken within seconds of each
             # other, so a shared machine that speeds up or slows down moves both sides together.
             rounds: list[tuple[Result, Result, Result]] = []
+            paused: list[Result] = []
             for r in range(runs):
                 m = await raw_mqtt(brokers, mqtt, n, size)
                 k = await raw_kafka(brokers, kafka, n, size)
                 b = await through_bridge(brokers, mqtt, kafka, n, size, Path(tmp), f"b{size}r{r}",
                                          profile if r == 0 else None)
                 rounds.append((m, k, b))
-            lost_any |= any(b.lost for _, _, b in rounds)
+                if buffered:
+                    paused.append(await through_bridge(brokers, mqtt, kafka, n, size, Path(tmp), f"p{size}r{r}",
+                                                       kafka_paused=True))
+            lost_any |= any(b.lost for _, _, b in rounds) or any(p.lost for p in paused)
             ratios = [b.rate / min(m.rate, k.rate) for m, k, b in rounds]
             # The round with the median ratio stands for the size (its rates and CPU costs).
             mid = sorted(range(runs), key=lambda i: ratios[i])[(runs - 1) // 2]
@@ -344,7 +398,27 @@ async def main(n: int, sizes: list[int], runs: int, profile: Path | None) -> int
                   flush=True)
             cpu_lines += [f"{size:>7}B raw MQTT:  {_cpu_text(m)}", f"{size:>7}B raw Kafka: {_cpu_text(k)}",
                           f"{size:>7}B bridge:    {_cpu_text(b)}"]
+            if any(x.engaged for _, _, x in rounds):
+                print(f"         (the disk buffer engaged in the steady state: {[x.engaged for _, _, x in rounds]})")
+            if paused:
+                # Each paused run against the raw MQTT (intake) and raw Kafka (drain) rates of its own round.
+                intake = [p.rate / rounds[i][0].rate for i, p in enumerate(paused)]
+                drain = [p.drain / rounds[i][1].rate for i, p in enumerate(paused)]
+                j = sorted(range(len(paused)), key=lambda i: intake[i])[(len(paused) - 1) // 2]
+                p = paused[j]
+                buffer_lines.append(
+                    f"{size:>7}B {p.rate:>11.0f} {intake[j]:>6.2f} {p.drain:>9.0f} {drain[j]:>6.2f} "
+                    f"{sum(x.lost for x in paused):>5} {sum(x.dups for x in paused):>5}  "
+                    + " ".join(f"{a:.2f}/{d:.2f}" for a, d in zip(intake, drain, strict=True)))
+                cpu_lines.append(f"{size:>7}B buffering: {_cpu_text(p)}")
         print("ratio = bridge / min(raw MQTT, raw Kafka) of the median round; target >= 0.80 with zero loss")
+        if buffer_lines:
+            print("\nWith Kafka paused (SIGSTOP) while the messages are published: the bridge takes them into its disk")
+            print("buffer (intake: all taken and acknowledged in MQTT), then Kafka continues (SIGCONT) and it drains.")
+            print(f"{'payload':>8} {'intake/s':>11} {'/MQTT':>6} {'drain/s':>9} {'/Kafka':>6} {'lost':>5} {'dups':>5}"
+                  "  intake/drain ratios per round")
+            print("\n".join(buffer_lines))
+            print("intake ratio = vs raw MQTT, drain ratio = vs raw Kafka, of the same round (median intake round shown)")
         print("CPU µs per message by process (median round; 2 cores = 2e6/rate µs of CPU per message at most):")
         print("\n".join(cpu_lines))
     return 1 if lost_any else 0
@@ -379,6 +453,7 @@ def _cli() -> None:
     ap.add_argument("--sizes", default="200,1024")
     ap.add_argument("--runs", type=int, default=5, help="interleaved rounds per size (the median round is reported)")
     ap.add_argument("--profile", type=Path, help="record the bridge with py-spy into this directory")
+    ap.add_argument("--no-buffered", action="store_true", help="skip the runs with Kafka paused (disk buffer)")
     ap.add_argument("--top", type=Path, help="summarise a py-spy raw profile and exit")
     ap.add_argument("--role", choices=["mqtt-sub", "kafka-produce"], help=argparse.SUPPRESS)
     ap.add_argument("--mqtt-port", type=int, help=argparse.SUPPRESS)
@@ -393,7 +468,7 @@ def _cli() -> None:
     elif a.role == "kafka-produce":
         asyncio.run(role_kafka_produce(KafkaSettings(bootstrap_servers=a.kafka), a.n, a.size, a.topic))
     else:
-        sys.exit(asyncio.run(main(a.n, [int(s) for s in a.sizes.split(",")], a.runs, a.profile)))
+        sys.exit(asyncio.run(main(a.n, [int(s) for s in a.sizes.split(",")], a.runs, a.profile, not a.no_buffered)))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,48 @@ class DedupeSettings(StrictModel):
     enabled: bool = True
     window_size: int = Field(100_000, ge=1, description="remember at most this many recent event ids")
     window_s: float = Field(600.0, gt=0, description="forget ids older than this many seconds")
+    seed_from_kafka: bool = Field(
+        True, description="at start, fill the window with the ids of the data topic's tail (survives a restart)"
+    )
+    seed_timeout_s: float = Field(10.0, gt=0, description="read the data topic's tail for at most this long")
+
+
+class ReceiptSettings(StrictModel):
+    """End-to-end receipts: tell each device which of its events Kafka holds."""
+
+    enabled: bool = True
+    interval_ms: float = Field(100.0, gt=0, le=60_000, description="publish each device's receipt this often")
+    max_ids: int = Field(1000, ge=1, le=10_000, description="ids in one receipt; a device reaching it is sent at once")
+    qos: Literal[0, 1] = Field(1, description="MQTT QoS of receipts (1: kept in an offline device's session)")
+
+
+class BufferSettings(StrictModel):
+    """The disk buffer that takes MQTT traffic while Kafka is slow or away (like EMQX's replayq)."""
+
+    enabled: bool = True
+    path: str | None = Field(
+        None,
+        description="SQLite file (relative to fog.yaml; default: $RX_STATE_DIR/fog-CLIENT_ID/buffer.db or "
+        "~/.local/state/reflexarc/fog/NS/CLIENT_ID/buffer.db)",
+    )
+    max_bytes: int = Field(1 << 30, ge=1 << 20, description="record bytes the buffer holds at most (then backpressure)")
+    max_events: int = Field(1_000_000, ge=100, description="records the buffer holds at most (then backpressure)")
+    spill_after_ms: float = Field(
+        500.0, gt=0, le=600_000, description="engage when a record waited this long for Kafka (or a batch failed)"
+    )
+    sync: Literal["normal", "full"] = Field(
+        "normal", description="SQLite synchronous: normal survives a crash of the bridge, full also a power cut"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_file(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        p = Path(os.path.expanduser(v))
+        if not p.is_absolute():
+            p = Path((info.context or {}).get("source", "./.")).parent / p
+        return str(p)
 
 
 class FieldSpec(StrictModel):
@@ -178,6 +220,8 @@ class IngestSettings(StrictModel):
         512 * 1024, ge=1024, description="original bytes kept in a dead letter (truncated above, marked)"
     )
     dedupe: DedupeSettings = Field(default_factory=DedupeSettings)
+    receipts: ReceiptSettings = Field(default_factory=ReceiptSettings)
+    buffer: BufferSettings = Field(default_factory=BufferSettings)
     linger_ms: int = Field(5, ge=0, description="Kafka producer linger")
     max_batch_bytes: int = Field(256 * 1024, ge=1024, description="Kafka producer batch size")
     request_timeout_ms: int = Field(30_000, ge=1000, description="Kafka request timeout (then the bridge retries)")
@@ -232,6 +276,15 @@ class FogConfig(PipelineSettings):
             if s.matches(name):
                 return s
         return None
+
+    def buffer_path(self) -> Path:
+        """The disk buffer's SQLite file: one per bridge (client id), kept across restarts."""
+        if self.ingest.buffer.path:
+            return Path(self.ingest.buffer.path)
+        env = os.environ.get("RX_STATE_DIR")
+        if env:
+            return Path(env) / f"fog-{self.ingest.client_id}" / "buffer.db"
+        return Path.home() / ".local/state/reflexarc/fog" / self.namespace / self.ingest.client_id / "buffer.db"
 
     def share_group(self) -> str | None:
         """The shared-subscription group in force: none on MQTT 3.1.1."""

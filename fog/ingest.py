@@ -15,6 +15,12 @@ Routing by topic kind:
 * Anything that fails goes to ``{ns}.deadletter`` as a
   :class:`~reflexarc.envelope.DeadLetter` (original bytes, reason, stage,
   origin topic), and the messages around it flow on.
+
+Records go to the ingest's outlet: the Kafka sender, or the disk-buffer
+switch in front of it (:mod:`reflexarc.fog.spill`). Each record carries the
+events it confirms once Kafka has it (:attr:`Record.receipts`): the dedupe
+window then marks them confirmed and the device gets a receipt
+(:mod:`reflexarc.fog.receipts`).
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from reflexarc.aio import cancel_and_wait
 from reflexarc.envelope import DeadLetter, Envelope, EnvelopeError
 from reflexarc.events import CommandAck
 from reflexarc.fog.config import FogConfig, StreamSettings
-from reflexarc.fog.dedupe import DedupeWindow
+from reflexarc.fog.dedupe import DedupeWindow, dedupe_key
 from reflexarc.fog.metrics import BridgeMetrics
-from reflexarc.fog.sender import AckQueue, KafkaSender, Record, Ticket
+from reflexarc.fog.receipts import Receipts
+from reflexarc.fog.sender import AckQueue, Confirm, KafkaSender, Outlet, Record, Ticket
 from reflexarc.fog.shaping import Shaper, make_shaper
 from reflexarc.fog.validation import Validator, build_validator
 from reflexarc.mqtt import MqttClient, MqttMessage, Will
@@ -68,11 +75,17 @@ class Ingest:
         client_id: str | None = None,
         takeover: bool = False,
         dedupe: DedupeWindow | None = None,
+        outlet: Outlet | None = None,
+        receipts: Receipts | None = None,
     ) -> None:
         self.config = config
         self.settings = config.ingest
         self.topics = config.topics()
         self.sender = sender
+        # Where records go: the sender, or the disk-buffer switch in front of it.
+        self.out: Outlet = outlet if outlet is not None else sender
+        # Shared by the bridge's ingests (takeovers too); published on the bridge's own connection.
+        self.receipts = receipts
         self.metrics = metrics
         self.on_command_ack = on_command_ack
         self.client_id = client_id or self.settings.client_id
@@ -127,6 +140,8 @@ class Ingest:
             log.info("fog ingest %s subscribed to %s", self.client_id, filters)
         if presence:
             await self.client.publish(presence, ONLINE, 1, retain=True)
+        if self.receipts is not None and not self.takeover:
+            self.receipts.start(self.client)
         self._tasks.append(asyncio.create_task(self._intake(), name=f"fog-intake-{self.client_id}"))
         interval = min((i for sh in self._shapers if (i := sh.tick_interval()) is not None), default=None)
         if interval is not None:
@@ -147,6 +162,8 @@ class Ingest:
                 await asyncio.wait_for(sh.flush_all(), max(0.1, deadline - time.monotonic()))
         if self.acks is not None:
             await self.acks.wait_empty(max(0.1, deadline - time.monotonic()))
+        if self.receipts is not None and not self.takeover:
+            await self.receipts.stop()
         if self.client is not None:
             presence = self.presence_topic()
             if presence and self.client.connected.is_set():
@@ -235,6 +252,7 @@ class Ingest:
         st = self._stream(mt.stream)
         size = len(msg.payload)
         if size > st.max_bytes:
+            ticket.receipt = _receipt_of_properties(msg, mt)
             return self._dead(
                 msg, ticket, "size",
                 f"payload of {size} bytes exceeds the limit of {st.max_bytes} bytes for stream "
@@ -248,16 +266,26 @@ class Ingest:
         if st.validator is not None:
             reason = st.validator(event.data)
             if reason is not None:
+                # Taken, as a dead letter: once that is in Kafka the device may stop re-sending the event.
+                ticket.receipt = (mt.site, mt.device, event.id, None)
                 return self._dead(msg, ticket, "validate", f"stream {mt.stream!r}: {reason}")
-        if self._duplicate(event.source, event.id):
+        entry = self._new(mt, event.source, event.id)
+        if entry is None:
             return None
         if not st.passthrough:
-            return st.shaper.add((mt.site, mt.device, mt.stream), event.envelope, ticket)
+            ticket.receipt = entry
+            return self._shape(st.shaper, (mt.site, mt.device, mt.stream), event.envelope, ticket)
         # Forward the record already built (what Shaper.add + _emit would do).
-        key, value, headers = event.record
+        rkey, value, headers = event.record
         ticket.holds += 1
-        rec = Record(self.topics.kafka_data, key, value, headers, (ticket,))
-        return None if self.sender.try_send(rec) else self.sender.send(rec)
+        rec = Record(self.topics.kafka_data, rkey, value, headers, (ticket,), (entry,))
+        out = self.out
+        return None if out.try_send(rec) else out.send(rec)
+
+    async def _shape(self, shaper: Shaper, key: tuple[str, str, str], env: Envelope, ticket: Ticket) -> None:
+        if not await shaper.add(key, env, ticket) and ticket.receipt is not None and self.receipts is not None:
+            # Dropped on purpose (downsampling): consumed, so the device must stop re-sending it.
+            self.receipts.consumed(ticket.receipt)
 
     async def _take_ack(self, msg: MqttMessage, ticket: Ticket, mt: MqttTopic) -> None:
         self.metrics.in_ack.inc()
@@ -276,17 +304,27 @@ class Ingest:
             await self._dead(msg, ticket, "validate",
                              f"ack names {ack.site}/{ack.device} but came from {mt.site}/{mt.device}")
             return
-        if self._duplicate(env.source, env.id):
+        entry = self._new(mt, env.source, env.id)
+        if entry is None:
             return
+        ticket.receipt = entry
         await self._emit(env, [ticket], self.topics.kafka_acks, hold=True)
         if self.on_command_ack is not None:
             self.on_command_ack(ack)
 
-    def _duplicate(self, source: str, event_id: str) -> bool:
-        if self.dedupe is not None and self.dedupe.seen(f"{source}\x1f{event_id}"):
-            self.metrics.duplicates.inc()
-            return True
-        return False
+    def _new(self, mt: MqttTopic, source: str, event_id: str) -> Confirm | None:
+        """The event's receipt entry, or None for a duplicate: dropped, counted, and receipted again at once
+        if Kafka has the original (if the original is still on its way, its own receipt follows)."""
+        dedupe = self.dedupe
+        if dedupe is None:
+            return (mt.site, mt.device, event_id, None)
+        key = dedupe_key(source, event_id)
+        if not dedupe.seen(key):
+            return (mt.site, mt.device, event_id, key)
+        self.metrics.duplicates.inc()
+        if self.receipts is not None and dedupe.confirmed(key):
+            self.receipts.again((mt.site, mt.device, event_id, key))
+        return None
 
     async def _emit(self, env: Envelope, tickets: list[Ticket], topic: str | None = None, hold: bool = False) -> None:
         """Send one event to Kafka; ``tickets`` are released when Kafka has it."""
@@ -294,7 +332,8 @@ class Ingest:
             for t in tickets:
                 self._acks().hold(t)
         key, value, headers = env.to_kafka()
-        await self.sender.send(Record(topic or self.topics.kafka_data, key, value, headers, tickets))
+        receipts = [t.receipt for t in tickets if t.receipt is not None]
+        await self.out.send(Record(topic or self.topics.kafka_data, key, value, headers, tickets, receipts))
 
     async def _dead(self, msg: MqttMessage, ticket: Ticket, stage: str, reason: str) -> None:
         """Send the original bytes and the reason to the dead-letter topic."""
@@ -314,7 +353,8 @@ class Ingest:
         dl = DeadLetter(error=reason, stage=stage, origin=msg.topic, payload=payload, extra_headers=tuple(extra))
         key, value, headers = dl.to_kafka()
         self._acks().hold(ticket)
-        await self.sender.send(Record(self.topics.kafka_deadletter, key, value, headers, [ticket]))
+        receipts = (ticket.receipt,) if ticket.receipt is not None else ()
+        await self.out.send(Record(self.topics.kafka_deadletter, key, value, headers, [ticket], receipts))
 
     async def _ticker(self, interval: float) -> None:
         while True:
@@ -322,3 +362,11 @@ class Ingest:
             now = time.monotonic()
             for sh in self._shapers:
                 await sh.tick(now)
+
+
+def _receipt_of_properties(msg: MqttMessage, mt: MqttTopic) -> Confirm | None:
+    """The event an unread MQTT 5 binary-mode message names in its ``id`` property (for a size dead letter)."""
+    for name, value in msg.user_properties:
+        if name == "id":
+            return (mt.site, mt.device, value, None)
+    return None

@@ -51,11 +51,27 @@ KAFKA_INFLIGHT = Gauge("rx_fog_kafka_inflight", "Kafka records sent and not yet 
 MQTT_UNACKED = Gauge(
     "rx_fog_mqtt_unacked", "MQTT messages received and not yet acknowledged (ingest lag)", ["bridge"]
 )
-BACKPRESSURE = Gauge("rx_fog_backpressure", "1 while intake waits for Kafka", ["bridge"])
+BACKPRESSURE = Gauge(
+    "rx_fog_backpressure", "1 while Kafka does not take records (the intake waits, or the disk buffer takes them)",
+    ["bridge"],
+)
 COMMANDS = Counter("rx_fog_commands", "commands by outcome", ["bridge", "status"])
 COMMANDS_PUBLISHED = Counter("rx_fog_command_publishes", "command publishes (incl. retries)", ["bridge"])
 COMMANDS_PENDING = Gauge("rx_fog_commands_pending", "commands awaiting the device's answer", ["bridge"])
 COMMANDS_LAG = Gauge("rx_fog_commands_lag", "records in the commands topic not yet consumed", ["bridge"])
+RECEIPTS = Counter("rx_fog_receipts", "receipts published to devices (one message names many ids)", ["bridge"])
+RECEIPTED = Counter("rx_fog_receipted_ids", "event ids confirmed to devices in receipts", ["bridge"])
+RECEIPTS_DROPPED = Counter(
+    "rx_fog_receipts_dropped_ids", "ids not receipted because too many waited (the device re-sends them)", ["bridge"]
+)
+BUFFER_ENGAGED = Gauge("rx_fog_buffer_engaged", "1 while records go through the disk buffer", ["bridge"])
+BUFFER_DEPTH = Gauge("rx_fog_buffer_depth", "records in the disk buffer", ["bridge"])
+BUFFER_BYTES = Gauge("rx_fog_buffer_bytes", "record bytes in the disk buffer", ["bridge"])
+BUFFER_OLDEST = Gauge("rx_fog_buffer_oldest_age_seconds", "age of the oldest record in the disk buffer", ["bridge"])
+BUFFER_SPILLED = Counter("rx_fog_buffer_spilled", "records written to the disk buffer", ["bridge"])
+BUFFER_DRAINED = Counter("rx_fog_buffer_drained", "buffered records Kafka acknowledged (rows deleted)", ["bridge"])
+BUFFER_ENGAGEMENTS = Counter("rx_fog_buffer_engagements", "times the disk buffer took over from the direct path",
+                             ["bridge"])
 
 
 class BridgeMetrics:
@@ -85,6 +101,16 @@ class BridgeMetrics:
         self.command_publishes = COMMANDS_PUBLISHED.labels(bridge)
         self.commands_pending = COMMANDS_PENDING.labels(bridge)
         self.commands_lag = COMMANDS_LAG.labels(bridge)
+        self.receipts = RECEIPTS.labels(bridge)
+        self.receipted = RECEIPTED.labels(bridge)
+        self.receipts_dropped = RECEIPTS_DROPPED.labels(bridge)
+        self.buffer_engaged = BUFFER_ENGAGED.labels(bridge)
+        self.buffer_depth = BUFFER_DEPTH.labels(bridge)
+        self.buffer_bytes = BUFFER_BYTES.labels(bridge)
+        self.buffer_oldest = BUFFER_OLDEST.labels(bridge)
+        self.buffer_spilled = BUFFER_SPILLED.labels(bridge)
+        self.buffer_drained = BUFFER_DRAINED.labels(bridge)
+        self.buffer_engagements = BUFFER_ENGAGEMENTS.labels(bridge)
 
     def out(self, topic: str) -> Counter:
         """Counter of records acknowledged on ``topic``."""

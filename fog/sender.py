@@ -18,6 +18,20 @@ it. While any partition is retrying no new record is accepted, so the intake
 stops. Stopping the intake stops MQTT acknowledgements, and with
 MQTT 5 Receive Maximum the broker then stops sending: the backlog waits in the
 broker's persistent session, not in our memory.
+
+With the disk buffer (:mod:`reflexarc.fog.spill`) the intake does not stop:
+copies of the records held here are written to disk (their MQTT messages are
+acknowledged then), new records go to disk, and the buffer's rows come back
+through :meth:`KafkaSender.send` behind the records held here. After each
+acknowledged batch ``on_sent`` is called with its records: that is when their
+events are confirmed (receipts, deduplication, buffer rows deleted).
+
+A batch whose request failed may still have been written (a frozen broker
+processes the requests waiting in its socket when it continues). Before such
+a batch is sent again, the partition is read back from the offset after the
+last acknowledged batch (:class:`Landed`, :mod:`reflexarc.fog.landed`), and
+only the records that are not there are sent again: a Kafka outage does not
+leave duplicates behind.
 """
 
 from __future__ import annotations
@@ -26,10 +40,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -40,6 +55,10 @@ from reflexarc.mqtt import MqttMessage
 
 log = logging.getLogger(__name__)
 
+#: What Kafka taking a record confirms about one event it carries:
+#: ``(site, device, event id, dedupe key or None)``; site and device name the receipt topic.
+Confirm = tuple[str, str, str, str | None]
+
 
 @dataclass(slots=True, eq=False)
 class Ticket:
@@ -48,6 +67,8 @@ class Ticket:
     msg: MqttMessage | None
     owner: AckQueue
     holds: int = 1
+    #: the event the message carried, once known (shapers pass tickets on, not events)
+    receipt: Confirm | None = None
 
 
 class AckQueue:
@@ -113,14 +134,30 @@ class AckQueue:
 
 @dataclass(slots=True, eq=False)
 class Record:
-    """One Kafka record and the tickets (MQTT messages) it stands for."""
+    """One Kafka record, the tickets (MQTT messages) it stands for and the events it confirms once in Kafka."""
 
     topic: str
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
     tickets: Sequence[Ticket] = ()
+    #: the events this record carries (a shaped batch carries several): confirmed when Kafka has it
+    receipts: Sequence[Confirm] = ()
     on_done: Callable[[], None] | None = None
+    #: its row in the disk buffer (0: not in the buffer); such a record's tickets were released on disk
+    seq: int = 0
+
+
+class Outlet(Protocol):
+    """Where the intake puts records: the sender itself, or the disk-buffer switch in front of it."""
+
+    def try_send(self, rec: Record) -> bool:
+        """Take ``rec`` at once if possible; False: ``await send(rec)`` instead."""
+        ...
+
+    async def send(self, rec: Record) -> None:
+        """Take ``rec``, waiting while there is no room."""
+        ...
 
 
 def partition_for_key(key: bytes, partitions: Sequence[int]) -> int:
@@ -169,6 +206,17 @@ class PartitionMap:
         return p
 
 
+class Landed(Protocol):
+    """Reads a partition back to tell which records of a failed batch the broker wrote after all."""
+
+    async def find(
+        self, topic: str, partition: int, start: int, recs: Sequence[Record], since_ms: int = 0
+    ) -> tuple[list[Record], int] | None:
+        """The records of ``recs`` at offset ``start`` or later (``start`` < 0: written at ``since_ms`` or
+        later), and the offset read up to; None if Kafka cannot tell now."""
+        ...
+
+
 @dataclass(slots=True, eq=False)
 class _PartitionQueue:
     """Records waiting for one partition, and the task sending them one batch at a time."""
@@ -178,6 +226,14 @@ class _PartitionQueue:
     pending: deque[Record] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
     failing: bool = False
+    #: the batch on the wire (empty: none) and when it was sent (monotonic)
+    sending: list[Record] = field(default_factory=list)
+    sent_at: float = 0.0
+    #: the offset after the last record Kafka acknowledged here (-1: none yet): where an unacknowledged
+    #: batch would be, had the broker written it after all
+    acked_end: int = -1
+    #: wall-clock ms of the first attempt of the batch that is failing (0: none failing)
+    failing_since_ms: int = 0
 
 
 class KafkaSender:
@@ -206,6 +262,11 @@ class KafkaSender:
         self._idle.set()
         self._closed = False
         self._listening = False
+        #: called with the records of every batch Kafka acknowledged, after their tickets were released
+        self.on_sent: Callable[[list[Record]], None] | None = None
+        #: finds which records of a failed batch the broker wrote after all (see :meth:`_settle`); None: resend all
+        self.landed: Landed | None = None
+        self._waiting_since = 0.0
         # Read at scrape time: no gauge update per record.
         metrics.kafka_inflight.set_function(lambda: self.inflight)
         # Backpressure: a partition is being retried (the intake stops taking records) or a send waits.
@@ -243,6 +304,8 @@ class KafkaSender:
 
     async def _ensure_partitions(self, topic: str) -> None:
         """Learn the partitions of ``topic``, waiting (intake held) while Kafka cannot tell."""
+        if not self._waiting:
+            self._waiting_since = time.monotonic()
         self._waiting += 1
         try:
             await self._learn_partitions(topic)
@@ -278,16 +341,56 @@ class KafkaSender:
     async def send(self, rec: Record) -> None:
         """Queue ``rec`` for its partition; returns at once unless Kafka is slow or down."""
         if not self._has_room():
-            self._waiting += 1
-            try:
-                while not self._has_room():
-                    self._room.clear()
-                    await self._room.wait()
-            finally:
-                self._waiting -= 1
+            await self.wait_room()
         if not self._partmap.known(rec.topic):
             await self._ensure_partitions(rec.topic)
         self._enqueue(rec)
+
+    async def wait_room(self) -> None:
+        """Wait until a record may be queued (no partition retrying, fewer than ``max_in_flight``)."""
+        if not self._waiting:
+            self._waiting_since = time.monotonic()
+        self._waiting += 1
+        try:
+            while not self._has_room():
+                self._room.clear()
+                await self._room.wait()
+        finally:
+            self._waiting -= 1
+
+    def stalled_for(self, now: float) -> float:
+        """How long Kafka has been keeping records waiting: the oldest batch on the wire, or a send waiting for room.
+
+        Infinite while a partition is being retried (a batch failed).
+        """
+        if self.retrying:
+            return float("inf")
+        worst = now - self._waiting_since if self._waiting else 0.0
+        for q in self._queues.values():
+            if q.sending and now - q.sent_at > worst:
+                worst = now - q.sent_at
+        return worst
+
+    def records(self) -> list[Record]:
+        """Every record queued or on the wire, each partition's in its order (the batch on the wire first)."""
+        out: list[Record] = []
+        for q in self._queues.values():
+            out.extend(q.sending)
+            out.extend(q.pending)
+        return out
+
+    def enqueue(self, rec: Record) -> None:
+        """Queue ``rec`` whatever the room (the caller bounds what it hands over; topic partitions must be known)."""
+        self._enqueue(rec)
+
+    async def learn(self, topic: str) -> None:
+        """Wait until the partitions of ``topic`` are known (Kafka's metadata answered)."""
+        if not self._partmap.known(topic):
+            await self._ensure_partitions(topic)
+
+    def knows(self, topic: str) -> bool:
+        """True when the partitions of ``topic`` are known (records for it can be queued synchronously)."""
+        return self._partmap.known(topic)
 
     def _enqueue(self, rec: Record) -> None:
         p = self._partmap.partition(rec.topic, rec.key)
@@ -328,23 +431,35 @@ class KafkaSender:
                     recs.append(pending.popleft())
                 # Closed: aiokafka sends it at once instead of lingering for more records.
                 batch.close()
+                q.sending = recs
+                q.sent_at = time.monotonic()
+                if not q.failing_since_ms:
+                    q.failing_since_ms = int(time.time() * 1000) - 1000
                 try:
                     fut = await self.producer.send_batch(batch, q.topic, partition=q.partition)
-                    await fut
+                    meta = await fut
                 except asyncio.CancelledError as exc:
                     task = asyncio.current_task()
                     if self._closed or (task is not None and task.cancelling()):
                         raise
                     # The producer dropped the batch (not us being stopped): send it again.
+                    q.sending = []
                     self._batch_failed(q, recs, exc)
-                    await asyncio.sleep(self.retry_backoff_s)
+                    await self._settle(q, recs)
                     continue
-                except Exception as exc:  # any failure means: not durable, send again
+                except Exception as exc:  # any failure means: not known to be durable, send again
+                    q.sending = []
                     self._batch_failed(q, recs, exc)
-                    await asyncio.sleep(self.retry_backoff_s)
+                    await self._settle(q, recs)
                     continue
+                q.sending = []
+                q.failing_since_ms = 0
+                offset = getattr(meta, "offset", None)
+                if isinstance(offset, int) and offset >= 0:
+                    q.acked_end = offset + len(recs)
                 self._batch_sent(q, recs)
         finally:
+            q.sending = []
             q.task = None
 
     def _batch_sent(self, q: _PartitionQueue, recs: list[Record]) -> None:
@@ -368,12 +483,58 @@ class KafkaSender:
                 owner = t.owner
                 if not owners or (owners[-1] is not owner and owner not in owners):
                     owners.append(owner)
+            if rec.seq:
+                # Its copy in the disk buffer must not release the tickets a second time.
+                rec.tickets = ()
         for owner in owners:
             owner.settle()
+        if self.on_sent is not None:
+            self.on_sent(recs)
         if not self._room.is_set() and self._has_room():
             self._room.set()
         if self.inflight == 0:
             self._idle.set()
+
+    async def _settle(self, q: _PartitionQueue, recs: list[Record]) -> None:
+        """After a failed batch: wait, and drop from the retry what the broker wrote after all.
+
+        A request that timed out may still be written: a frozen broker
+        processes what waits in its socket when it continues. Sending the
+        batch again would then put its records in Kafka twice (brokers such
+        as Tansu have no idempotent producer). So the partition is read back
+        first (:class:`Landed`), from the offset after the last acknowledged
+        batch (or, before any, from the time of the first failed attempt);
+        what is there counts as sent, only the rest is sent again. While
+        Kafka cannot tell, nothing is resent.
+        """
+        await asyncio.sleep(self.retry_backoff_s)
+        landed = self.landed
+        if landed is None:
+            return
+        while not self._closed:
+            try:
+                found = await landed.find(q.topic, q.partition, q.acked_end, recs, q.failing_since_ms)
+            except Exception as exc:  # the check itself failed: ask again, never resend blindly
+                log.debug("could not read back %s[%d]: %r", q.topic, q.partition, exc)
+                found = None
+            if found is not None:
+                break
+            await asyncio.sleep(self.retry_backoff_s)
+        else:
+            return
+        there, end = found
+        q.acked_end = max(q.acked_end, end)
+        if not there:
+            return
+        ids = {id(r) for r in there}
+        keep = [r for r in q.pending if id(r) not in ids]
+        gone = [r for r in q.pending if id(r) in ids]
+        q.pending.clear()
+        q.pending.extend(keep)
+        if gone:
+            log.warning("%d records Kafka did not acknowledge were written to %s[%d] after all: not sent again",
+                        len(gone), q.topic, q.partition)
+            self._batch_sent(q, gone)
 
     def _batch_failed(self, q: _PartitionQueue, recs: list[Record], exc: BaseException) -> None:
         # Back to the front, in order: nothing later in this partition goes before them.

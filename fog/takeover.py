@@ -34,7 +34,8 @@ from reflexarc.fog.config import FogConfig
 from reflexarc.fog.dedupe import DedupeWindow
 from reflexarc.fog.ingest import OFFLINE, ONLINE, Ingest
 from reflexarc.fog.metrics import BridgeMetrics
-from reflexarc.fog.sender import KafkaSender
+from reflexarc.fog.receipts import Receipts
+from reflexarc.fog.sender import KafkaSender, Outlet
 from reflexarc.mqtt import MqttClient, MqttError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class Takeover:
         metrics: BridgeMetrics,
         dedupe: DedupeWindow | None,
         on_command_ack: Callable[[CommandAck], None] | None = None,
+        outlet: Outlet | None = None,
+        receipts: Receipts | None = None,
     ) -> None:
         self.config = config
         self.me = config.ingest.client_id
@@ -61,6 +64,9 @@ class Takeover:
         self.metrics = metrics
         self.dedupe = dedupe
         self.on_command_ack = on_command_ack
+        # The bridge's own outlet (disk buffer) and receipts serve the sessions taken over too.
+        self.outlet = outlet
+        self.receipts = receipts
         self.status: dict[str, bytes] = {}
         self.active: dict[str, Ingest] = {}
         self._closed_at: dict[str, float] = {}
@@ -135,7 +141,7 @@ class Takeover:
     async def _take(self, peer: str) -> None:
         ing = Ingest(
             self.config, self.sender, self.metrics, self.on_command_ack,
-            client_id=peer, takeover=True, dedupe=self.dedupe,
+            client_id=peer, takeover=True, dedupe=self.dedupe, outlet=self.outlet, receipts=self.receipts,
         )
         try:
             await ing.start()

@@ -466,6 +466,8 @@ class MqttClient:
         self._unacked = 0
         self._held: collections.deque[MqttMessage] = collections.deque()
         self._paused = False
+        # Reading paused because the broker sent a Receive Maximum more than asked (see _deliver).
+        self._held_paused = False
 
         proto = paho.MQTTv5 if self.v5 else paho.MQTTv311
         kwargs: dict[str, Any] = {
@@ -694,6 +696,10 @@ class MqttClient:
     def _sock_open(self, _c: paho.Client, _u: Any, sock: Any) -> None:
         self._conn = sock
         self._writer_on = False
+        if self._held_paused:
+            # A new connection must be read (its CONNACK); a resumed session sends the held messages again.
+            self._held_paused = False
+            self._paused = bool(self._overflow)
         if not self._paused:
             self._loop.add_reader(sock.fd, self._readable)
 
@@ -893,6 +899,13 @@ class MqttClient:
                 # holds more than it asked for (which bounds what a crash can
                 # duplicate downstream).
                 self._held.append(m)
+                if len(self._held) >= self._receive_maximum and not self._paused:
+                    # Bound them too: stop reading (TCP pushes back on the broker) until acks make room.
+                    # A bridge that acknowledges fast (e.g. into a disk buffer) otherwise holds the
+                    # broker's whole backlog in memory.
+                    self._held_paused = self._paused = True
+                    if self._conn is not None:
+                        self._loop.remove_reader(self._conn.fd)
                 return
             self._unacked += 1
         self._enqueue(m)
@@ -918,6 +931,8 @@ class MqttClient:
         while self._overflow:
             await self.messages.put(self._overflow[0])
             self._overflow.popleft()
+        if self._held_paused:
+            return  # ack() resumes reading once the held messages are down
         self._paused = False
         conn = self._conn
         if conn is not None:
@@ -935,6 +950,14 @@ class MqttClient:
                 while held and self._unacked < self._receive_maximum:
                     self._unacked += 1
                     self._enqueue(held.popleft())
+                if self._held_paused and len(held) < self._receive_maximum // 2:
+                    self._held_paused = False
+                    conn = self._conn
+                    if not self._overflow and conn is not None:
+                        self._paused = False
+                        self._loop.add_reader(conn.fd, self._readable)
+                        if conn.pending():
+                            self._loop.call_soon(self._readable)
 
     # ---- connection events ----------------------------------------------------
     def _on_connect(self, _c: paho.Client, _u: Any, flags: Any, rc: ReasonCode, _p: Any) -> None:
@@ -966,8 +989,11 @@ class MqttClient:
         if session_present and self._held:
             # The resumed session sends the unacknowledged messages again.
             self._held.clear()
-        if self._subs and not session_present:
-            # A new session has no subscriptions: restore them.
+        if self._subs:
+            # Always subscribe again, also to a resumed session: a new session has no
+            # subscriptions, and Mosquitto 2.0 restores a persisted session without its
+            # shared ($share/...) subscriptions. Subscribing again is harmless (MQTT
+            # replaces an existing subscription; retained messages may come again).
             self._c.subscribe(list(self._subs))
         log.debug("MQTT %s connected (session_present=%s)", self.client_id, session_present)
 

@@ -11,6 +11,12 @@ from reflexarc.brokers import EmbeddedBrokers, KafkaBroker, MqttBroker, start_ka
 from reflexarc.config import KafkaSettings, MqttSettings
 
 
+@pytest.fixture(autouse=True)
+def _state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiers keep their state (spools, fog buffers) under the test's temporary directory, never the user's."""
+    monkeypatch.setenv("RX_STATE_DIR", str(tmp_path / "rx-state"))
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MqttBroker]:
     """A real Mosquitto (MQTT 5) on a free loopback port, stopped afterwards."""

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from fog_helpers import bridge_process, fog_config, ids_of, publish_events, read_topic, rss_kib, wait_for_log
+from fog_helpers import bridge_process, fog_config, ids_of, publish_events, read_topic, rss_kib, scrape, wait_for_log
 
 from reflexarc.brokers import KafkaBroker
 from reflexarc.config import KafkaSettings, MqttSettings
@@ -20,17 +19,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 T = Topics()
 RECEIVE_MAXIMUM = 500
 SIZE = 2048
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The fog metrics of one bridge, by name (labels other than bridge ignored, summed)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("rx_fog_"):
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
 
 
 async def test_fog_survives_kafka_outage_with_bounded_memory(

@@ -191,12 +191,17 @@ async def test_reconnect_after_broker_restart_loses_nothing(mosquitto: MqttBroke
     fast = {"reconnect_min_s": 0.2, "reconnect_max_s": 1.0}
     durable = MqttClient(mqtt_settings, "kt-durable", clean_start=False, session_expiry=600, manual_ack=True, **fast)
     fresh = MqttClient(mqtt_settings, "kt-fresh", **fast)  # clean session: must re-subscribe itself
+    # A persistent session with a shared subscription: Mosquitto 2.0 restores the session from
+    # its persistence file but not its $share subscriptions, so the client must subscribe again.
+    shared = MqttClient(mqtt_settings, "kt-shared", clean_start=False, session_expiry=600, **fast)
     pub = MqttClient(mqtt_settings, "kt-restart-pub", max_inflight=200, **fast)
-    for c in (durable, fresh, pub):
+    clients = (durable, fresh, shared, pub)
+    for c in clients:
         await c.connect()
     try:
         await durable.subscribe([(data_filter(), 1)])
         await fresh.subscribe([(T.mqtt_status(SITE, DEVICE), 1)])
+        await shared.subscribe([(T.mqtt_shared("kt-group", T.mqtt_status(SITE, DEVICE)), 1)])
         received: list[str] = []
 
         async def drain() -> None:
@@ -222,7 +227,7 @@ async def test_reconnect_after_broker_restart_loses_nothing(mosquitto: MqttBroke
         assert pub.disconnects >= 1 and durable.disconnects >= 1
         await asyncio.sleep(0.5)  # publishes keep being accepted (and wait) while the broker is away
         await asyncio.to_thread(mosquitto.restart)
-        await wait_until(lambda: all(c.connected.is_set() for c in (durable, fresh, pub)), 15, "all reconnected")
+        await wait_until(lambda: all(c.connected.is_set() for c in clients), 15, "all reconnected")
         await asyncio.wait_for(producer, 60)
         await asyncio.wait_for(asyncio.gather(*futs), 60)
         await wait_until(lambda: len(set(received)) >= n, 30, f"{n} distinct events at the subscriber")
@@ -236,8 +241,11 @@ async def test_reconnect_after_broker_restart_loses_nothing(mosquitto: MqttBroke
             await pub.publish(status, b"probe", 1)
             await asyncio.sleep(0.1)
         assert (await fresh.messages.get()).payload == b"probe"
+        # The resumed persistent session got its shared subscription back.
+        assert shared.session_present
+        assert (await asyncio.wait_for(shared.messages.get(), 10)).payload == b"probe"
     finally:
-        for c in (durable, fresh, pub):
+        for c in clients:
             await c.disconnect()
 
 
