@@ -109,10 +109,15 @@ class SiteClient:
         wanted = set(task_ids)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        missing = wanted
         while True:
-            missing = {t for t in wanted if not self._finished(t)}
+            # Only the tasks still missing are looked at again (thousands of tasks stay cheap);
+            # once none is, all are checked together, as the answer must hold for all at once.
+            missing = {t for t in missing if not self._finished(t)}
             if not missing:
-                return {t: self.results[t][0] for t in wanted}
+                missing = {t for t in wanted if not self._finished(t)}
+                if not missing:
+                    return {t: self.results[t][0] for t in wanted}
             left = deadline - loop.time()
             if left <= 0:
                 raise TimeoutError(f"no result after {timeout:g}s for {len(missing)} task(s): {sorted(missing)[:5]}")
