@@ -126,6 +126,9 @@ class Runner:
             timeout_s=job.timeout_s,
             # A Dask worker is a shared process: run in a child so the machine's variables apply.
             isolate=machine is not None and self.engine.name == "dask" and app.kind == "python",
+            # The engine reserves every rank's cores (a pilot: in one allocation), not just the launcher's.
+            ranks=app.mpi.ranks if app.mpi else 1,
+            ranks_per_node=(app.mpi.ranks_per_node or 0) if app.mpi else 0,
         )
 
     async def _prepare_env(self, job: JobView, app: AppSpec, spec: RunSpec) -> None:
