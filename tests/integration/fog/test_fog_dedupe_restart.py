@@ -37,6 +37,8 @@ async def test_fog_killed_twice_mid_stream_writes_nothing_twice(
             deadline = time.monotonic() + 60
             while await tail.poll(50) < N * fraction and time.monotonic() < deadline:
                 pass
+            if kills:  # this fog's count of redeliveries dies with it: keep it
+                redelivered += scrape(port)["rx_fog_duplicates_total"]
             bridge.kill()  # mid-stream: sent to Kafka, not yet acknowledged in MQTT
             kills.append(len(tail.records))
             mark = log_size(bridge)
@@ -48,14 +50,14 @@ async def test_fog_killed_twice_mid_stream_writes_nothing_twice(
         await tail.until(lambda r: want <= set(ids_of(r)), timeout=120)
         await read_rest(tail, port)
         records = list(tail.records)
-        redelivered = scrape(port)["rx_fog_duplicates_total"]
+        redelivered += scrape(port)["rx_fog_duplicates_total"]
 
     ids = ids_of(records)
     missing = want - set(ids)
     dups = duplicates(ids)
-    print(f"killed with {kills} events in Kafka; {len(missing)} lost, {dups} duplicates; the last fog dropped "
+    print(f"killed with {kills} events in Kafka; {len(missing)} lost, {dups} duplicates; the restarted fogs dropped "
           f"{redelivered:.0f} redeliveries")
     assert all(0 < k < N for k in kills), "each kill must land mid-stream"
     assert not missing, f"{len(missing)} events lost, e.g. {sorted(missing)[:5]}"
     assert dups == 0, f"{dups} events written twice"
-    assert redelivered > 0, "no redelivery reached the last fog: the kills did not test deduplication"
+    assert redelivered > 0, "no redelivery reached a restarted fog: the kills did not test deduplication"
