@@ -52,6 +52,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -249,13 +250,14 @@ def _taken_to_disk(port: int, n: int) -> bool:
 
 async def through_bridge(
     brokers: EmbeddedBrokers, mqtt: MqttSettings, kafka: KafkaSettings, n: int, size: int, tmp: Path, ns: str,
-    profile: Path | None = None, kafka_paused: bool = False,
+    profile: Path | None = None, kafka_paused: bool = False, overrides: dict[str, Any] | None = None,
 ) -> Result:
     """Messages/s publisher -> Mosquitto -> fog bridge process -> Kafka, with loss and duplicate counts.
 
     ``kafka_paused``: Tansu is stopped (SIGSTOP) while the messages are published, so the bridge takes them
     into its disk buffer; the rate is then how fast it did (every message taken and acknowledged in MQTT),
     and ``drain`` how fast the buffer reached Kafka once Tansu continued (SIGCONT).
+    ``overrides``: dotted fog.yaml keys set for this run (``--ab``).
     """
     topics = Topics(ns)
     msgs = [encoded(i, size, topics) for i in range(n)]
@@ -269,6 +271,12 @@ async def through_bridge(
                    "buffer": {"path": str(tmp / f"buffer-{ns}.db")}},
         "commands": {"enabled": False},
     }
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = conf
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
     path = tmp / f"fog-{ns}.yaml"
     path.write_text(yaml.safe_dump(conf))
     bridge = ManagedProcess(
@@ -357,8 +365,14 @@ def _cpu_text(r: Result) -> str:
     return " ".join(f"{k} {v:.0f}" for k, v in r.cpu_us.items()) + f" = {sum(r.cpu_us.values()):.0f}"
 
 
-async def main(n: int, sizes: list[int], runs: int, profile: Path | None, buffered: bool = True) -> int:
-    """Run every measurement and print the table; exit 1 on any loss."""
+async def main(
+    n: int, sizes: list[int], runs: int, profile: Path | None, buffered: bool = True,
+    ab: dict[str, Any] | None = None,
+) -> int:
+    """Run every measurement and print the table; exit 1 on any loss.
+
+    ``ab``: fog.yaml overrides for one more bridge run per round (an A/B of a setting, same rounds).
+    """
     with tempfile.TemporaryDirectory(prefix="fog-bench-") as tmp, EmbeddedBrokers(
         data_dir=Path(tmp) / "brokers", mqtt_flavour="mosquitto"
     ) as brokers:
@@ -373,17 +387,22 @@ async def main(n: int, sizes: list[int], runs: int, profile: Path | None, buffer
         lost_any = False
         cpu_lines: list[str] = []
         buffer_lines: list[str] = []
+        ab_lines: list[str] = []
         for size in sizes:
             # Interleaved rounds: each ratio compares measurements taken within seconds of each
             # other, so a shared machine that speeds up or slows down moves both sides together.
             rounds: list[tuple[Result, Result, Result]] = []
             paused: list[Result] = []
+            variant: list[Result] = []
             for r in range(runs):
                 m = await raw_mqtt(brokers, mqtt, n, size)
                 k = await raw_kafka(brokers, kafka, n, size)
                 b = await through_bridge(brokers, mqtt, kafka, n, size, Path(tmp), f"b{size}r{r}",
                                          profile if r == 0 else None)
                 rounds.append((m, k, b))
+                if ab:
+                    variant.append(await through_bridge(brokers, mqtt, kafka, n, size, Path(tmp), f"v{size}r{r}",
+                                                        overrides=ab))
                 if buffered:
                     paused.append(await through_bridge(brokers, mqtt, kafka, n, size, Path(tmp), f"p{size}r{r}",
                                                        kafka_paused=True))
@@ -400,6 +419,14 @@ async def main(n: int, sizes: list[int], runs: int, profile: Path | None, buffer
                           f"{size:>7}B bridge:    {_cpu_text(b)}"]
             if any(x.engaged for _, _, x in rounds):
                 print(f"         (the disk buffer engaged in the steady state: {[x.engaged for _, _, x in rounds]})")
+            if variant:
+                # The variant against its own round's bridge run: the A/B ratio of the setting.
+                vs = [v.rate / rounds[i][2].rate for i, v in enumerate(variant)]
+                j = sorted(range(len(variant)), key=lambda i: vs[i])[(len(variant) - 1) // 2]
+                lost_any |= any(v.lost for v in variant)
+                ab_lines.append(f"{size:>7}B {variant[j].rate:>9.0f}/s = {vs[j]:.2f} x bridge; "
+                                f"{sum(v.lost for v in variant)} lost, {sum(v.dups for v in variant)} dups; "
+                                f"CPU {_cpu_text(variant[j])}; per round " + " ".join(f"{x:.2f}" for x in vs))
             if paused:
                 # Each paused run against the raw MQTT (intake) and raw Kafka (drain) rates of its own round.
                 intake = [p.rate / rounds[i][0].rate for i, p in enumerate(paused)]
@@ -419,6 +446,9 @@ async def main(n: int, sizes: list[int], runs: int, profile: Path | None, buffer
                   "  intake/drain ratios per round")
             print("\n".join(buffer_lines))
             print("intake ratio = vs raw MQTT, drain ratio = vs raw Kafka, of the same round (median intake round shown)")
+        if ab_lines:
+            print(f"\nThe bridge with {ab} (same rounds):")
+            print("\n".join(ab_lines))
         print("CPU µs per message by process (median round; 2 cores = 2e6/rate µs of CPU per message at most):")
         print("\n".join(cpu_lines))
     return 1 if lost_any else 0
@@ -455,6 +485,8 @@ def _cli() -> None:
     ap.add_argument("--profile", type=Path, help="record the bridge with py-spy into this directory")
     ap.add_argument("--no-buffered", action="store_true", help="skip the runs with Kafka paused (disk buffer)")
     ap.add_argument("--top", type=Path, help="summarise a py-spy raw profile and exit")
+    ap.add_argument("--ab", action="append", default=[], metavar="KEY=VALUE",
+                    help="also run the bridge with this fog.yaml setting (dotted key, YAML value) in every round")
     ap.add_argument("--role", choices=["mqtt-sub", "kafka-produce"], help=argparse.SUPPRESS)
     ap.add_argument("--mqtt-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--kafka", help=argparse.SUPPRESS)
@@ -468,7 +500,9 @@ def _cli() -> None:
     elif a.role == "kafka-produce":
         asyncio.run(role_kafka_produce(KafkaSettings(bootstrap_servers=a.kafka), a.n, a.size, a.topic))
     else:
-        sys.exit(asyncio.run(main(a.n, [int(s) for s in a.sizes.split(",")], a.runs, a.profile, not a.no_buffered)))
+        ab = {k: yaml.safe_load(v) for k, _, v in (x.partition("=") for x in a.ab)}
+        sys.exit(asyncio.run(main(a.n, [int(s) for s in a.sizes.split(",")], a.runs, a.profile, not a.no_buffered,
+                                  ab)))
 
 
 if __name__ == "__main__":

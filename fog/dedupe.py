@@ -44,6 +44,10 @@ class DedupeWindow:
         self._ids: OrderedDict[str, float] = OrderedDict()
         # Ids taken and not yet in Kafka: few at a time (those in flight or in the disk buffer).
         self._pending: set[str] = set()
+        # Eviction by age runs at most this often (lookups check the age themselves, so a stale id is never
+        # reported as seen; this only bounds memory): per event it cost an iterator over the window.
+        self._age_every = min(1.0, max_age_s / 100)
+        self._age_due = 0.0
 
     def seen(self, key: str) -> bool:
         """True if ``key`` is in the window (a duplicate); otherwise remember it (pending) and return False."""
@@ -65,6 +69,9 @@ class DedupeWindow:
         pending = self._pending
         while len(ids) > self.size:
             pending.discard(ids.popitem(last=False)[0])
+        if now < self._age_due:
+            return
+        self._age_due = now + self._age_every
         limit = now - self.max_age_s
         while ids:
             oldest_key = next(iter(ids))

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from cloudevents.core.bindings import kafka as ce_kafka
@@ -412,11 +412,11 @@ class Envelope:
         without building the :class:`Envelope` at all: the result builds it
         when asked (:attr:`Transcoded.envelope`).
         """
-        props = dict(user_properties or ())
-        if topic is not None and list(props) == _EDGE_ATTRS and content_type in _EDGE_CTYPES:
-            quick = cls._transcode_edge(payload, props, topic)
+        if topic is not None and content_type in _EDGE_CTYPES and user_properties and len(user_properties) == 8:
+            quick = cls._transcode_edge(payload, user_properties, topic)
             if quick is not None:
                 return quick
+        props = dict(user_properties or ())
         if "specversion" in props:
             if props["specversion"] != SPECVERSION or not (props.get("id") and props.get("source") and props.get("type")):
                 return cls._transcode_slow(payload, props, content_type, topic)
@@ -449,29 +449,36 @@ class Envelope:
         return Transcoded.of(env, record or env.to_kafka())
 
     @classmethod
-    def _transcode_edge(cls, payload: bytes, props: dict[str, str], topic: MqttTopic) -> Transcoded | None:
+    def _transcode_edge(
+        cls, payload: bytes, user_properties: Sequence[tuple[str, str]], topic: MqttTopic
+    ) -> Transcoded | None:
         """An edge device event as Kafka headers straight from its properties; None: take the general path.
 
         Only when every check the general path makes passes here trivially:
-        the attributes are the eight :data:`_EDGE_ATTRS` (so no extension for
-        the SDK to judge), non-empty, naming this topic's site, device and
-        stream; the time is canonical UTC (forwarded as it came, parsed only
-        if the Envelope is asked for); the data is a JSON object.
+        the attributes are the eight :data:`_EDGE_ATTRS`, in that order (so no
+        extension for the SDK to judge), non-empty, naming this topic's site,
+        device and stream; the time is canonical UTC (forwarded as it came,
+        parsed only if the Envelope is asked for); the data is a JSON object.
+        The properties are read by position: no dict per message.
         """
-        site, device, subject, time_text = props["site"], props["device"], props["subject"], props["time"]
+        (
+            (k0, specversion), (k1, event_id), (k2, source), (k3, event_type),
+            (k4, time_text), (k5, subject), (k6, site), (k7, device),
+        ) = user_properties
         if (
-            props["specversion"] != SPECVERSION
+            k0 != "specversion" or k1 != "id" or k2 != "source" or k3 != "type"
+            or k4 != "time" or k5 != "subject" or k6 != "site" or k7 != "device"
+            or specversion != SPECVERSION
             or topic.kind is not MqttKind.DATA
             or site != topic.site
             or device != topic.device
             or subject != topic.stream
-            or not (props["id"] and props["source"] and props["type"])
+            or not (event_id and source and event_type)
             or _CANONICAL_UTC.fullmatch(time_text) is None
         ):
             return None
         if not payload or not _is_json_object(payload):
             return None
-        source, event_type = props["source"], props["type"]
         per_device = _EDGE_DEVICE_HEADERS.get((source, event_type, subject, site, device))
         if per_device is None:
             per_device = _edge_device_headers(source, event_type, subject, site, device)
@@ -479,7 +486,7 @@ class Envelope:
         # The headers _kafka_fast writes for this event, in its order.
         headers = [
             _SPECVERSION_HEADER,
-            ("ce_id", props["id"].encode()),
+            ("ce_id", event_id.encode()),
             source_h,
             type_h,
             ("ce_time", time_text.encode()),
@@ -488,7 +495,7 @@ class Envelope:
             site_h,
             device_h,
         ]
-        return Transcoded(source, props["id"], (key, payload, headers), _UNPARSED, props)
+        return Transcoded(source, event_id, (key, payload, headers), _UNPARSED, user_properties)
 
     @classmethod
     def _transcode_slow(
@@ -602,7 +609,7 @@ class Transcoded:
     # JSON data not parsed yet (_UNPARSED) until asked for; the record value holds it.
     _data: dict[str, Any] | bytes | None = None
     # The edge's user properties, to build the Envelope from (None once it is built).
-    _props: dict[str, str] | None = None
+    _props: Sequence[tuple[str, str]] | None = None
     _envelope: Envelope | None = None
 
     @classmethod
@@ -625,13 +632,13 @@ class Transcoded:
         env = self._envelope
         if env is None:
             assert self._props is not None
-            env = self._envelope = Envelope._of_properties(self._props, self.data, JSON)
+            env = self._envelope = Envelope._of_properties(dict(self._props), self.data, JSON)
             self._props = None
         return env
 
 
 # ---- dead letters -------------------------------------------------------------
-DEADLETTER_HEADERS = ("rx-error", "rx-stage", "rx-origin", "rx-time")
+DEADLETTER_HEADERS = ("rx-error", "rx-stage", "rx-origin", "rx-time", "rx-topic", "rx-key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,6 +657,18 @@ class DeadLetter:
     payload: bytes
     time: datetime = field(default_factory=utcnow)
     extra_headers: tuple[tuple[str, bytes], ...] = ()
+    # Of a consumed Kafka record (see of_record): its topic and key, so it can be replayed as it was.
+    topic: str | None = None
+    key: bytes | None = None
+
+    @classmethod
+    def of_record(cls, record: Any, stage: str, error: str) -> DeadLetter:
+        """The dead letter of a consumed Kafka record: value, key and headers kept (a binary-mode
+        CloudEvent keeps its ``ce_*`` attributes), ``topic/partition/offset`` as the origin."""
+        return cls(
+            error=error, stage=stage, origin=f"{record.topic}/{record.partition}/{record.offset}",
+            payload=record.value or b"", extra_headers=tuple(record.headers or ()), topic=record.topic, key=record.key,
+        )
 
     def to_kafka(self) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
         """``(key, value, headers)`` for the dead-letter topic."""
@@ -660,6 +679,10 @@ class DeadLetter:
             ("rx-time", _attr_text(self.time).encode()),
             *self.extra_headers,
         ]
+        if self.topic is not None:
+            headers.append(("rx-topic", self.topic.encode()))
+        if self.key is not None:
+            headers.append(("rx-key", self.key))
         return self.origin.encode(), self.payload, headers
 
     @classmethod
@@ -674,6 +697,8 @@ class DeadLetter:
             payload=value or b"",
             time=_parse_time(h["rx-time"].decode()) if "rx-time" in h else utcnow(),
             extra_headers=extra,
+            topic=h["rx-topic"].decode(errors="replace") if "rx-topic" in h else None,
+            key=h.get("rx-key"),
         )
 
 
@@ -788,10 +813,10 @@ def kafka_event_fields(value: bytes | None, headers: Sequence[tuple[str, bytes]]
 # Kafka header names of a record (in order) -> where kafka_event_fields finds each attribute, or False
 # when the SDK must read such records. Bounded: header names come from producers.
 _KafkaShape = tuple[int, int, int, int, int | None, int, int, tuple[tuple[str, int], ...]]
-_KAFKA_SHAPES: dict[tuple[str, ...], _KafkaShape | bool] = {}
+_KAFKA_SHAPES: dict[tuple[str, ...], _KafkaShape | Literal[False]] = {}
 
 
-def _kafka_shape(names: tuple[str, ...]) -> _KafkaShape | bool:
+def _kafka_shape(names: tuple[str, ...]) -> _KafkaShape | Literal[False]:
     """Positions of the attributes in records with these header names (the last of a repeated name wins)."""
     pos: dict[str, int] = {}
     for i, name in enumerate(names):
@@ -810,7 +835,7 @@ def _kafka_shape(names: tuple[str, ...]) -> _KafkaShape | bool:
             break
         exts.append((attr, i))
     need = ("ce_id", "ce_source", "ce_type", "ce_time", "content-type", "ce_specversion")
-    shape: _KafkaShape | bool = False
+    shape: _KafkaShape | Literal[False] = False
     # A ce_datacontenttype header competes with content-type in the SDK: let it decide.
     if all(n in pos for n in need) and "ce_datacontenttype" not in pos:
         shape = (pos["ce_id"], pos["ce_source"], pos["ce_type"], pos["ce_time"], pos.get("ce_subject"),
