@@ -95,6 +95,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def ack_event_id(command_id: str) -> str:
+    """The event id of a device's answer to command ``command_id`` (one answer per command)."""
+    return f"{command_id}.ack"
+
+
+def _is_structured_type(content_type: str | None) -> bool:
+    """True for a CloudEvents structured-mode media type (``application/cloudevents...``)."""
+    return content_type is not None and content_type[:23].lower() == "application/cloudevents"
+
+
 def device_source(site: str, device: str) -> str:
     """The CloudEvents ``source`` of events a device produces."""
     return f"/sites/{site}/devices/{device}"
@@ -207,7 +217,8 @@ class Envelope:
         time = attrs.get("time") or utcnow()
         if isinstance(time, str):
             time = _parse_time(time)
-        ext = {k: str(v) for k, v in attrs.items() if k not in _CORE_ATTRS and k != "partitionkey"}
+        # partitionkey included: the Kafka binding requires it to be carried (it maps to the record key).
+        ext = {k: str(v) for k, v in attrs.items() if k not in _CORE_ATTRS}
         data = event.get_data()
         if isinstance(data, str):
             # The SDK hands back text for non-JSON content; JSON data must be an object.
@@ -229,8 +240,12 @@ class Envelope:
         )
 
     # ---- Kafka ----------------------------------------------------------------
-    def to_kafka(self, key: bytes | None = None) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
-        """Kafka binary mode: ``(key, value, headers)`` ready for aiokafka ``send``."""
+    def to_kafka(self, key: bytes | None = None) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+        """Kafka binary mode: ``(key, value, headers)`` ready for aiokafka ``send``.
+
+        The key is ``key``, else the ``partitionkey`` extension, else ``site/device``; an event without
+        data has a null value.
+        """
         if self._plain():
             # Without the SDK, byte for byte what it writes (the site agent publishes every job state).
             try:
@@ -240,9 +255,20 @@ class Envelope:
             if record is not None:
                 return (key if key is not None else record[0]), record[1], record[2]
         msg = ce_kafka.to_binary(self.to_cloudevent(), _FORMAT, key_mapper=lambda _e: None)
-        if key is None and self.site and self.device:
-            key = f"{self.site}/{self.device}".encode()
-        return key, msg.value, list(msg.headers.items())
+        headers = list(msg.headers.items())
+        value: bytes | None = msg.value
+        if self.data is None:
+            # No data: a null record value and no content type (Kafka binding §3.2: the value is the data).
+            value = None
+            headers = [h for h in headers if h[0] != "content-type"]
+        if key is None:
+            partition_key = self.extensions.get("partitionkey")
+            if partition_key:
+                # The Kafka binding maps the partitionkey extension to the record key (and carries it).
+                key = partition_key.encode()
+            elif self.site and self.device:
+                key = Topics.device_key(self.site, self.device)
+        return key, value, headers
 
     @classmethod
     def from_kafka(
@@ -373,7 +399,10 @@ class Envelope:
         cannot speak for another.
         """
         props = dict(user_properties or ())
-        if "specversion" in props:
+        if _is_structured_type(content_type):
+            # MQTT binding §3.1: the content type decides, whatever user properties come with it.
+            env = cls._from_mqtt_structured(payload, content_type)
+        elif "specversion" in props:
             env = cls._from_mqtt_binary(payload, props, content_type)
         elif content_type == STRUCTURED or _looks_structured(payload):
             env = cls.from_json(payload)
@@ -417,13 +446,16 @@ class Envelope:
             if quick is not None:
                 return quick
         props = dict(user_properties or ())
+        if _is_structured_type(content_type):
+            return cls._transcode_slow(payload, props, content_type, topic)
         if "specversion" in props:
             if props["specversion"] != SPECVERSION or not (props.get("id") and props.get("source") and props.get("type")):
                 return cls._transcode_slow(payload, props, content_type, topic)
             ctype = content_type or JSON
             data: dict[str, Any] | bytes | None
             if not payload:
-                data = None
+                # No data: a null record value without a content type, as to_kafka writes it.
+                return cls._transcode_slow(payload, props, content_type, topic)
             elif _is_json(ctype):
                 data = _utf8_json_object(payload)
                 if data is None:
@@ -538,6 +570,10 @@ class Envelope:
         if subject is not None:
             headers.append(("ce_subject", subject.encode()))
         headers += ext_headers
+        partition_key = ext.get("partitionkey")
+        if partition_key:
+            # The Kafka binding maps the partitionkey extension to the record key.
+            return partition_key.encode(), value, headers
         site, device = ext.get("site"), ext.get("device")
         key = Topics.device_key(site, device) if site and device else None
         return key, value, headers
@@ -574,10 +610,37 @@ class Envelope:
         )
 
     @classmethod
+    def _from_mqtt_structured(cls, payload: bytes, content_type: str | None) -> Envelope:
+        if content_type is not None and content_type.split(";")[0].strip().lower() != STRUCTURED:
+            raise EnvelopeError(
+                f"structured content type {content_type!r} is not supported: send {STRUCTURED} "
+                "(one event per message) or binary mode"
+            )
+        return cls.from_json(payload)
+
+    @classmethod
     def _from_bare_json(cls, payload: bytes, topic: MqttTopic | None) -> Envelope:
+        if topic is not None and topic.kind is MqttKind.ACK:
+            return cls._bare_ack(_json_object(payload), topic)
         if topic is None or topic.kind is not MqttKind.DATA:
             raise EnvelopeError("payload is not a CloudEvent (no specversion) and the topic gives no stream")
         return cls._bare_envelope(_json_object(payload), topic)
+
+    @classmethod
+    def _bare_ack(cls, data: dict[str, Any], topic: MqttTopic) -> Envelope:
+        """A device's bare JSON answer to a command (``{"command_id": ..., "ok": ...}``) as a command ack event."""
+        command_id = data.get("command_id")
+        if not isinstance(command_id, str) or not command_id:
+            raise EnvelopeError(
+                'a bare JSON ack needs "command_id" (the command\'s id, a string) and "ok" (true or false)'
+            )
+        data.setdefault("site", topic.site)
+        data.setdefault("device", topic.device)
+        actuator = data.get("actuator")
+        return cls.for_device(
+            EventType.COMMAND_ACK, topic.site, topic.device, data,
+            id=ack_event_id(command_id), subject=actuator if isinstance(actuator, str) and actuator else None,
+        )
 
     @classmethod
     def _bare_envelope(cls, data: dict[str, Any], topic: MqttTopic) -> Envelope:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from reflexarc.envelope import Envelope, EnvelopeError, EventType, utcnow
+from reflexarc.envelope import Envelope, EnvelopeError, EventType, ack_event_id, utcnow
 
 PIPELINE_SOURCE = "/reflexarc"
 
@@ -194,7 +194,7 @@ class CommandAck(_Payload):
             self.site,
             self.device,
             self.model_dump(mode="json"),
-            id=f"{self.command_id}.ack",
+            id=ack_event_id(self.command_id),
             subject=self.actuator,
         )
 
