@@ -238,6 +238,15 @@ class FreezingProducer(PausableProducer):
     def __init__(self, timeout_s: float = 0.1) -> None:
         super().__init__(timeout_s)
         self.log: dict[int, list[bytes]] = {p: [] for p in PARTS}
+        # Requests that timed out for the client while frozen, in arrival order: written the moment the broker
+        # continues, before it answers anything later (a read-back included), as a broker works off its socket.
+        self._backlog: list[Any] = []
+
+    def resume(self) -> None:
+        backlog, self._backlog = self._backlog, []
+        for write in backlog:
+            write()
+        super().resume()
 
     async def send_batch(self, batch: object, topic: str, *, partition: int) -> asyncio.Future[None]:
         from aiokafka.errors import KafkaTimeoutError
@@ -258,8 +267,10 @@ class FreezingProducer(PausableProducer):
                     await asyncio.wait_for(asyncio.shield(self._resumed.wait()), self.timeout_s)
                 except TimeoutError:
                     fut.set_exception(KafkaTimeoutError())
-                    await self._resumed.wait()
-                    write()  # processed when the broker continues: nobody is told
+                    if self.paused:
+                        self._backlog.append(write)  # processed when the broker continues: nobody is told
+                        return
+                    write()  # it continued meanwhile
                     return
             fut.set_result(SimpleNamespace(offset=write()))
 
