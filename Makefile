@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup system-deps demo test lint bench clean
+.PHONY: setup system-deps demo test lint check unit bench clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	python3 -m venv $(VENV)
@@ -26,6 +26,19 @@ test: system-deps setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# What CI checks before the tests: lint, types (mypy + pydantic plugin, strict) and the import
+# contracts (import-linter: tiers import only the kernel, ...), all configured in pyproject.toml.
+# mypy and import-linter run over the installed layout (edge/ as reflexarc/edge/ ...).
+check: setup
+	$(VENV)/bin/ruff check .
+	$(PY) scripts/installed_layout.py mypy -p reflexarc --config-file $(CURDIR)/pyproject.toml
+	$(PY) scripts/installed_layout.py lint-imports $(CURDIR)/pyproject.toml
+	$(PY) scripts/type_ignores.py
+
+# Fast feedback: the unit tests only (no brokers started).
+unit: setup
+	$(PY) -m pytest -q tests/unit
 
 bench: setup
 	$(PY) benchmarks/loop_latency.py

@@ -3,9 +3,12 @@
 For each engine (``local``, ``dask``), interleaved rounds of three measurements:
 
 * raw    — the engine's own mechanism alone, no reflexarc: ``concurrent.futures.ProcessPoolExecutor``
-           (local) or ``distributed.Client.submit`` (dask);
-* engine — reflexarc's engine object alone: submit + wait, each outcome written to disk (with fsync)
-           by the worker, no Kafka, no database;
+           (local) or ``distributed.Client.submit`` (dask), the same trivial function, all ``n`` calls
+           submitted at once: no work directory, no log, nothing written anywhere, nothing durable;
+* engine — reflexarc's engine object alone: submit + wait with as many in flight as the agent allows
+           itself, each task in its own work directory with its ``task.log`` and its outcome file
+           (written atomically; not fsynced: in the agent the job store's commit is the durable
+           record, see ``hpc_bridge/worker.py``), no Kafka, no database;
 * agent  — end to end through a site agent process, exactly as ``reflexarc site run site.yaml`` runs:
            TaskRequests on Kafka (Tansu) -> jobs (SQLite) -> engine -> TaskResult and every JobState
            on Kafka, read back by a client that waits for each task's result and final state.
@@ -14,7 +17,12 @@ Printed: per engine the median over the rounds of each rate, of ``agent/raw`` an
 (each a ratio within one round), and the agent's own CPU time per task (user + system time of the
 agent process from /proc over the round; the engine's worker processes are not in it, the Dask
 scheduler, which runs inside the agent's process, is). The machine is shared and noisy: compare
-ratios from the same run, not rates across runs. Usage::
+ratios from the same run, not rates across runs.
+
+What the ratios mean: ``agent/raw`` is the whole price of the agent's promises (every request durable in
+SQLite before its offset is committed, every state change and result durable there and acknowledged by
+Kafka, a restart losing and re-running nothing) over a bare pool that promises nothing; ``agent/engine``
+is the agent's own share of it. The baseline is kept bare on purpose. Usage::
 
     python benchmarks/dispatch.py [--n 2000] [--rounds 5] [--workers 2] [--engines local,dask]
 """
@@ -29,6 +37,7 @@ import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -178,6 +187,12 @@ async def main() -> None:
     p.add_argument("--verbose", action="store_true", help="print every round")
     a = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # Dask's clusters log every start and stop at INFO (its import sets that up: import it first)
+    # and warn about their dashboards' ports.
+    import distributed  # noqa: F401
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Port .* is already in use")
     kinds = a.engines.split(",")
     with tempfile.TemporaryDirectory(prefix="rx-bench-") as d:
         tmp = Path(d)

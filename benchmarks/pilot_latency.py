@@ -15,9 +15,12 @@ allocation), and a ``batch`` site (one ``sbatch`` per task through PSI/J).
 * **Throughput** (tasks/s, trivial app, same allocation): *raw* is the
   engine's own submit (Dask ``Client.submit`` to the allocation's workers,
   Parsl ``HighThroughputExecutor.submit``), *pilot* is reflexarc's pilot
-  engine alone (placement by the allocation manager, outcome files), *agent*
-  is end to end (Kafka -> job database -> pilot -> result on Kafka).
-  Medians of interleaved rounds; ratios against raw from the same round.
+  engine alone (placement by the allocation manager, outcome files), with
+  one task queued at each busy worker slot (prefetch, the default), and
+  *no-pf* the same with prefetch off; *agent* is end to end (Kafka -> job
+  database -> pilot -> result on Kafka). Medians of interleaved rounds;
+  ratios against raw from the same round; CPU µs per task of this process
+  (the agent side) for pilot and no-pf.
 
 Usage::
 
@@ -116,19 +119,30 @@ async def raw_rate(engine: PilotEngine, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def pilot_rate(engine: PilotEngine, n: int, tmp: Path, tag: str) -> float:
-    """Trivial tasks through reflexarc's pilot engine alone (tasks/s)."""
+async def pilot_rate(engine: PilotEngine, n: int, tmp: Path, tag: str, prefetch: bool = True) -> tuple[float, float]:
+    """Trivial tasks through reflexarc's pilot engine alone: (tasks/s, this process's CPU µs per task).
+
+    ``prefetch=False``: no task is queued at a busy worker (each slot waits for the agent between tasks).
+    """
+    assert engine.manager is not None
+    default = engine.manager.prefetch_per_slot
+    if not prefetch:
+        engine.manager.prefetch_per_slot = 0
 
     def spec(i: int) -> RunSpec:
         work = tmp / f"{engine.name}-{tag}-{i}"
         return RunSpec(task_id=f"{tag}-{i}", attempt=1, kind="python", workdir=str(work),
                        result_path=str(work / "outcome.json"), function=APP, args={"i": i}, timeout_s=60)
 
-    t0 = time.perf_counter()
-    execs = [await engine.submit(spec(i)) for i in range(n)]
-    outs = await asyncio.gather(*(e.wait() for e in execs))
+    try:
+        c0, t0 = time.process_time(), time.perf_counter()
+        execs = [await engine.submit(spec(i)) for i in range(n)]
+        outs = await asyncio.gather(*(e.wait() for e in execs))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        engine.manager.prefetch_per_slot = default
     assert all(o.status.value == "done" for o in outs)
-    return n / (time.perf_counter() - t0)
+    return n / wall, cpu / n * 1e6
 
 
 async def agent_rate(client: SiteClient, site: str, n: int, tag: str) -> float:
@@ -166,7 +180,8 @@ async def main() -> None:
                     await start_latency(client, f"bench-{kind}", 1, "warm")
                 lat: dict[str, list[list[float]]] = {k: [] for k in agents}
                 eng_lat: dict[str, list[list[float]]] = {k: [] for k in agents}
-                rates: dict[str, dict[str, list[float]]] = {k: {"raw": [], "pilot": [], "agent": []} for k in PILOTS}
+                rates: dict[str, dict[str, list[float]]] = {
+                    k: {"raw": [], "pilot": [], "no-pf": [], "agent": [], "cpu": [], "cpu-no-pf": []} for k in PILOTS}
                 for r in range(a.rounds):
                     for kind in agents:
                         n = a.batch_n if kind == "batch" else a.latency_n
@@ -176,7 +191,11 @@ async def main() -> None:
                         engine = agents[kind].engine
                         assert isinstance(engine, PilotEngine)
                         rates[kind]["raw"].append(await raw_rate(engine, a.n))
-                        rates[kind]["pilot"].append(await pilot_rate(engine, a.n, tmp, f"p{r}"))
+                        # With and without prefetch, in alternating order from round to round.
+                        for pf in (True, False) if r % 2 == 0 else (False, True):
+                            rate, cpu = await pilot_rate(engine, a.n, tmp, f"{'p' if pf else 'n'}{r}", prefetch=pf)
+                            rates[kind]["pilot" if pf else "no-pf"].append(rate)
+                            rates[kind]["cpu" if pf else "cpu-no-pf"].append(cpu)
                         rates[kind]["agent"].append(await agent_rate(client, f"bench-{kind}", a.n, f"a{r}"))
             print(f"pilot benchmark: one Slurm on loopback, {a.rounds} interleaved rounds, "
                   f"pilot allocations of {a.slots} slots (2-core machine)")
@@ -191,13 +210,18 @@ async def main() -> None:
                     print(f"{kind:8} {len(allv):6d} {p50[kind] * 1000:9.1f} {pct(allv, 0.99) * 1000:9.1f} "
                           f"{statistics.median(ratios):17.1f}")
             print(f"\nthroughput, {a.n} trivial tasks (tasks/s; ratios against raw of the same round)")
-            print(f"{'engine':8} {'raw':>8} {'pilot':>8} {'agent':>8} {'pilot/raw':>10} {'agent/raw':>10}")
+            print(f"{'engine':8} {'raw':>6} {'pilot':>6} {'no-pf':>6} {'agent':>6} {'pilot/raw':>10} "
+                  f"{'no-pf/raw':>10} {'agent/raw':>10} {'pilot/no-pf':>12} {'CPU µs/task pilot':>18} {'no-pf':>6}")
             for kind in PILOTS:
                 rr = rates[kind]
                 med = {m: statistics.median(v) for m, v in rr.items()}
-                pr = statistics.median(p / r for p, r in zip(rr["pilot"], rr["raw"], strict=True))
-                ar = statistics.median(g / r for g, r in zip(rr["agent"], rr["raw"], strict=True))
-                print(f"{kind:8} {med['raw']:8.0f} {med['pilot']:8.0f} {med['agent']:8.0f} {pr:10.2f} {ar:10.2f}")
+
+                def ratio(x: str, y: str, rr: dict[str, list[float]] = rr) -> float:
+                    return statistics.median(p / r for p, r in zip(rr[x], rr[y], strict=True))
+
+                print(f"{kind:8} {med['raw']:6.0f} {med['pilot']:6.0f} {med['no-pf']:6.0f} {med['agent']:6.0f} "
+                      f"{ratio('pilot', 'raw'):10.2f} {ratio('no-pf', 'raw'):10.2f} {ratio('agent', 'raw'):10.2f} "
+                      f"{ratio('pilot', 'no-pf'):12.2f} {med['cpu']:18.0f} {med['cpu-no-pf']:6.0f}")
         finally:
             stop.set()
             await asyncio.gather(*runs, return_exceptions=True)

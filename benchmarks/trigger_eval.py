@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/trigger_eval.py [--events 50000] [--triggers 1,10,100] [--rounds 5]
     .venv/bin/python benchmarks/trigger_eval.py --rss-minutes 5 [--triggers 10]
+    .venv/bin/python benchmarks/trigger_eval.py --fetch-waits 5,10,20,50
 
 Starts Tansu on a free loopback port and fills ``rx.data`` (4 partitions) with
 instrument events from 8 devices. Then, in interleaved rounds (the order
@@ -31,6 +32,12 @@ it (batches of records encoded by the kernel's fast MQTT -> Kafka
 transcoding; the backlog column shows it never ran dry), and the worker's
 resident memory is sampled every 10 s and printed with its growth after the
 first minute (Tansu keeps every record in memory: about 0.3 GB per million).
+
+``--fetch-waits 5,10,20,50`` instead measures what ``worker.fetch_wait`` costs
+and gives on Tansu: for each wait (ms), a consumer of the worker's shape (8
+partitions: data and results) gets one record produced at a random moment,
+60 times (median of send -> ``getmany()`` returning it), and then idles for
+10 s (its CPU and Tansu's, as a share of a core).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -306,6 +314,48 @@ async def rss_run(args: argparse.Namespace, settings: KafkaSettings, base: Path)
           f"{min(after):.1f} and {max(after):.1f} MB; worker exit {rc}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, seconds."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def fetch_wait_run(waits: list[int], settings: KafkaSettings, tansu_pid: int) -> None:
+    """Per fetch wait: median latency of a record to a waiting consumer, and the idle CPU it costs."""
+    from aiokafka import TopicPartition
+
+    topics = [TOPICS.kafka_data, TOPICS.kafka_results]
+    await ensure_topics(settings, topics, 4)
+    producer = make_producer(settings, linger_ms=0)
+    await producer.start()
+    rng = random.Random(1)
+    print(f"{'fetch wait':>10} {'record -> consumer, median ms':>30} {'idle consumer CPU':>18} {'idle Tansu CPU':>15}")
+    try:
+        for wait in waits:
+            consumer = make_consumer(settings, group_id=None, fetch_max_wait_ms=wait)
+            await consumer.start()
+            consumer.assign([TopicPartition(t, p) for t in topics for p in range(4)])
+            await consumer.seek_to_end()
+            latencies = []
+            for _ in range(60):
+                await asyncio.sleep(rng.uniform(0.0, 0.1))  # a random moment of the fetch cycle
+                t0 = time.perf_counter()
+                await producer.send_and_wait(TOPICS.kafka_results, b"x", partition=rng.randrange(4))
+                while not await consumer.getmany(timeout_ms=1000):
+                    pass
+                latencies.append((time.perf_counter() - t0) * 1000)
+            c0, b0, w0 = time.process_time(), cpu_seconds(tansu_pid), time.monotonic()
+            while time.monotonic() - w0 < 10:
+                await consumer.getmany(timeout_ms=100)
+            dt = time.monotonic() - w0
+            print(f"{wait:>7} ms {statistics.median(latencies):>27.1f} ms {(time.process_time() - c0) / dt:>17.1%} "
+                  f"{(cpu_seconds(tansu_pid) - b0) / dt:>15.1%}")
+            await consumer.stop()
+    finally:
+        await producer.stop()
+
+
 async def main() -> None:
     """Run the benchmark and print the figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -314,6 +364,7 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=240.0, help="per worker run")
     ap.add_argument("--rss-minutes", type=float, default=0.0, help="instead: RSS of a worker process over M minutes")
+    ap.add_argument("--fetch-waits", default="", help="instead: latency and idle CPU of these fetch waits (ms, a,b,..)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="rx-bench-") as tmp:
@@ -322,6 +373,10 @@ async def main() -> None:
         broker = start_kafka(base / "tansu")
         try:
             settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+            if args.fetch_waits:
+                assert broker.process.pid is not None
+                await fetch_wait_run([int(x) for x in args.fetch_waits.split(",")], settings, broker.process.pid)
+                return
             if args.rss_minutes:
                 os.environ.pop("RX_SIGNING_KEY", None)
                 await rss_run(args, settings, base)

@@ -25,13 +25,16 @@ def _triggers() -> None:
 
 
 @app.command("run")
-def run(file: Path = typer.Argument(..., help="triggers.yaml", exists=False)) -> None:
+def run(
+    file: Path = typer.Argument(..., metavar="FILE", help="triggers.yaml", exists=False),
+    log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)"),
+) -> None:
     """Run the trigger engine on Kafka until SIGTERM/Ctrl-C; the file is reloaded when it changes."""
     from reflexarc.cloud.worker import SigningKeyMissing, run_file
     from reflexarc.config import ConfigError
     from reflexarc.log import setup_logging
 
-    setup_logging(name="cloud")
+    setup_logging(log_level, name="cloud")
     try:
         run_file(file)
     except ConfigError as exc:
@@ -43,32 +46,44 @@ def run(file: Path = typer.Argument(..., help="triggers.yaml", exists=False)) ->
 
 
 @triggers_app.command("validate")
-def validate(file: Path = typer.Argument(..., help="triggers.yaml")) -> None:
-    """Check a triggers file: schema, CEL, apps on the listed sites, streams, windows."""
-    from reflexarc.cloud.validate import load_triggers
-    from reflexarc.config import ConfigError
+def validate(
+    file: Path = typer.Argument(..., metavar="FILE", help="triggers.yaml"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (ok, problems, triggers)"),
+) -> None:
+    """Check a triggers file: schema, CEL, aggregates, apps on the listed sites, streams, signing key.
 
-    try:
-        cfg = load_triggers(file)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        n = len(exc.problems)
-        typer.echo(f"{file}: {n} problem{'s' if n != 1 else ''}", err=True)
-        raise typer.Exit(1) from None
-    typer.echo(f"{file}: OK, {len(cfg.triggers)} trigger(s): {', '.join(t.name for t in cfg.triggers)}")
+    Lists every problem in one run. Exit 0: OK; 1: problems found; 2: the file cannot be read.
+    """
+    from reflexarc.checkcli import finish, require_file
+    from reflexarc.cloud.validate import validate_file
+
+    require_file(file)
+    cfg, problems = validate_file(file)
+    names = [t.name for t in cfg.triggers] if cfg is not None else []
+    finish(file, problems, f"{file}: OK, {len(names)} trigger(s): {', '.join(names)}", as_json, triggers=names)
 
 
 @triggers_app.command("test")
 def test(
-    file: Path = typer.Argument(..., help="triggers.yaml"),
-    events: Path = typer.Option(..., "--events", "-e", help="recorded events, one JSON object a line"),
+    file: Path = typer.Argument(..., metavar="FILE", help="triggers.yaml"),
+    events: Path = typer.Option(..., "--events", "-e", metavar="FILE", help="recorded events, one JSON object a line"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per firing"),
+    strict: bool = typer.Option(
+        True, "--strict/--no-strict", help="exit 1 when the dry run reports problems (--no-strict: exit 0 anyway)"
+    ),
 ) -> None:
-    """Dry run: which triggers fire on recorded events, with which task arguments. No broker needed."""
+    """Dry run: which triggers fire on recorded events, with which task arguments. No broker needed.
+
+    Exit 0: no problems; 1: the file is invalid or the run reported problems (unless --no-strict);
+    2: a file cannot be read.
+    """
+    from reflexarc.checkcli import require_file
     from reflexarc.cloud.dryrun import DryRunError, dry_run
     from reflexarc.cloud.validate import load_triggers
     from reflexarc.config import ConfigError
 
+    require_file(file)
+    require_file(events)
     try:
         cfg = load_triggers(file)
     except ConfigError as exc:
@@ -84,14 +99,18 @@ def test(
     for line in report.problems:
         typer.echo(line, err=True)
     typer.echo(report.summary(), err=True)
+    if strict and report.problems:
+        raise typer.Exit(1)
 
 
 @triggers_app.command("schema")
-def schema(output: Path | None = typer.Option(None, "--output", "-o", help="write here instead of stdout")) -> None:
+def schema(
+    output: Path | None = typer.Option(None, "--output", "-o", metavar="FILE", help="write here instead of stdout"),
+) -> None:
     """Print the JSON Schema of triggers.yaml (for editors: yaml-language-server)."""
-    from reflexarc.cloud.schema import schema_json
+    from reflexarc.schemas import schema_text
 
-    text = schema_json()
+    text = schema_text("triggers")  # the same as `reflexarc schema triggers`
     if output is None:
         typer.echo(text)
     else:

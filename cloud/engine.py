@@ -157,11 +157,24 @@ def _window_vars(p: Pane) -> dict[str, Any]:
     return v
 
 
+def _applied_already(win: dict[str, Any], event_id: str, digest: int, out: Outcome) -> bool:
+    """Whether a window applied this event id already (:meth:`WindowKeeper.check`): a copy or a conflict, counted."""
+    ids = win.get("ids")
+    seen = ids.get(event_id) if ids else None
+    if seen is None:
+        return False
+    if seen[1] == digest:
+        out.duplicate += 1
+    else:
+        out.conflict += 1
+    return True
+
+
 class _Plan:
     """One enabled trigger, ready for the per-event loop: everything it needs, looked up once."""
 
     __slots__ = ("aggregates", "by_stream", "close", "cooldown", "filter", "fp", "keeper", "name", "needs_window",
-                 "order", "sliding", "stateful", "trig", "when")
+                 "order", "sliding", "stateful", "step", "trig", "when")
 
     def __init__(self, trig: CompiledTrigger, order: int) -> None:
         w = trig.spec.window
@@ -182,6 +195,8 @@ class _Plan:
         self.fp = trig.fingerprint
         # The `window` variable costs four datetimes: built for `when` only if it reads it.
         self.needs_window = "window" in trig.when.variables
+        # The engine's own function for this trigger's events (sliding windows), else TriggerEngine._stateful.
+        self.step: _Step | None = None
 
 
 class SelectorIndex:
@@ -228,6 +243,9 @@ _MISSING = object()
 _EMPTY: dict[str, Any] = {}
 # A group function: (event, key, fired) appends i for a firing of plans[i], ~i for one the library must judge.
 _Group = Callable[[dict[str, Any], str, list[int]], None]
+# A stateful trigger's step: (state key, key, scope, filter variables, event, states, position, outcome, memo).
+_Step = Callable[[str, str, Scope, dict[str, Any], dict[str, Any], Mapping[str, dict[str, Any] | None],
+                  int | None, "Outcome", list[Any]], None]
 
 
 def stateless_group(plans: list[_Plan]) -> _Group:
@@ -263,20 +281,43 @@ def stateless_group(plans: list[_Plan]) -> _Group:
                      f"{indent}    {local} = None"])
         return local
 
+    # Consecutive triggers with the same filter share one `if` on it; `block` is that filter's local and
+    # `pending` what its `elif` (the library must judge the filter) reports, in config order.
+    block: str | None = None
+    pending: list[int] = []
+
+    def close() -> None:
+        nonlocal block
+        if block is not None and block != "True":
+            body.append(f"    elif {block} is not False:")
+            body.extend(f"        fired.append({j})" for j in pending)
+        block = None
+
     for i, plan in enumerate(plans):
         # A result is computed at its first use: a filter at the top, a condition under its filter.
-        flt = value_of(plan.filter, plan, "f", "    ", None) if plan.filter is not None else "True"
+        if plan.filter is not None:
+            own = plan.name if "trigger" in plan.filter.variables else None
+            if results.get((plan.filter.source, own, None)) != block:
+                close()  # (before value_of may emit the filter's code at the top level)
+            flt = value_of(plan.filter, plan, "f", "    ", None)
+        else:
+            flt = "True"
+            if block != "True":
+                close()
         if flt is None:
             body.append(f"    fired.append({~i})")
             continue
-        body.append(f"    if {flt} is True:")
+        if flt != block:
+            body.append(f"    if {flt} is True:")
+            block, pending = flt, []
         when = value_of(plan.when, plan, "w", "        ", flt)
         if when is None:
             body.append(f"        fired.append({~i})")
         else:
             body += [f"        if {when} is True:", f"            fired.append({i})",
                      f"        elif {when} is not False:", f"            fired.append({~i})"]
-        body += [f"    elif {flt} is not False:", f"        fired.append({~i})"]
+        pending.append(~i)
+    close()
     lines = ["def _group(E, K, fired):"]
     for path, local in shared.items():
         lines += ["    try:", f"        {local} = {path}", "    except GIVE_UP:", f"        {local} = MISSING"]
@@ -311,6 +352,9 @@ class TriggerEngine:
         self._by_name = {t.name: t for t in config.triggers}
         self.trigger_names = frozenset(self._by_name)
         self._plans = [_Plan(t, i) for i, t in enumerate(self.triggers)]
+        for plan in self._plans:
+            if plan.sliding:
+                plan.step = self._sliding_code(plan) or self._sliding_step(plan)
         self._order = {p.name: p.order for p in self._plans}
         self._index = SelectorIndex(self.triggers)
         self._select_cache: dict[tuple[str, str, str], _Selection] = {}
@@ -385,8 +429,16 @@ class TriggerEngine:
         and is skipped for that state. States are updated in place and
         returned in :attr:`Outcome.states`, for the caller to store.
         """
-        self.check_event(env)
-        return self.evaluate(event_context(env), states, position)
+        # check_event and event_context in one pass (the dry run calls this for every event).
+        ext = env.extensions
+        site, device, subject, event_type = ext.get("site"), ext.get("device"), env.subject, env.type
+        if event_type != _DATA or not (site and device and subject):
+            self.check_event(env)  # raises, saying why
+        time, data = env.time, env.data
+        ctx = {"id": env.id, "type": event_type, "source": env.source, "site": site, "device": device,
+               "stream": subject, "time": time if time.tzinfo else time.replace(tzinfo=UTC),
+               "data": data if isinstance(data, dict) else {}}
+        return self.evaluate(ctx, states, position)
 
     def event_of(self, fields: KafkaEventFields) -> dict[str, Any]:
         """The ``event`` variable from a record's fields (:func:`~reflexarc.envelope.kafka_event_fields`).
@@ -413,14 +465,23 @@ class TriggerEngine:
     ) -> Outcome:
         """:meth:`process` for an event already checked and turned into its ``event`` variable."""
         out = Outcome()
-        scope = Scope(ctx)
-        sel = self._selection(ctx["site"], ctx["device"], ctx["stream"])
-        if sel.group is not None:
+        # The library's view of the event: made when a trigger may need it (most events fire no threshold).
+        scope: Scope | None = None
+        names = (ctx["site"], ctx["device"], ctx["stream"])
+        sel = self._select_cache.get(names)  # _selection's cache, inline (once per event)
+        if sel is None:
+            sel = self._selection(*names)
+        group = sel.group
+        if group is not None:
             fired: list[int] = []
-            sel.group(ctx, sel.key, fired)
-            for i in fired:
-                self._stateless(sel.stateless[i if i >= 0 else ~i], sel.key, ctx, scope, out, judged=i >= 0)
+            group(ctx, sel.key, fired)
+            if fired:
+                scope = Scope(ctx)
+                for i in fired:
+                    self._stateless(sel.stateless[i if i >= 0 else ~i], sel.key, ctx, scope, out, judged=i >= 0)
         if sel.stateful:
+            if scope is None:
+                scope = Scope(ctx)
             # The variables of filters and aggregates: one dict per event, `trigger` set per trigger.
             evars: dict[str, Any] = {"event": ctx, "trigger": ""}
             # Event time (epoch s), digest, aggregate inputs by expression: computed on first use, once per event.
@@ -429,7 +490,11 @@ class TriggerEngine:
             for plan, skey, key in sel.stateful:
                 evars["trigger"] = plan.name
                 try:
-                    self._stateful(plan, skey, key, scope, evars, ctx, states, position, out, memo)
+                    step = plan.step
+                    if step is not None:
+                        step(skey, key, scope, evars, ctx, states, position, out, memo)
+                    else:
+                        self._stateful(plan, skey, key, scope, evars, ctx, states, position, out, memo)
                 except CelEvalError as exc:
                     out.failures.append(Failure(plan.name, str(exc)))
                 except (TypeError, ValueError) as exc:
@@ -453,6 +518,187 @@ class TriggerEngine:
             out.failures.append(Failure(plan.name, str(exc)))
         except (TypeError, ValueError) as exc:
             out.failures.append(Failure(plan.name, f"{type(exc).__name__}: {exc}"))
+
+    def _sliding_code(self, plan: _Plan) -> _Step | None:
+        """:meth:`_sliding_step` as one generated function, with the aggregate inputs and ``when`` inline.
+
+        Their Python forms (:func:`~reflexarc.cloud.fastcel.python_code`) read
+        the event and the aggregates directly; when one gives up, the
+        expression is evaluated as :meth:`_sliding_step` does (``Expr.eval`` /
+        ``Expr.truth``: the library decides). ``None`` (use :meth:`_sliding_step`)
+        when ``when`` reads ``window`` or is outside the subset. The code is
+        generated from parsed expressions only: names and literals enter it as
+        Python literals.
+        """
+        keeper = plan.keeper
+        assert keeper is not None
+        names = {"event": "E", "agg": "A", "window": "_EMPTY", "key": "K", "trigger": repr(plan.name)}
+        when = python_code(plan.when.source, names, "_w_") if not plan.needs_window else None
+        if when is None:
+            return None
+        lines = ["def _step(skey, K, scope, evars, E, states, position, out, memo):"]
+        if plan.filter is not None:
+            lines += ["    if not FLT.truth(evars, scope):", "        return"]
+        lines += [
+            "    state = states.get(skey)",
+            "    if state is not None and state.get('fp') == FP:",
+            "        if position is not None:",
+            "            pos = state.get('pos')",
+            "            if pos is not None and position <= pos:",
+            "                out.skipped += 1",
+            "                return",
+            "        win = state.get('win')",
+            "        if win is None:",
+            "            win = state['win'] = {}",
+            "    else:",
+            "        win = {}",
+            "        state = {'fp': FP, 'win': win}",
+            "    t = memo[0]",
+            "    if t is None:",
+            "        t = memo[0] = epoch(E['time'])",
+            "    digest = memo[1]",
+            "    if digest is None:",
+            "        digest = memo[1] = event_digest(E, t)",
+            "    eid = E['id']",
+            "    ids = win.get('ids')",
+            "    if ids:",
+            "        seen = ids.get(eid)",
+            "        if seen is not None:",
+            "            if seen[1] == digest:",
+            "                out.duplicate += 1",
+            "            else:",
+            "                out.conflict += 1",
+            "            return",
+        ]
+        namespace: dict[str, Any] = {
+            **HELPERS, "GIVE_UP": GIVE_UP, "_EMPTY": _EMPTY, "_MISSING": _MISSING, "FP": plan.fp, "FLT": plan.filter,
+            "WHEN": plan.when, "NAME": plan.name, "TRIG": plan.trig, "epoch": epoch, "event_digest": event_digest,
+            "slide": keeper.slide_fast, "sliding_pane": keeper.sliding_pane, "window_vars": _window_vars,
+            "fire": self._fire,
+        }
+        if plan.aggregates:
+            lines.append("    shared = memo[2]")
+        for i, (e, share) in enumerate(plan.aggregates):
+            if e is None:
+                lines.append(f"    v{i} = None")
+                continue
+            namespace[f"IN{i}"] = e
+            code = python_code(e.source, {"event": "E", "trigger": repr(plan.name)}, f"_a{i}_")
+            compute = ["    try:", f"        v{i} = {code}", "    except GIVE_UP:",
+                       f"        v{i} = IN{i}.eval(evars, scope)"] if code is not None else [
+                f"    v{i} = IN{i}.eval(evars, scope)"]
+            if share:
+                # Shared between triggers reading the same expression: evaluated once per event.
+                lines += [f"    v{i} = shared.get({e.source!r}, _MISSING)", f"    if v{i} is _MISSING:",
+                          *("    " + c for c in compute), f"        shared[{e.source!r}] = v{i}"]
+            else:
+                lines += compute
+        values = ", ".join(f"v{i}" for i in range(len(plan.aggregates)))
+        lines += [
+            f"    A = slide(win, t, [{values}], eid, digest)",
+            "    if A is None:",
+            "        out.late += 1",
+            "    else:",
+            "        try:",
+            f"            hit = {when}",
+            "        except GIVE_UP:",
+            "            hit = None",
+            "        if hit is not True and hit is not False:",
+            "            hit = WHEN.truth({'event': E, 'agg': A, 'window': _EMPTY, 'key': K, 'trigger': NAME}, scope)",
+            "        if hit:",
+        ]
+        fire = ["variables = {'event': E, 'agg': A, 'window': window_vars(sliding_pane(win, A)), 'key': K, "
+                "'trigger': NAME}",
+                "out.firings.append(fire(TRIG, K, E, [eid], variables))"]
+        if plan.cooldown is not None:
+            namespace["COOL"] = plan.cooldown
+            lines += ["            until = state.get('cool')", "            if until is None or t >= until:",
+                      "                state['cool'] = t + COOL", *("                " + f for f in fire)]
+        else:
+            lines += ["            " + f for f in fire]
+        lines += ["    state['pos'] = position", "    out.states[skey] = state"]
+        exec(compile("\n".join(lines) + "\n", f"<sliding-{plan.name}>", "exec"), namespace)
+        step: _Step = namespace["_step"]
+        return step
+
+    def _sliding_step(self, plan: _Plan) -> _Step:
+        """The path of an event through a sliding-window trigger: :meth:`_stateful`'s steps, one window.
+
+        A sliding window is always the current one, so there is no generic
+        ``Update``: the window's generated update (``WindowKeeper.slide_fast``)
+        gives the aggregates, with the plan's parts bound once as locals.
+        :meth:`_sliding_code` is the faster form; this one serves the triggers
+        it does not cover (``when`` reads ``window`` or is outside the subset).
+        """
+        keeper = plan.keeper
+        assert keeper is not None
+        slide = keeper.slide_fast
+        sliding_pane = keeper.sliding_pane
+        fp, name, trig, cooldown, needs_window = plan.fp, plan.name, plan.trig, plan.cooldown, plan.needs_window
+        flt, when = plan.filter, plan.when
+        # (expression, shared by source) per aggregate input; None for `count`.
+        inputs = [(e, e.source if share and e is not None else None) for e, share in plan.aggregates]
+        fire = self._fire
+
+        def step(skey: str, key: str, scope: Scope, evars: dict[str, Any], ctx: dict[str, Any],
+                 states: Mapping[str, dict[str, Any] | None], position: int | None, out: Outcome,
+                 memo: list[Any]) -> None:
+            if flt is not None and not flt.truth(evars, scope):
+                return
+            state = states.get(skey)
+            if state is not None and state.get("fp") == fp:
+                if position is not None:
+                    pos = state.get("pos")
+                    if pos is not None and position <= pos:
+                        out.skipped += 1
+                        return
+                # Updated in place: the caller stores it again (a condition that fails
+                # afterwards still leaves the event counted in its window).
+                win = state.get("win")
+                if win is None:
+                    win = state["win"] = {}
+            else:
+                win = {}
+                state = {"fp": fp, "win": win}
+            t = memo[0]
+            if t is None:
+                t = memo[0] = epoch(ctx["time"])
+            digest = memo[1]
+            if digest is None:
+                digest = memo[1] = event_digest(ctx, t)
+            eid = ctx["id"]
+            if _applied_already(win, eid, digest, out):
+                return
+            shared = memo[2]
+            values: list[Any] = []
+            for e, source in inputs:
+                if e is None:
+                    values.append(None)
+                elif source is not None:
+                    v = shared.get(source, _MISSING)
+                    if v is _MISSING:
+                        v = shared[source] = e.eval(evars, scope)
+                    values.append(v)
+                else:
+                    values.append(e.eval(evars, scope))
+            agg = slide(win, t, values, eid, digest)
+            if agg is None:
+                out.late += 1
+            else:
+                window = _window_vars(sliding_pane(win, agg)) if needs_window else _EMPTY
+                variables = {"event": ctx, "agg": agg, "window": window, "key": key, "trigger": name}
+                if when.truth(variables, scope):
+                    until = state.get("cool") if cooldown is not None else None
+                    if until is None or t >= until:
+                        if cooldown is not None:
+                            state["cool"] = t + cooldown
+                        if not needs_window:
+                            variables["window"] = _window_vars(sliding_pane(win, agg))
+                        out.firings.append(fire(trig, key, ctx, [eid], variables))
+            state["pos"] = position
+            out.states[skey] = state
+
+        return step
 
     def _stateful(
         self,
@@ -500,16 +746,10 @@ class TriggerEngine:
         digest = memo[1]
         if digest is None:
             digest = memo[1] = event_digest(ctx, t)
-        ids = win.get("ids")
-        seen = ids.get(ctx["id"]) if ids else None  # WindowKeeper.check, inline
-        if seen is not None:
-            if seen[1] == digest:
-                out.duplicate += 1
-            else:
-                out.conflict += 1
+        if _applied_already(win, ctx["id"], digest, out):
             return
         shared = memo[2]
-        values = []
+        values: list[Any] = []
         for e, share in plan.aggregates:
             if e is None:
                 values.append(None)
@@ -520,25 +760,7 @@ class TriggerEngine:
                 values.append(v)
             else:
                 values.append(e.eval(evars, scope))
-        if plan.sliding:
-            # One window, always the current one: no generic Update (the hot path of sliding windows).
-            agg = keeper.slide(win, t, values, ctx["id"], digest)
-            if agg is None:
-                out.late += 1
-            else:
-                window = _window_vars(keeper.sliding_pane(win, agg)) if plan.needs_window else _EMPTY
-                variables = {"event": ctx, "agg": agg, "window": window, "key": key, "trigger": plan.name}
-                if plan.when.truth(variables, scope):
-                    until = state.get("cool") if plan.cooldown is not None else None
-                    if until is None or t >= until:
-                        if plan.cooldown is not None:
-                            state["cool"] = t + plan.cooldown
-                        if not plan.needs_window:
-                            variables["window"] = _window_vars(keeper.sliding_pane(win, agg))
-                        out.firings.append(self._fire(plan.trig, key, ctx, [ctx["id"]], variables))
-            state["pos"] = position
-            out.states[skey] = state
-            return
+        # (Sliding windows have their own step: _sliding_code, _sliding_step.)
         up = keeper.add_event(win, t, values, ctx["id"], digest,
                               _stored_event(ctx) if plan.close else None)
         if up.late:

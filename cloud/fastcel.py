@@ -412,6 +412,8 @@ class _Parser:
         # Field paths read once for several expressions: path code -> local name (see python_code).
         self.shared = shared
         self.pure = {code for code in (names or {}).values() if code.isidentifier()} | set((shared or {}).values())
+        # Locals of shared field paths (their comparisons with literals share their type tests).
+        self.shared_locals = set((shared or {}).values())
         # Variable -> the Python code that reads it (default: the variables dict ``V``).
         self.names = names
         self.i = 0
@@ -493,17 +495,43 @@ class _Parser:
         lit = self.literals.get(right, _LIT)
         if lit is _LIT or op == "in":
             return None
+        if self.shared is not None and left in self.shared_locals:
+            return self._guarded_compare(op, left, right, lit)
         k = self.temp()
-        helper = f"{_BINARY[op]}({k}, {right})"
-        if type(lit) in (int, float) and type(lit) is not bool and -EXACT <= lit <= EXACT:
-            # Doubles (not NaN for an ordering) and integers that doubles hold exactly.
-            floats = f"type({k}) is float" + (f" and {k} == {k}" if op not in ("==", "!=") else "")
-            test = f"type({k} := {left}) is int and {-EXACT} <= {k} <= {EXACT} or {floats}"
-        elif type(lit) is str:
-            test = f"type({k} := {left}) is str"
-        else:
+        test = self._type_test(op, lit, f"{k} := {left}", k)
+        if test is None:
             return None
-        return f"({k} {op} {right} if {test} else {helper})", "bool"
+        return f"({k} {op} {right} if {test} else {_BINARY[op]}({k}, {right}))", "bool"
+
+    @staticmethod
+    def _type_test(op: str, lit: Any, first: str, name: str) -> str | None:
+        """Code testing that an operand is of a kind Python compares with ``lit`` as CEL does; None if none is.
+
+        Doubles (not NaN for an ordering) and integers that doubles hold
+        exactly, or strings with a string. ``first`` is the operand's code at
+        its first mention (it may bind ``name``), ``name`` at the others.
+        """
+        if type(lit) in (int, float) and type(lit) is not bool and -EXACT <= lit <= EXACT:
+            floats = f"type({name}) is float" + (f" and {name} == {name}" if op not in ("==", "!=") else "")
+            return f"type({first}) is int and {-EXACT} <= {name} <= {EXACT} or {floats}"
+        if type(lit) is str:
+            return f"type({first}) is str"
+        return None
+
+    def _guarded_compare(self, op: str, left: str, right: str, lit: Any) -> tuple[str, str] | None:
+        """:meth:`_inline_compare` of a shared path: its type test is shared too.
+
+        The test (``_c1`` is an int that doubles hold exactly, or a float
+        that is not NaN ...) is itself a shared value, computed once per event
+        in the caller's prologue, so that many triggers comparing one field
+        with their literals (thresholds) pay one test, not one each.
+        """
+        test = self._type_test(op, lit, left, left)
+        if test is None:
+            return None
+        assert self.shared is not None
+        guard = self.shared.setdefault(f"({test})", f"_c{len(self.shared)}")
+        return f"({left} {op} {right} if {guard} else {_BINARY[op]}({left}, {right}))", "bool"
 
     def add(self) -> tuple[str, str | None]:
         left = self.mul()
@@ -574,6 +602,7 @@ class _Parser:
                         # A path from a variable: read once (in the caller's prologue), named here.
                         code = self.shared.setdefault(code, f"_c{len(self.shared)}")
                         self.pure.add(code)
+                        self.shared_locals.add(code)
                     self.selects[code] = (node[0], name.text)
                     node = code, None
             elif self.at("["):
@@ -670,6 +699,10 @@ def python_code(source: str, names: dict[str, str], prefix: str = "_t",
     :data:`MISSING` when reading it raises. Every operation gives up on
     :data:`MISSING` (it is of no CEL type), so an expression reading a missing
     field still goes to the library, as it would have raised ``KeyError``.
+    ``shared`` also receives the type tests of comparisons of such paths with
+    literals (``_c2`` = whether ``_c1`` is a number Python compares as CEL
+    does), assigned the same way after their path: then a hundred thresholds
+    on one field test its type once.
     """
     try:
         code, typ = _Parser(source, names, prefix, shared).parse()

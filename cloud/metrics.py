@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
+
+from reflexarc.metrics import CPU_BUCKETS
 
 EVENTS = Counter("rx_triggers_events_total", "Instrument events evaluated by the trigger engine")
 FIRINGS = Counter("rx_triggers_fired_total", "Trigger firings", ["trigger"])
@@ -21,3 +23,8 @@ ID_CONFLICTS = Counter(
 )
 RELOADS = Counter("rx_triggers_reloads_total", "Triggers file reloads", ["outcome"])
 ACTIVE = Gauge("rx_triggers_active", "Triggers currently loaded")
+EVALUATION = Histogram(
+    "rx_triggers_evaluation_seconds",
+    "Evaluating one fetched batch of one partition's instrument events against every trigger",
+    buckets=CPU_BUCKETS,
+)

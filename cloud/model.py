@@ -178,7 +178,7 @@ class OnResult(StrictModel):
     """How a finished task's result becomes actuator commands."""
 
     status: list[Literal["done", "failed", "timed_out", "cancelled"]] = Field(
-        default_factory=lambda: ["done"], description="result statuses this applies to"
+        ["done"], description="result statuses this applies to"
     )
     when: str | None = Field(None, description="CEL over `result` and `cause`; commands only if true")
     commands: list[CommandAction] = Field(min_length=1)
@@ -239,11 +239,13 @@ class WorkerSettings(StrictModel):
     session_timeout: Duration = Field(10.0, description="Kafka consumer session timeout")
     commit_interval: Duration = Field(1.0, description="how often processed offsets are committed")
     fetch_wait: Duration = Field(
-        0.05,
+        0.01,
         ge=0.005,
         le=5.0,
         description="longest a fetch waits at the broker for new records: the worker's added latency on "
-        "brokers that poll (Tansu); shorter costs more empty fetches while idle (one per wait)",
+        "brokers that poll (Tansu: a median of about a fifth of it per hop); shorter costs more empty "
+        "fetches while idle (one per wait). On Apache Kafka or Redpanda, which answer as soon as data "
+        "arrives, 500ms costs no latency",
     )
     max_batch: int = Field(
         2000,

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from reflexarc.cloud.expr import ArgTemplate, CelError, Expr, compile_expr
 from reflexarc.cloud.model import CommandAction, TaskAction, Trigger, TriggersFile
-from reflexarc.config import ConfigError, Problem, parse_yaml_text
+from reflexarc.config import ConfigError, Problem, did_you_mean, parse_yaml_text, plain_message
 from reflexarc.events import Resources
 from reflexarc.topics import TopicError, check_name, mqtt_match
 
@@ -204,15 +206,14 @@ class _Checker:
             line, col = self.places.key(path)
         self.problems.append(Problem(self.source, line, col, _describe(path, trigger), message))
 
-    def pydantic(self, exc: ValidationError, prefix: tuple[Any, ...], trigger: str | None = None) -> None:
+    def pydantic(self, exc: ValidationError, prefix: tuple[Any, ...], model: type[BaseModel],
+                 trigger: str | None = None) -> None:
         for err in exc.errors():
-            loc = (*prefix, *(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))))
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
+            own = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            msg = plain_message(err, model, own)
+            if msg.startswith("unknown field (check"):
                 msg = "unknown field (check the spelling; docs/triggers.md lists the valid fields)"
-            elif msg.startswith("Value error, "):
-                msg = msg[len("Value error, "):]
-            self.add(loc, msg, trigger)
+            self.add((*prefix, *own), msg, trigger)
 
     def expr(self, path: tuple[Any, ...], src: str, variables: frozenset[str], trigger: str, what: str) -> Expr | None:
         try:
@@ -252,7 +253,7 @@ def compile_text(text: str, source: str, base: Path | None = None) -> CompiledCo
     try:
         tf = TriggersFile.model_validate(top)
     except ValidationError as exc:
-        ck.pydantic(exc, ())
+        ck.pydantic(exc, (), TriggersFile)
         # Keep checking the triggers against whatever of the top level is usable.
         raw_sites = top.get("sites")
         raw_streams = top.get("streams")
@@ -263,17 +264,23 @@ def compile_text(text: str, source: str, base: Path | None = None) -> CompiledCo
     specs: list[tuple[int, Trigger]] = []
     if raw_triggers is not None and not isinstance(raw_triggers, list):
         ck.add(("triggers",), "'triggers' must be a list of triggers (- name: ...)")
+    names: list[tuple[int, str]] = []
+    broken: list[tuple[int, dict[str, Any], str | None]] = []
     for i, raw in enumerate(raw_triggers or []):
         name = raw.get("name") if isinstance(raw, dict) and isinstance(raw.get("name"), str) else None
+        if name is not None:
+            names.append((i, name))
         try:
             specs.append((i, Trigger.model_validate(raw)))
         except ValidationError as exc:
-            ck.pydantic(exc, ("triggers", i), name)
+            ck.pydantic(exc, ("triggers", i), Trigger, name)
+            if isinstance(raw, dict):
+                broken.append((i, raw, name))
     seen: dict[str, int] = {}
-    for i, t in specs:
-        if t.name in seen:
-            ck.add(("triggers", i, "name"), f"duplicate trigger name (also triggers[{seen[t.name]}]); names must be unique", t.name)
-        seen.setdefault(t.name, i)
+    for i, n in names:
+        if n in seen:
+            ck.add(("triggers", i, "name"), f"duplicate trigger name (also triggers[{seen[n]}]); names must be unique", n)
+        seen.setdefault(n, i)
     tf.triggers = [t for _, t in specs]
 
     sites: dict[str, SiteInfo] = {}
@@ -294,6 +301,8 @@ def compile_text(text: str, source: str, base: Path | None = None) -> CompiledCo
         ct = _compile_trigger(ck, ti, trig, tf, sites)
         if ct is not None:
             compiled.append(ct)
+    for ti, raw, name in broken:
+        _check_broken_trigger(ck, ti, raw, tf, name)
     if ck.problems:
         raise ConfigError(sorted(ck.problems, key=lambda p: (p.line or 0, p.column or 0)))
     digest = hashlib.sha256(text.encode()).hexdigest()
@@ -306,27 +315,10 @@ def _compile_trigger(
     name = trig.name
     p: tuple[Any, ...] = ("triggers", ti)
     before = len(ck.problems)
-    for si, sel in enumerate(trig.on):
-        levels = sel.split("/")
-        bad = len(levels) != 3 and not (len(levels) <= 3 and levels[-1] == "#")
-        if not bad:
-            for lv in levels:
-                if lv in ("+", "#"):
-                    continue
-                try:
-                    check_name(lv, "level")
-                except TopicError:
-                    bad = True
-        if bad:
-            ck.add((*p, "on", si), f"invalid stream selector {sel!r}: write site/device/stream, "
-                   "each a name or '+', or end with '#' (e.g. bl1/+/counts, bl1/#)", name)
-        elif tf.streams is not None and not any(
-            mqtt_match(sel, known) or mqtt_match(known, sel) for known in tf.streams
-        ):
-            ck.add((*p, "on", si), f"unknown stream {sel!r}: it matches none of the streams "
-                   f"listed under 'streams' ({', '.join(tf.streams)})", name)
+    _check_selectors(ck, p, trig.on, tf, name)
     flt = ck.expr((*p, "filter"), trig.filter, EVENT_VARS, name, "filter") if trig.filter else None
     when = ck.expr((*p, "when"), trig.when, WHEN_VARS, name, "when")
+    _check_agg_names(ck, (*p, "when"), trig.when, set(trig.window.aggregates) if trig.window else None, name)
     aggs: dict[str, Expr | None] = {}
     if trig.window is not None:
         for an, agg in trig.window.aggregates.items():
@@ -355,6 +347,72 @@ def _compile_trigger(
     if len(ck.problems) > before or when is None:
         return None
     return CompiledTrigger(trig, flt, when, aggs, actions, on_result, fingerprint(trig))
+
+
+def _check_selectors(ck: _Checker, p: tuple[Any, ...], selectors: list[str], tf: TriggersFile, name: str | None) -> None:
+    for si, sel in enumerate(selectors):
+        if not isinstance(sel, str):
+            continue  # the schema check has said so
+        levels = sel.split("/")
+        bad = len(levels) != 3 and not (len(levels) <= 3 and levels[-1] == "#")
+        if not bad:
+            for lv in levels:
+                if lv in ("+", "#"):
+                    continue
+                try:
+                    check_name(lv, "level")
+                except TopicError:
+                    bad = True
+        if bad:
+            ck.add((*p, "on", si), f"invalid stream selector {sel!r}: write site/device/stream, "
+                   "each a name or '+', or end with '#' (e.g. bl1/+/counts, bl1/#)", name)
+        elif tf.streams is not None and not any(
+            mqtt_match(sel, known) or mqtt_match(known, sel) for known in tf.streams
+        ):
+            ck.add((*p, "on", si), f"unknown stream {sel!r}: it matches none of the streams "
+                   f"listed under 'streams' ({', '.join(tf.streams)})", name)
+
+
+# agg.NAME or agg["NAME"] in a condition; a name no aggregate defines would fail at every evaluation.
+_AGG_REF = re.compile(r"""\bagg\s*(?:\.\s*([A-Za-z_]\w*)|\[\s*["']([^"']+)["']\s*\])""")
+
+
+def _check_agg_names(
+    ck: _Checker, path: tuple[Any, ...], src: str, defined: set[str] | None, trigger: str | None
+) -> None:
+    for m in _AGG_REF.finditer(src):
+        used = m.group(1) or m.group(2)
+        if defined is not None and used in defined:
+            continue
+        before = src[: m.start()]
+        line, col = ck.places.inside(path, before.count("\n") + 1, m.start() - (before.rfind("\n") + 1) + 1)
+        if defined is None:
+            msg = f"agg.{used}: the trigger has no window, so it has no aggregates (add window.aggregates.{used})"
+        elif not defined:
+            msg = f"unknown aggregate agg.{used}: the window defines none (add window.aggregates.{used})"
+        else:
+            msg = (f"unknown aggregate agg.{used}{did_you_mean(used, defined)}; "
+                   f"the window defines: {', '.join(sorted(defined))}")
+        ck.add(path, msg, trigger, line, col)
+
+
+def _check_broken_trigger(ck: _Checker, ti: int, raw: dict[Any, Any], tf: TriggersFile, name: str | None) -> None:
+    """What can still be checked of a trigger that failed its schema check: selectors and expressions."""
+    p: tuple[Any, ...] = ("triggers", ti)
+    on = raw.get("on", raw.get(True))  # YAML 1.1 reads a bare `on` key as True
+    if isinstance(on, str):
+        on = [on]
+    if isinstance(on, list):
+        _check_selectors(ck, p, on, tf, name)
+    label = name or f"triggers[{ti}]"
+    if isinstance(raw.get("filter"), str):
+        ck.expr((*p, "filter"), raw["filter"], EVENT_VARS, label, "filter")
+    if isinstance(raw.get("when"), str):
+        ck.expr((*p, "when"), raw["when"], WHEN_VARS, label, "when")
+        window = raw.get("window")
+        aggs = window.get("aggregates") if isinstance(window, dict) else None
+        defined = set(aggs) if isinstance(aggs, dict) else (set() if isinstance(window, dict) else None)
+        _check_agg_names(ck, (*p, "when"), raw["when"], defined, name)
 
 
 def _args(ck: _Checker, path: tuple[Any, ...], args: dict[str, Any], variables: frozenset[str], trigger: str) -> ArgTemplate:
@@ -413,3 +471,78 @@ def load_triggers(path: str | Path) -> CompiledConfig:
     except OSError as exc:
         raise ConfigError([Problem(str(p), None, None, "", f"cannot read: {exc.strerror}")]) from None
     return compile_text(text, str(p), p.parent)
+
+
+def _sends_commands(raw_triggers: Any) -> tuple[tuple[Any, ...], str | None] | None:
+    """The path of the first command a trigger can send (a ``then`` command or ``on_result``) and its trigger."""
+    for i, raw in enumerate(raw_triggers if isinstance(raw_triggers, list) else []):
+        if not isinstance(raw, dict):
+            continue
+        name = raw.get("name") if isinstance(raw.get("name"), str) else None
+        then = raw.get("then")
+        for ai, action in enumerate(then if isinstance(then, list) else []):
+            if isinstance(action, dict) and action.get("command") is not None:
+                return ("triggers", i, "then", ai, "command"), name
+        if raw.get("on_result") is not None:
+            return ("triggers", i, "on_result"), name
+    return None
+
+
+def _file_problems(text: str, source: str, base: Path) -> list[Problem]:
+    """Checks of the whole file that ``cloud run`` makes before it starts: triggers exist, commands can be signed."""
+    try:
+        data, marks = parse_yaml_text(text, source)
+    except ConfigError:
+        return []  # invalid YAML: compile_text reports it
+    data = {} if data is None else data  # an empty file (or only comments)
+    if not isinstance(data, dict):
+        return []  # compile_text reports it
+    places = _Places(text, marks)
+    raw_triggers = data.get("triggers")
+    problems: list[Problem] = []
+    if not raw_triggers:
+        line, col = places.key(("triggers",)) if "triggers" in data else (1, 1)
+        problems.append(Problem(source, line, col, "triggers",
+                                "no triggers: the file defines none, so nothing would ever fire "
+                                "(add a 'triggers:' list; docs/triggers.md has examples)"))
+    sends = _sends_commands(raw_triggers)
+    if sends is not None:
+        where, trigger = sends
+        key_file = data.get("signing_key_file")
+        env_key = os.environ.get("RX_SIGNING_KEY", "").strip()
+        line, col = places.key(where)
+        if isinstance(key_file, str):
+            path = Path(key_file) if Path(key_file).is_absolute() else base / key_file
+            if not path.is_file():
+                kl, kc = places.key(("signing_key_file",))
+                problems.append(Problem(source, kl, kc, "signing_key_file",
+                                        f"no such key file {path}: create one with 'reflexarc keys generate'"))
+        elif env_key:
+            if not Path(env_key).is_file():
+                problems.append(Problem(source, line, col, _describe(where, trigger),
+                                        f"RX_SIGNING_KEY names {env_key}, which is not a file"))
+        else:
+            problems.append(Problem(source, line, col, _describe(where, trigger),
+                                    "triggers send commands, which must be signed, and no key is configured: "
+                                    "set 'signing_key_file' or RX_SIGNING_KEY (create a key with "
+                                    "'reflexarc keys generate')"))
+    return problems
+
+
+def validate_file(path: str | Path) -> tuple[CompiledConfig | None, list[Problem]]:
+    """Every problem of a triggers file in one pass, including what ``cloud run`` refuses (no triggers, no key).
+
+    Returns the compiled file (None when it does not compile) and the problems, sorted by line.
+    Raises ``OSError`` when the file cannot be read (an I/O error, not a problem of the file).
+    """
+    p = Path(path)
+    text = p.read_text()
+    cfg: CompiledConfig | None = None
+    problems: list[Problem] = []
+    try:
+        cfg = compile_text(text, str(p), p.parent)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    seen = {str(x) for x in problems}
+    problems.extend(x for x in _file_problems(text, str(p), p.parent) if str(x) not in seen)
+    return cfg, sorted(problems, key=lambda x: (x.line or 0, x.column or 0))

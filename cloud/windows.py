@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable
 from typing import Any
 
 from reflexarc.cloud.model import MAX_SLIDING_SAMPLES, Window
@@ -176,6 +177,86 @@ def _numeric(op: str, name: str, v: Any) -> Any:
     return v
 
 
+_Slide = Callable[[dict[str, Any], float, list[Any], str, int], dict[str, Any] | None]
+
+
+def _sliding_code(ops: list[tuple[str, str]], size: float | None, n_max: int,
+                  prune: Callable[[dict[str, Any], dict[str, list[Any]]], None]) -> _Slide:
+    """:meth:`WindowKeeper.slide` for one sliding window, as one generated function without loops.
+
+    The steps and their order are those of :meth:`WindowKeeper.slide` (the
+    readable reference, which ``test_cloud_sliding_fast.py`` compares this
+    with); here the aggregates' columns are locals, the checks and the
+    aggregates are unrolled, and ``_admit``/``_remember`` are inline: a
+    sliding window is updated on every event. Names are identifiers checked
+    at load and enter only as string literals; sizes as numbers.
+    """
+    n = len(ops)
+    vs = [f"v{i}" for i in range(n)]
+    cs = [f"c{i}" for i in range(n)]
+    unpack_v = f"    {', '.join(vs)}, = values" if n else "    pass"
+    unpack_c = f"    {', '.join(cs)}, = cols" if n else "    pass"
+    lines = ["def _slide(state, t, values, event_id, digest):", unpack_v]
+    for i, (name, op) in enumerate(ops):
+        if op in ("sum", "mean", "min", "max", "rate"):
+            lines += [f"    if not (type(v{i}) is int or (type(v{i}) is float and v{i} - v{i} == 0.0)):",
+                      f"        _numeric({op!r}, {name!r}, v{i})"]
+    lines += [
+        "    floor = state.get('floor')",
+        "    if floor is not None and t < floor:",
+        "        return None",
+        "    ts = state.get('ts')",
+        "    if ts is None:",
+        "        ts = state['ts'] = []",
+        f"        cols = state.setdefault('cols', [{', '.join('[]' for _ in ops)}])",
+        "    else:",
+        "        cols = state['cols']",
+        unpack_c,
+        "    hi = state.get('hi')",
+        "    if hi is None or t > hi:",
+        "        hi = t",
+    ]
+    if size is not None:
+        lines += [f"    if t < hi - {size!r}:", "        return None"]
+    else:
+        lines += [f"    if len(ts) >= {n_max} and t < ts[0]:", "        return None"]
+    lines += [
+        "    state['hi'] = hi",
+        "    if not ts or t >= ts[-1]:",
+        "        ts.append(t)",
+        *[f"        c{i}.append(v{i})" for i in range(n)],
+        "    else:",
+        "        i = bisect_right(ts, t)",
+        "        ts.insert(i, t)",
+        *[f"        c{i}.insert(i, v{i})" for i in range(n)],
+    ]
+    if size is not None:
+        lines += [f"    lo = hi - {size!r}", "    drop = bisect_left(ts, lo) if ts[0] < lo else 0"]
+    else:
+        lines += [f"    drop = len(ts) - {n_max}"]
+    lines += [
+        f"    if len(ts) - drop > {MAX_SLIDING_SAMPLES}:",
+        f"        drop = len(ts) - {MAX_SLIDING_SAMPLES}",
+        "    if drop > 0:",
+        "        del ts[:drop]",
+        *[f"        del c{i}[:drop]" for i in range(n)],
+        "    ids = state.get('ids')",
+        "    if ids is None:",
+        "        ids = state['ids'] = {}",
+        "    ids[event_id] = [t, digest]",
+        "    if len(ids) >= state.get('idn', 64):",
+        "        prune(state, ids)",
+    ]
+    items = ", ".join(f"{name!r}: {_COLUMN_CODE[op].format(c=f'c{i}')}"
+                      for i, (name, op) in enumerate(ops))
+    lines.append(f"    return {{{items}}}")
+    namespace: dict[str, Any] = {"bisect_left": bisect.bisect_left, "bisect_right": bisect.bisect_right,
+                                 "_numeric": _numeric, "_rate": _rate, "prune": prune}
+    exec(compile("\n".join(lines) + "\n", "<sliding-window>", "exec"), namespace)
+    slide: _Slide = namespace["_slide"]
+    return slide
+
+
 # ---- the window -------------------------------------------------------------------
 class WindowKeeper:
     """Applies events to one trigger's window state (a JSON dict), each event id at most once."""
@@ -187,10 +268,17 @@ class WindowKeeper:
         self._numeric = [(i, op, name) for i, (name, op) in enumerate(self.ops.items())
                          if op in ("sum", "mean", "min", "max", "rate")]
         self._names_ops = list(self.ops.items())
-        self._aggregates = _column_aggregates(list(self.ops.items()))
+        self._aggregates: Callable[[list[float], list[list[Any]]], dict[str, Any] | None] = _column_aggregates(
+            list(self.ops.items())
+        )
         self._size = float(spec.size) if spec.size is not None else None
         self._n_max = int(spec.events or 0)
         self.keep_event = spec.emit == "close"
+        # :meth:`slide` generated for this window's aggregates (see _sliding_code): the hot path of sliding windows.
+        self.slide_fast: _Slide = (
+            _sliding_code(list(self.ops.items()), self._size, self._n_max, self._prune)
+            if spec.type == "sliding" else self.slide
+        )
         if spec.events is not None:
             self._apply = self._count_tumbling
         else:
@@ -280,7 +368,7 @@ class WindowKeeper:
         if an aggregate that needs a number got something else.
         """
         if self.spec.type == "sliding":
-            agg = self.slide(state, t, values, event_id, digest)
+            agg = self.slide_fast(state, t, values, event_id, digest)
             return _LATE if agg is None else Update([self.sliding_pane(state, agg)])
         if not self._admit(state, t, values):
             return _LATE
@@ -319,8 +407,8 @@ class WindowKeeper:
             hi = t
             state["hi"] = t
             # Close every pane the new high-water time is past.
-            still = []
-            closed = []
+            still: list[dict[str, Any]] = []
+            closed: list[dict[str, Any]] = []
             for p in panes:
                 (closed if p["e"] <= hi else still).append(p)
             if closed:

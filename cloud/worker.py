@@ -65,7 +65,7 @@ from reflexarc.topics import Topics
 log = logging.getLogger(__name__)
 
 # (topic, key, value, headers, partition or None): what a batch sends before its state is written.
-_Out = tuple[str, bytes | None, bytes, list[tuple[str, bytes]], int | None]
+_Out = tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]
 
 
 class SigningKeyMissing(RuntimeError):
@@ -91,7 +91,7 @@ def needs_key(cfg: CompiledConfig) -> bool:
     ) or any(t.on_result is not None for t in cfg.triggers)
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
     """aiokafka's callbacks around a group rebalance, handed to the worker."""
 
     def __init__(self, worker: TriggerWorker) -> None:
@@ -235,17 +235,19 @@ class TriggerWorker:
         # 3. ... before the offsets that skip these events.
         self._committable.update(done)
 
+    @m.EVALUATION.time()
     def _on_data(self, engine: TriggerEngine, records: list[Any], devices: dict[str, Any],
                  dirty: dict[str, Any], out: list[_Out]) -> None:
         """Instrument events of one partition, in offset order, against their devices' state."""
-        events = late = skipped = duplicates = 0
+        events = len(records)
+        late = skipped = duplicates = 0
+        event_of, evaluate = engine.event_of, engine.evaluate  # per event: looked up once
         for rec in records:
-            events += 1
             try:
                 # The kernel's fast reading of a record as reflexarc writes it; any other through the SDK.
                 fields = kafka_event_fields(rec.value, rec.headers)
                 if fields is not None:
-                    ctx = engine.event_of(fields)
+                    ctx = event_of(fields)
                 else:
                     env = Envelope.from_kafka(rec.value, rec.headers, rec.key)
                     engine.check_event(env)
@@ -255,7 +257,7 @@ class TriggerWorker:
                 continue
             device = f"{ctx['site']}/{ctx['device']}"
             bundle = devices.get(device)
-            outcome = engine.evaluate(ctx, {} if bundle is None else bundle, position=rec.offset)
+            outcome = evaluate(ctx, {} if bundle is None else bundle, rec.offset)
             if outcome.states:
                 if bundle is None:
                     bundle = devices[device] = {}
@@ -317,8 +319,8 @@ class TriggerWorker:
         self._queue(self.topics.kafka_commands, env, Topics.device_key(cmd.site, cmd.device), out)
 
     def _deadletter(self, rec: Any, stage: str, error: str, out: list[_Out]) -> None:
-        origin = f"{rec.topic}/{rec.partition}/{rec.offset}"
-        dl = DeadLetter(error=error, stage=stage, origin=origin, payload=rec.value or b"")
+        dl = DeadLetter.of_record(rec, stage, error)
+        origin = dl.origin
         key, value, headers = dl.to_kafka()
         out.append((self.topics.kafka_deadletter, key, value, headers, None))
         m.DEADLETTERS.labels(stage).inc()
@@ -487,6 +489,6 @@ def run_file(path: str | Path) -> None:
     from reflexarc.metrics import serve_metrics
 
     cfg = load_triggers(path)
-    serve_metrics(cfg.file.pipeline.metrics_port)
+    serve_metrics(cfg.file.pipeline.metrics.port, cfg.file.pipeline.metrics.host)
 
     run_service(TriggerWorker(cfg).run)

@@ -17,7 +17,7 @@ app = typer.Typer(
 image_app = typer.Typer(help="The edge agent image.", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 
-FleetArg = Annotated[Path, typer.Argument(help="fleet.yaml")]
+FleetArg = Annotated[Path, typer.Argument(metavar="FILE", help="fleet.yaml")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")]
 DeviceOpt = Annotated[list[str] | None, typer.Option("--device", "-d", help="only these devices (repeatable)")]
 
@@ -208,7 +208,7 @@ def status(fleet: FleetArg, device: DeviceOpt = None, as_json: JsonOpt = False) 
 @app.command()
 def logs(
     fleet: FleetArg,
-    device: Annotated[str, typer.Argument(help="device name in the fleet file")],
+    device: Annotated[str, typer.Argument(metavar="DEVICE", help="device name in the fleet file")],
     tail: Annotated[int, typer.Option(help="lines from the end")] = 100,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new lines")] = False,
 ) -> None:

@@ -41,7 +41,7 @@ def parse_docker_time(text: str) -> float:
 def log_tail(container: Any, lines: int = 15) -> str:
     """The last log lines of a container, for reports (blocking)."""
     try:
-        return container.logs(tail=lines).decode(errors="replace").strip()
+        return str(container.logs(tail=lines).decode(errors="replace").strip())
     except Exception as exc:  # the container may be gone; the report must still be written
         return f"(no logs: {exc})"
 

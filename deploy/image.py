@@ -82,29 +82,29 @@ EDGE_EXTRA = "edge"
 
 
 def edge_requirements(wheel: Path) -> list[str]:
-    """The edge agent's requirements: the wheel's ``edge`` extra, with its constraints.
+    """The edge agent's requirements: the wheel's core dependencies and its ``edge`` extra, with their constraints.
 
-    pyproject.toml's ``[project.optional-dependencies] edge`` is the one list of
-    what the agent needs; the image installs reflexarc without its other
-    dependencies (no Kafka or Dask on a device).
+    pyproject.toml's core ``dependencies`` plus ``[project.optional-dependencies] edge``
+    are what the agent needs; the image installs reflexarc with nothing of the other
+    extras (no Kafka or Dask on a device).
     """
     from packaging.requirements import Requirement
 
     with zipfile.ZipFile(wheel) as zf:
         meta_name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         meta = email.parser.Parser().parsestr(zf.read(meta_name).decode())
-    reqs = []
+    reqs, core = [], []
     for line in meta.get_all("Requires-Dist") or []:
         req = Requirement(line)
+        extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
         if req.marker is None:
-            continue
+            core.append(f"{req.name}{extras}{req.specifier}")  # the core every install needs
         # In the extra, and only because of it (not a plain platform marker).
-        if req.marker.evaluate({"extra": EDGE_EXTRA}) and not req.marker.evaluate({"extra": ""}):
-            extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+        elif req.marker.evaluate({"extra": EDGE_EXTRA}) and not req.marker.evaluate({"extra": ""}):
             reqs.append(f"{req.name}{extras}{req.specifier}")
     if not reqs:
         raise ImageBuildError(f"{wheel.name} declares no '{EDGE_EXTRA}' extra: the edge agent's dependencies are unknown")
-    return sorted(reqs)
+    return sorted(core + reqs)
 
 
 def dependency_wheels(requirements: list[str], cache: Path) -> Path:
@@ -139,7 +139,7 @@ def build_image(
     """
     from docker.errors import BuildError, ImageNotFound
 
-    from reflexarc.testing.docker import cache_dir
+    from reflexarc.paths import cache_dir
 
     t0 = time.monotonic()
     steps: dict[str, float] = {}

@@ -61,12 +61,12 @@ def load_python_handler(ref: str) -> Callable[..., Any]:
         raise ValueError(f"handler {ref!r}: cannot import {module_name!r}: {exc}") from None
     func = module
     for part in attr.split("."):
-        func = getattr(func, part, None)  # type: ignore[assignment]
+        func = getattr(func, part, None)  # type: ignore[assignment]  # walks module attributes; checked callable below
         if func is None:
             raise ValueError(f"handler {ref!r}: {module_name!r} has no {attr!r}")
     if not callable(func):
         raise ValueError(f"handler {ref!r} is not callable")
-    return func  # type: ignore[return-value]
+    return func
 
 
 def _argv_value(value: Any) -> str:
@@ -146,7 +146,8 @@ class Actuator:
                 return None
             if not isinstance(result, dict):
                 result = {"value": result}
-            return json.loads(json.dumps(result, default=str))
+            plain: dict[str, Any] = json.loads(json.dumps(result, default=str))
+            return plain
         return await self._run_argv(handler, args, timeout, cwd)
 
     async def _run_argv(self, handler: ArgvHandler, args: dict[str, Any], timeout: float, cwd: str) -> dict[str, Any]:
@@ -270,7 +271,7 @@ class CommandProcessor:
 
     async def _handle_command(self, msg: MqttMessage, env: Envelope, cmd: Command, actuator: Actuator | None) -> None:
         sig = env.extensions.get(SIG_ATTR)
-        seen = await self.spool.call(self.spool.spool.command, cmd.command_id)  # type: ignore[union-attr]
+        seen = await self.spool.call(self.spool.spool.command, cmd.command_id)  # type: ignore[union-attr]  # open while commands run
         if seen is not None:
             state, seen_sig, answer = seen
             if state == "done" or sig != seen_sig:
@@ -317,6 +318,7 @@ class CommandProcessor:
             ack = self._ack(cmd.command_id, cmd.actuator, ok=False, reason=str(exc))
         else:
             self.metrics.commands_ok.labels(cmd.actuator).inc()
+            self.metrics.observe_loop(cmd)
             ack = self._ack(cmd.command_id, cmd.actuator, ok=True, result=result)
         await self._finish(msg, ack, sig)
 
@@ -383,7 +385,7 @@ class CommandProcessor:
         }
 
     async def _set(self, command_id: str, state: str, sig: str | None, answer: bytes | None) -> None:
-        await self.spool.call(self.spool.spool.set_command, command_id, state, sig, answer)  # type: ignore[union-attr]
+        await self.spool.call(self.spool.spool.set_command, command_id, state, sig, answer)  # type: ignore[union-attr]  # open while commands run
 
     async def _publish(self, env: Envelope) -> None:
         payload, props, ctype = env.to_mqtt(binary=self.client.v5)

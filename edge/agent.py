@@ -69,7 +69,7 @@ class EdgeAgent:
         self.inbox: Inbox | None = None
         self._publisher_task: asyncio.Task[None] | None = None
         self._inbox_task: asyncio.Task[None] | None = None
-        self.claim_check = ClaimCheck(cfg.claim_url(), cfg.claim_check.threshold_bytes)
+        self.claim_check = ClaimCheck(cfg.claim_url(), cfg.claim_check.threshold_bytes, cfg.claim_check.store)
         self.sources: list[Source] = []
         self._source_tasks: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -106,8 +106,8 @@ class EdgeAgent:
         self.metrics.spool_full.set_function(lambda: 1 if spool.full else 0)
         self.metrics.spool_depth.set_function(lambda: spool.depth)
         if cfg.metrics_port is not None:
-            self._metrics_server, self.metrics_port = self.metrics.serve(cfg.metrics_port)
-            log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
+            self._metrics_server, self.metrics_port = self.metrics.serve(cfg.metrics_port, cfg.metrics.host)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, self.metrics_port)
         status = json.dumps(
             {"state": "offline", "site": cfg.site, "device": cfg.device, "reason": "connection lost"}
         ).encode()

@@ -134,7 +134,7 @@ class BlueskyConfig(SourceConfig):
     documents: list[str] | None = Field(None, description="document names to publish (default: all)")
 
 
-class BlueskySource(Source):
+class BlueskySource(Source[BlueskyConfig]):
     """Follows the document file from its checkpoint (byte offset + open runs) and emits each document."""
 
     config_model = BlueskyConfig
@@ -142,11 +142,11 @@ class BlueskySource(Source):
     @property
     def checkpoint_key(self) -> str:
         """One checkpoint per document file."""
-        return f"bluesky:{self.config.path}"  # type: ignore[attr-defined]
+        return f"bluesky:{self.config.path}"
 
     async def run(self, emit: Emit) -> None:
         """Follow the file forever."""
-        cfg: BlueskyConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         path = self.ctx.resolve(cfg.path)
         state: dict[str, Any] = {"offset": 0, "runs": {}, "descriptors": {}, "resources": {}}
         if self.ctx.checkpoint:
@@ -186,7 +186,7 @@ class BlueskySource(Source):
             return b"", None
 
     async def _line(self, raw: bytes, offset: int, state: dict[str, Any], path: Path, emit: Emit) -> None:
-        cfg: BlueskyConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         where = f"{path}@{offset - len(raw) - 1}"
         try:
             obj = json.loads(raw)
@@ -221,7 +221,7 @@ class BlueskySource(Source):
 
     def _track(self, name: str, doc: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
         """Remember runs, descriptors and resources; the ``run`` summary this document belongs to."""
-        cfg: BlueskyConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         runs: dict[str, Any] = state["runs"]
         if name == "start":
             run = {"uid": doc.get("uid")}

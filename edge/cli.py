@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:  # the CLI imports the agent's modules only when a command runs
+    from reflexarc.edge.config import AgentConfig
 
 app = typer.Typer(help="Edge agent: instrument sources, disk spool, actuators.", no_args_is_help=True)
 
 
-def _load(config: Path):  # type: ignore[no-untyped-def]
+def _load(config: Path) -> AgentConfig:
     from reflexarc.config import ConfigError
     from reflexarc.edge.config import load_agent_config
 
@@ -22,7 +25,12 @@ def _load(config: Path):  # type: ignore[no-untyped-def]
 
 
 @app.command()
-def run(config: Annotated[Path, typer.Argument(help="agent.yaml")]) -> None:
+def run(
+    config: Annotated[Path, typer.Argument(metavar="FILE", help="agent.yaml")],
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)")
+    ] = None,
+) -> None:
     """Run the agent until SIGTERM/Ctrl-C: sources -> spool -> MQTT, commands -> actuators."""
     from reflexarc.aio import run_service
     from reflexarc.edge.agent import AgentError, run_agent
@@ -30,7 +38,7 @@ def run(config: Annotated[Path, typer.Argument(help="agent.yaml")]) -> None:
     from reflexarc.mqtt import MqttError
     from reflexarc.signing import KeyFileError
 
-    setup_logging(name="edge")
+    setup_logging(log_level, name="edge")
     cfg = _load(config)
 
     try:
@@ -40,9 +48,14 @@ def run(config: Annotated[Path, typer.Argument(help="agent.yaml")]) -> None:
         raise typer.Exit(1) from None
 
 
+from reflexarc.edge.checkcli import check  # noqa: E402 - the verb lives in its own module
+
+app.command("check")(check)
+
+
 @app.command()
 def status(
-    config: Annotated[Path, typer.Argument(help="agent.yaml of the agent to inspect")],
+    config: Annotated[Path, typer.Argument(metavar="FILE", help="agent.yaml of the agent to inspect")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Show a (running) agent's state: connection, spool depth per stream, events awaiting receipts, dead letters."""

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from reflexarc.config import (
     ConfigError,
+    HasMetrics,
     MqttSettings,
     Name,
     Problem,
@@ -25,6 +26,7 @@ from reflexarc.config import (
     validation_problems,
 )
 from reflexarc.edge.epics_actuator import EpicsHandler
+from reflexarc.objectstore import ObjectStoreSettings
 from reflexarc.topics import DEFAULT_NAMESPACE, Topics
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -96,6 +98,10 @@ class ClaimCheckSettings(StrictModel):
 
     url: str | None = Field(None, description="fsspec URL of a directory (default: file://STATE_DIR/claims)")
     threshold_bytes: int = Field(64 * 1024, ge=0, description="payloads above this go by reference")
+    store: ObjectStoreSettings = Field(
+        default_factory=ObjectStoreSettings,
+        description="S3 endpoint, credentials (environment variable names or a profile), multipart size",
+    )
 
 
 class PythonHandler(StrictModel):
@@ -174,7 +180,7 @@ class SourceSpec(StrictModel):
     type: str
 
 
-class AgentConfig(StrictModel):
+class AgentConfig(HasMetrics):
     """The whole ``agent.yaml``."""
 
     site: Name
@@ -259,7 +265,7 @@ def parse_agent_config(text: str, source: str = "<string>", base_dir: str = ".")
     try:
         cfg = AgentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(validation_problems(exc, source, marks)) from None
+        raise ConfigError(validation_problems(exc, source, marks, AgentConfig)) from None
     problems: list[Problem] = []
     parsed: list[Any] = []
     for i, raw in enumerate(cfg.sources):

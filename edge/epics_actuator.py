@@ -262,7 +262,7 @@ class EpicsActuator:
             )
         if _is_number(target) and _is_number(readback):
             return abs(float(readback) - float(target)) <= tol
-        return readback == target
+        return bool(readback == target)
 
     async def close(self) -> None:
         """Disconnect from the IOCs (at agent shutdown)."""

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+import time
+from datetime import UTC
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from reflexarc.envelope import utcnow
+from reflexarc.events import Command
+from reflexarc.metrics import LOOP_BUCKETS, SPOOL_BUCKETS, register_build_info
 
 
 class EdgeMetrics:
@@ -66,6 +73,34 @@ class EdgeMetrics:
         self.commands_duplicate = Counter(
             "rx_edge_commands_duplicate", "Redelivered commands answered again without running", registry=r
         )
+        self.loop_latency = Histogram(
+            "rx_edge_loop_latency_seconds",
+            "The loop's latency at the actuator's ack: the triggering event's time -> the command done",
+            ["actuator"],
+            registry=r,
+            buckets=LOOP_BUCKETS,
+        )
+        self.spool_age = Histogram(
+            "rx_edge_spool_age_seconds",
+            "Time in the spool of the oldest event of each batch freed after delivery",
+            registry=r,
+            buckets=SPOOL_BUCKETS,
+        )
+        register_build_info(r)
+
+    def observe_spool_age(self, spooled_at: float | None) -> None:
+        """Observe how long the oldest event of a delivered batch stayed in the spool (``time.time()`` it came)."""
+        if spooled_at is not None:
+            self.spool_age.observe(max(0.0, time.time() - spooled_at))
+
+    def observe_loop(self, cmd: Command) -> None:
+        """Observe a command's loop latency at its ack (only commands a triggering event caused)."""
+        t = cmd.cause.time if cmd.cause is not None else None
+        if t is None:
+            return
+        if t.tzinfo is None:  # a peer's naive time is UTC, as every reflexarc time is
+            t = t.replace(tzinfo=UTC)
+        self.loop_latency.labels(cmd.actuator).observe(max(0.0, (utcnow() - t).total_seconds()))
 
     def serve(self, port: int, host: str = "127.0.0.1") -> tuple[object, int]:
         """Start the HTTP endpoint; returns ``(server, port)``."""

@@ -278,6 +278,7 @@ class Publisher:
             await self.spool.delete([row.seq for row, _ in dead], "dead_removed")
         if acked:
             await self.spool.delete(acked)
+            self.metrics.observe_spool_age(self.spool.spool.freed_oldest)
             self.published += len(acked)
             self.metrics.events_published.inc(len(acked))
         self.metrics.spool_bytes.set(self.spool.spool.bytes)

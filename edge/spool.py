@@ -20,7 +20,7 @@ import logging
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +103,8 @@ class Spool:
             raise SpoolError(f"cannot open the spool {self.path}: {exc} (check the path and permissions)") from exc
         row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events").fetchone()
         self.depth: int = int(row[0])
+        #: when the oldest event of the last delete was spooled (time.time(); None: none was there)
+        self.freed_oldest: float | None = None
         self.bytes: int = int(row[1])
 
     def close(self) -> None:
@@ -224,15 +226,19 @@ class Spool:
         try:
             removed = 0
             freed = 0
+            oldest = None
             for chunk in _chunks(seqs, 500):
                 marks = ",".join("?" * len(chunk))
                 row = db.execute(
-                    f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM events WHERE seq IN ({marks})",
+                    "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0), MIN(created) "
+                    f"FROM events WHERE seq IN ({marks})",
                     chunk,
                 ).fetchone()
                 db.execute(f"DELETE FROM events WHERE seq IN ({marks})", chunk)
                 removed += int(row[0])
                 freed += int(row[1])
+                if row[2] is not None and (oldest is None or row[2] < oldest):
+                    oldest = row[2]
             self._bump(**{counter: removed})
             db.execute("COMMIT")
         except BaseException:
@@ -240,6 +246,7 @@ class Spool:
             raise
         self.depth -= removed
         self.bytes -= freed
+        self.freed_oldest = oldest
         return removed
 
     def stream_depths(self) -> dict[str, int]:
@@ -310,7 +317,7 @@ class Spool:
 
 def _row(r: Sequence[Any]) -> SpoolRow:
     props = [tuple(p) for p in json.loads(r[5])] if r[5] else None
-    return SpoolRow(r[0], SpoolItem(r[1], r[2], r[3], bytes(r[4]), props, r[6]))  # type: ignore[arg-type]
+    return SpoolRow(r[0], SpoolItem(r[1], r[2], r[3], bytes(r[4]), props, r[6]))
 
 
 def _chunks(seq: list[int], n: int) -> Iterable[list[int]]:
@@ -363,7 +370,7 @@ class AsyncSpool:
         self._closing = False
         self.on_commit: list[Any] = []  # callables(n_accepted, n_dropped)
 
-    async def call(self, fn: Any, *args: Any) -> Any:
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the spool thread."""
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
 

@@ -78,7 +78,7 @@ class FogBridge:
         """
         cfg = self.config
         if cfg.metrics_port is not None:
-            self.metrics_port = serve_metrics(cfg.metrics_port)
+            self.metrics_port = serve_metrics(cfg.metrics.port, cfg.metrics.host)
         s = cfg.ingest
         self.producer = self._make_producer()
         self.sender = KafkaSender(

@@ -104,9 +104,24 @@ def unpack_receipts(blob: bytes) -> list[Confirm]:
     return [(f[i], f[i + 1], f[i + 2], f[i + 3] or None) for i in range(0, len(f) - 3, 4)]
 
 
+#: The last header of a stored record whose value is null (an event without data): the column is NOT NULL.
+_NULL_VALUE = ("\x00rx-null-value", b"")
+
+
+def _record(seq: int, topic: str, key: bytes | None, value: bytes, headers: bytes, receipts: bytes) -> Record:
+    """A stored row as the record it was (no tickets: its message was acknowledged)."""
+    fields = unpack_headers(bytes(headers))
+    data: bytes | None = bytes(value)
+    if fields and fields[-1] == _NULL_VALUE:
+        fields.pop()
+        data = None
+    return Record(topic, bytes(key) if key is not None else None, data, fields,
+                  receipts=unpack_receipts(bytes(receipts)), seq=int(seq))
+
+
 def record_size(rec: Record) -> int:
     """Bytes a record accounts for in the buffer (key, value, headers)."""
-    n = len(rec.value) + (len(rec.key) if rec.key else 0)
+    n = (len(rec.value) if rec.value else 0) + (len(rec.key) if rec.key else 0)
     for name, value in rec.headers:
         n += len(name) + len(value)
     return n
@@ -151,7 +166,8 @@ class BufferStore:
         db = self.db
         now = time.time()
         rows = [
-            (r.seq, now, record_size(r), r.topic, r.key, r.value, pack_headers(r.headers), pack_receipts(r.receipts))
+            (r.seq, now, record_size(r), r.topic, r.key, b"" if r.value is None else r.value,
+             pack_headers(r.headers if r.value is not None else [*r.headers, _NULL_VALUE]), pack_receipts(r.receipts))
             for r in inserts
         ]
         db.execute("BEGIN IMMEDIATE")
@@ -194,17 +210,7 @@ class BufferStore:
             "SELECT seq, topic, key, value, headers, receipts FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         ).fetchall()
-        return [
-            Record(
-                topic,
-                bytes(key) if key is not None else None,
-                bytes(value),
-                unpack_headers(bytes(headers)),
-                receipts=unpack_receipts(bytes(receipts)),
-                seq=int(seq),
-            )
-            for seq, topic, key, value, headers, receipts in rows
-        ]
+        return [_record(*row) for row in rows]
 
     def recent_keys(self, limit: int) -> list[tuple[str, float]]:
         """Dedupe keys of the newest ``limit`` rows with their age in seconds, oldest first."""

@@ -64,7 +64,7 @@ class _Pending:
     acked_by_broker: bool = False
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
     def __init__(self, owner: CommandDelivery) -> None:
         self.owner = owner
 
@@ -224,10 +224,7 @@ class CommandDelivery:
 
     async def _dead(self, record: Any, reason: str) -> None:
         self.metrics.deadlettered("command").inc()
-        dl = DeadLetter(
-            error=reason, stage="command", origin=f"{record.topic}/{record.partition}/{record.offset}",
-            payload=record.value or b"", extra_headers=tuple(record.headers or ()),
-        )
+        dl = DeadLetter.of_record(record, "command", reason)
         key, value, headers = dl.to_kafka()
         await self.sender.send_and_wait(self.topics.kafka_deadletter, key, value, headers)
 
@@ -258,7 +255,7 @@ class CommandDelivery:
             cmd = p.cmd
             st = CommandStatus(
                 command_id=cmd.command_id, site=cmd.site, device=cmd.device,
-                status=status, reason=reason, attempts=p.attempts,  # type: ignore[arg-type]
+                status=status, reason=reason, attempts=p.attempts,  # type: ignore[arg-type]  # one of CommandStatus's literals
             )
             key, value, headers = st.to_envelope().to_kafka()
             await self.sender.send_and_wait(self.topics.kafka_acks, key, value, headers)

@@ -124,9 +124,7 @@ class ShapeSettings(StrictModel):
     interval_ms: float | None = Field(None, gt=0, description="downsample: keep at most one event per interval")
     window_ms: float = Field(1000.0, gt=0, description="aggregate: window length")
     fields: list[str] | None = Field(None, description="aggregate: numeric fields (default: every numeric field)")
-    stats: list[Literal["mean", "min", "max", "sum", "last", "first"]] = Field(
-        default_factory=lambda: ["mean", "min", "max", "last"]
-    )
+    stats: list[Literal["mean", "min", "max", "sum", "last", "first"]] = Field(["mean", "min", "max", "last"])
 
 
 class StreamSettings(StrictModel):
@@ -176,12 +174,13 @@ class StreamSettings(StrictModel):
         """True when this entry applies to ``stream``."""
         return fnmatch.fnmatchcase(stream, self.match)
 
-    def schema(self) -> dict[str, Any] | None:
+    def schema_in_force(self) -> dict[str, Any] | None:
         """The JSON Schema in force (inline or from ``schema_file``)."""
         if self.json_schema is not None:
             return self.json_schema
         if self.schema_file is not None:
-            return json.loads(Path(self.schema_file).read_text())  # type: ignore[no-any-return]
+            loaded: dict[str, Any] = json.loads(Path(self.schema_file).read_text())
+            return loaded
         return None
 
 

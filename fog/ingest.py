@@ -348,8 +348,8 @@ class Ingest:
             extra.append(("rx-truncated", b"true"))
         if msg.content_type:
             extra.append(("rx-content-type", msg.content_type.encode()))
-        for name, value in msg.user_properties:
-            extra.append((f"rx-mqtt-{name}", value.encode()))
+        for prop, text in msg.user_properties:
+            extra.append((f"rx-mqtt-{prop}", text.encode()))
         dl = DeadLetter(error=reason, stage=stage, origin=msg.topic, payload=payload, extra_headers=tuple(extra))
         key, value, headers = dl.to_kafka()
         self._acks().hold(ticket)

@@ -17,8 +17,10 @@ import threading
 import weakref
 from collections.abc import Iterator
 
-from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import Metric
+
+from reflexarc.metrics import HOP_BUCKETS
 
 _LIVE: weakref.WeakSet[BridgeMetrics] = weakref.WeakSet()
 
@@ -33,7 +35,7 @@ class _FlushAtScrape:
         return iter(())
 
 
-REGISTRY.register(_FlushAtScrape())  # type: ignore[arg-type]
+REGISTRY.register(_FlushAtScrape())
 
 MESSAGES_IN = Counter(
     "rx_fog_messages_in", "MQTT messages taken by the fog bridge", ["bridge", "kind"]
@@ -70,6 +72,12 @@ BUFFER_BYTES = Gauge("rx_fog_buffer_bytes", "record bytes in the disk buffer", [
 BUFFER_OLDEST = Gauge("rx_fog_buffer_oldest_age_seconds", "age of the oldest record in the disk buffer", ["bridge"])
 BUFFER_SPILLED = Counter("rx_fog_buffer_spilled", "records written to the disk buffer", ["bridge"])
 BUFFER_DRAINED = Counter("rx_fog_buffer_drained", "buffered records Kafka acknowledged (rows deleted)", ["bridge"])
+KAFKA_LATENCY = Histogram(
+    "rx_fog_kafka_latency_seconds",
+    "MQTT -> Kafka: from the record's making at the fog to Kafka's ack, for the oldest record of each batch",
+    ["bridge"],
+    buckets=HOP_BUCKETS,
+)
 BUFFER_ENGAGEMENTS = Counter("rx_fog_buffer_engagements", "times the disk buffer took over from the direct path",
                              ["bridge"])
 
@@ -111,6 +119,7 @@ class BridgeMetrics:
         self.buffer_spilled = BUFFER_SPILLED.labels(bridge)
         self.buffer_drained = BUFFER_DRAINED.labels(bridge)
         self.buffer_engagements = BUFFER_ENGAGEMENTS.labels(bridge)
+        self.kafka_latency = KAFKA_LATENCY.labels(bridge)
 
     def out(self, topic: str) -> Counter:
         """Counter of records acknowledged on ``topic``."""
@@ -154,4 +163,4 @@ class BridgeMetrics:
 
 def value(metric: Counter | Gauge) -> float:
     """Current value of a metric child (for tests and logs)."""
-    return float(metric._value.get())  # type: ignore[attr-defined]
+    return float(metric._value.get())

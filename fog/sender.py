@@ -138,7 +138,7 @@ class Record:
 
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None
     headers: list[tuple[str, bytes]]
     tickets: Sequence[Ticket] = ()
     #: the events this record carries (a shaped batch carries several): confirmed when Kafka has it
@@ -146,6 +146,8 @@ class Record:
     on_done: Callable[[], None] | None = None
     #: its row in the disk buffer (0: not in the buffer); such a record's tickets were released on disk
     seq: int = 0
+    #: when the fog made it (monotonic): the start of its MQTT -> Kafka latency
+    created: float = field(default_factory=time.monotonic)
 
 
 class Outlet(Protocol):
@@ -165,7 +167,8 @@ def partition_for_key(key: bytes, partitions: Sequence[int]) -> int:
 
     ``partitions`` must be sorted by id, as aiokafka's are.
     """
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    h: int = murmur2(key)  # aiokafka is untyped
+    return partitions[(h & 0x7FFFFFFF) % len(partitions)]
 
 
 class PartitionMap:
@@ -405,7 +408,9 @@ class KafkaSender:
             # The task starts on the next loop turn: records queued meanwhile share its first batch.
             q.task = asyncio.create_task(self._drain(q), name=f"fog-kafka-{rec.topic}-{p}")
 
-    async def send_and_wait(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    async def send_and_wait(
+        self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]
+    ) -> None:
         """Send one record and return once Kafka acknowledged it (retrying as long as it takes)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -473,6 +478,7 @@ class KafkaSender:
             if self.retrying == 0:
                 log.warning("Kafka took the records for %s again; intake resumed", q.topic)
         self.metrics.count_out(q.topic, n)
+        self.metrics.kafka_latency.observe(time.monotonic() - recs[0].created)  # the batch's oldest record
         # Holds are dropped in bulk and each ack queue settles once per batch, not once per record.
         owners: list[AckQueue] = []
         for rec in recs:

@@ -8,7 +8,7 @@ valid event or a short reason naming the offending field for a bad one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -28,14 +28,12 @@ _TYPES: dict[str, Any] = {
 
 
 def _field(spec: FieldSpec) -> tuple[Any, Any]:
-    from typing import Literal
-
     typ: Any = _TYPES[spec.type]
     if spec.enum is not None:
         typ = Literal[tuple(spec.enum)]
     if not spec.required:
         typ = typ | None
-    constraints = {
+    constraints: dict[str, Any] = {
         k: v
         for k, v in {
             "ge": spec.ge,
@@ -52,11 +50,13 @@ def _field(spec: FieldSpec) -> tuple[Any, Any]:
     return typ, Field(default, **constraints)
 
 
-def build_model(name: str, fields: dict[str, FieldSpec], extra: str = "allow") -> type[BaseModel]:
+def build_model(
+    name: str, fields: dict[str, FieldSpec], extra: Literal["allow", "forbid", "ignore"] = "allow"
+) -> type[BaseModel]:
     """A pydantic model from declared fields (strict: '1' is not a number)."""
     model_fields = {fname: _field(spec) for fname, spec in fields.items()}
-    config = ConfigDict(extra=extra, strict=True)  # type: ignore[typeddict-item]
-    model: type[BaseModel] = create_model(f"Stream_{name}", __config__=config, **model_fields)  # type: ignore[call-overload]
+    config = ConfigDict(extra=extra, strict=True)
+    model: type[BaseModel] = create_model(f"Stream_{name}", __config__=config, **model_fields)  # type: ignore[call-overload]  # fields built at run time
     return model
 
 
@@ -100,7 +100,7 @@ def build_validator(stream: StreamSettings) -> Validator | None:
     checks: list[Validator] = []
     if stream.require_json:
         checks.append(lambda d: None if isinstance(d, dict) else "data must be a JSON object")
-    schema = stream.schema()
+    schema = stream.schema_in_force()
     if schema is not None:
         checks.append(_schema_validator(schema))
     if stream.fields:

@@ -41,6 +41,7 @@ from reflexarc.hpc_bridge.service.intake import Intake
 from reflexarc.hpc_bridge.service.jobs import AsyncJobStore
 from reflexarc.hpc_bridge.service.machines import ComposedMachines
 from reflexarc.hpc_bridge.service.outbox import OutboxPublisher
+from reflexarc.hpc_bridge.service.presence import Presence
 from reflexarc.hpc_bridge.service.runner import Runner
 from reflexarc.hpc_bridge.service.scheduler import Scheduler
 from reflexarc.hpc_bridge.service.watch import CancelWatch
@@ -88,7 +89,9 @@ class SiteAgent:
             await ensure_topics(self.kafka, [self.tasks_topic, self.topics.kafka_results, self.topics.kafka_jobs,
                                              self.topics.kafka_deadletter])
             jobs = await AsyncJobStore.open(cfg.database_url, cfg.site, self.topics)
-            producer = make_producer(self.kafka)
+            # No linger: every send (an outbox page, a fetch's dead letters) sends all its records and
+            # then awaits them, so they travel as one batch anyway; a linger only delayed each page.
+            producer = make_producer(self.kafka, linger_ms=0)
             await producer.start()
             await self._serve(stop, jobs, producer, machines)
         finally:
@@ -113,6 +116,7 @@ class SiteAgent:
                                  session_timeout_ms=6000)
         intake = Intake(cfg.site, self.apps, jobs, consumer, producer, self.topics.kafka_deadletter,
                         cfg.max_backlog, scheduler.wake)
+        presence = Presence(cfg, self.apps, self.engine, jobs, producer) if cfg.presence.enabled else None
         loops: list[asyncio.Task[None]] = []
         consuming: asyncio.Task[None] | None = None
         scheduling: asyncio.Task[None] | None = None
@@ -129,6 +133,8 @@ class SiteAgent:
             loops = [scheduling, publishing, asyncio.create_task(CancelWatch(jobs, runner).run(), name="watch")]
             if machines is not None:
                 loops.append(asyncio.create_task(machines.run(), name="machines"))
+            if presence is not None:
+                loops.append(asyncio.create_task(presence.run(), name="presence"))
             starting = asyncio.create_task(consumer.start())
             await asyncio.wait([stopper, starting, *loops], return_when=asyncio.FIRST_COMPLETED)
             if starting.done():
@@ -171,4 +177,6 @@ class SiteAgent:
             await asyncio.gather(*loops, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await outbox.flush()
+            if presence is not None:
+                await presence.last_word()
             await self.engine.close()

@@ -26,6 +26,16 @@ Rules:
   while work remains (draining allocations do not count against the maximum).
 * **Idle.** An allocation with no task for ``idle_timeout_s`` is released
   (cancelled by job id), down to ``min_allocations``.
+* **Prefetch.** With ``prefetch_per_slot`` (the pilot engines use 1), a
+  one-slot task with a timeout may also be *queued* on a busy worker, behind
+  the tasks running there, so that the worker starts it the moment a slot
+  frees instead of idling for a round trip to the agent. It is queued only
+  where the allocation's wall time holds the longest remaining timeout of the
+  tasks ahead plus its own (the worker checks again when it really starts:
+  ``Placement.start_by``). It *starts* when a task of its worker ends
+  (``on_start``): only then does it hold a slot, count as running and its
+  timeout start. A queued task is handed back (``on_take_back``) to be placed
+  again when its worker is lost or its allocation released: it never started.
 * **Crash safety.** Every allocation is recorded (``allocations.json`` under
   the site's state directory) before and after it is submitted, and jobs are
   named with a prefix unique to the site's state directory. On start, jobs a
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -117,6 +128,13 @@ class Placement:
     node: str
     slots: tuple[tuple[str, int], ...]
     gpu_indices: tuple[int, ...] = ()
+    #: The attempt's timeout (seconds), and when it started (manager clock; queued: when it was queued).
+    timeout_s: float | None = None
+    since: float = 0.0
+    #: Queued on a busy worker behind the tasks running there (prefetched); it holds no slot yet.
+    queued: bool = False
+    #: Latest time (epoch seconds) at which the worker may start it: later, the allocation could not hold it.
+    start_by: float | None = None
 
 
 @dataclass
@@ -139,6 +157,8 @@ class Allocation:
     idle_since: float | None = None
     workers: dict[str, WorkerInfo] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)
+    #: Prefetched attempts, queued at a busy worker (in the order they were queued).
+    queued: dict[str, Placement] = field(default_factory=dict)
     #: worker name -> incarnation that must go away before the worker takes a task again
     quarantine: dict[str, str] = field(default_factory=dict)
 
@@ -193,6 +213,42 @@ class Allocation:
             slots=tuple((n, need.slots_per_node) for n in nodes), gpu_indices=gpu_indices,
         )
 
+    def fit_behind(self, need: Need, now: float, margin_s: float, per_slot: int) -> Placement | None:
+        """Queue ``need`` at a busy worker (``per_slot`` per slot) whose tasks all have timeouts, if wall time holds.
+
+        Only a one-slot, one-node task without GPUs, and with a timeout, is queued:
+        it starts when any task of the worker ends, at the latest when the
+        longest remaining timeout ahead of it runs out.
+        """
+        if (per_slot <= 0 or need.nodes != 1 or need.slots_per_node != 1 or need.gpus or need.timeout_s is None
+                or self.end_at is None):
+            return None
+        ahead: dict[str, list[Placement]] = {}
+        for p in self.placements.values():
+            ahead.setdefault(p.worker, []).append(p)
+        waiting: dict[str, int] = {}
+        for q in self.queued.values():
+            waiting[q.worker] = waiting.get(q.worker, 0) + 1
+        best: tuple[float, str] | None = None
+        for w in self.workers.values():
+            running = ahead.get(w.name)
+            if (not running or waiting.get(w.name, 0) >= per_slot * w.slots
+                    or self.quarantine.get(w.name) == w.incarnation
+                    or any(p.timeout_s is None or p.slots != ((w.node, 1),) or p.gpu_indices for p in running)):
+                continue
+            # Worst case: it starts when the task ahead with the longest remaining timeout ends.
+            starts = now + max(0.0, max(p.since + (p.timeout_s or 0.0) - now for p in running))
+            if self.end_at - starts < need.timeout_s + margin_s:
+                continue
+            if best is None or (waiting.get(w.name, 0), starts) < (waiting.get(best[1], 0), best[0]):
+                best = (starts, w.name)
+        if best is None:
+            return None
+        w = self.workers[best[1]]
+        return Placement(key=need.key, allocation=self.name, job_id=self.job_id or "", worker=w.name, node=w.node,
+                         slots=((w.node, 1),), timeout_s=need.timeout_s, since=now, queued=True,
+                         start_by=self.end_at - need.timeout_s - margin_s)
+
     def to_dict(self, now: float) -> dict[str, Any]:
         """The allocation as ``site status`` shows it."""
         left = self.remaining(now)
@@ -202,7 +258,7 @@ class Allocation:
             "requested_at": self.requested_at, "started_at": self.started_at, "end_at": self.end_at,
             "walltime_left_s": None if left is None or self.state is AllocationState.RELEASED else max(0.0, left),
             "workers": len(self.workers), "slots": sum(w.slots for w in self.workers.values()),
-            "tasks_running": len(self.placements),
+            "tasks_running": len(self.placements), "tasks_queued": len(self.queued),
             "pending_reason": self.pending_reason, "reason": self.reason, "released_at": self.released_at,
         }
 
@@ -241,7 +297,8 @@ def status_path(state_dir: Path) -> Path:
 def read_status(state_dir: Path) -> dict[str, Any] | None:
     """The allocations file's content, or ``None`` if the site never held allocations."""
     try:
-        return json.loads(status_path(state_dir).read_text())  # type: ignore[no-any-return]
+        content: dict[str, Any] = json.loads(status_path(state_dir).read_text())
+        return content
     except (OSError, ValueError):
         return None
 
@@ -271,8 +328,16 @@ class AllocationManager:
         label: str,
         field: str,
         clock: Callable[[], float] = time.time,
+        prefetch_per_slot: int = 0,
     ) -> None:
         self.s = settings
+        #: Tasks queued at a busy worker per slot, ready to start when a slot frees (see the module doc).
+        self.prefetch_per_slot = prefetch_per_slot
+        #: Called when a queued placement starts (a task of its worker ended): it now holds the slot.
+        self.on_start: Callable[[Placement], None] = lambda p: None
+        #: Called with a queued placement to take back from its worker (to place it again): ``True`` if it
+        #: was taken back, ``False`` if its worker had started it already (it then holds its slot).
+        self.on_take_back: Callable[[Placement], bool] = lambda p: True
         self.backend = backend
         self.queue = queue
         self.kind = kind
@@ -333,7 +398,7 @@ class AllocationManager:
         return None
 
     def try_place(self, need: Need) -> Placement | None:
-        """Reserve a slot for ``need`` now if one is free (``None``: it has to wait)."""
+        """Reserve a slot for ``need`` now if one is free, else queue it at a busy worker (``None``: it waits)."""
         now = self.clock()
         eligible = [a for a in self.allocations.values()
                     if a.state is AllocationState.RUNNING and self._holds(a, need, now)]
@@ -341,14 +406,23 @@ class AllocationManager:
         for alloc in eligible:
             p = alloc.fit(need)
             if p is not None:
+                p = dataclasses.replace(p, timeout_s=need.timeout_s, since=now)
                 alloc.placements[need.key] = p
                 alloc.idle_since = None
+                self._dirty = True
+                return p
+        for alloc in eligible:
+            p = alloc.fit_behind(need, now, self.s.walltime_margin_s, self.prefetch_per_slot)
+            if p is not None:
+                alloc.queued[need.key] = p
                 self._dirty = True
                 return p
         return None
 
     async def place(self, need: Need) -> Placement:
         """Wait for a slot for ``need`` (the loop grows the allocations if needed)."""
+        if self._closed:
+            raise asyncio.CancelledError  # as for the tasks that waited when close() began
         p = self.try_place(need)
         if p is not None:
             return p
@@ -362,21 +436,78 @@ class AllocationManager:
             self._waiting.pop(need.key, None)
 
     def release(self, placement: Placement, worker_lost: bool = False) -> None:
-        """The task of ``placement`` ended; with ``worker_lost`` its worker is being replaced."""
+        """The task of ``placement`` ended (or, queued, was withdrawn); with ``worker_lost`` its worker is replaced.
+
+        The freed slot starts the task queued longest at that worker (``on_start``); a lost worker's
+        queued tasks are taken back instead (``on_take_back``): they never started.
+        """
         alloc = self.allocations.get(placement.allocation)
         if alloc is None:
             return
-        alloc.placements.pop(placement.key, None)
+        self._dirty = True
+        if alloc.queued.pop(placement.key, None) is not None:
+            return
+        if alloc.placements.pop(placement.key, None) is None:
+            return
         if worker_lost:
             w = alloc.workers.get(placement.worker)
             if w is not None:
                 alloc.quarantine[w.name] = w.incarnation
+            self.take_back(alloc, placement.worker)
+        else:
+            nxt = next((q for q in alloc.queued.values() if q.worker == placement.worker), None)
+            if nxt is not None:
+                # The worker has started it already (it was waiting there): it holds the freed slot from now.
+                del alloc.queued[nxt.key]
+                started = dataclasses.replace(nxt, queued=False, since=self.clock())
+                alloc.placements[started.key] = started
+                self.on_start(started)
         if not alloc.placements:
             alloc.idle_since = self.clock()
-        self._dirty = True
         # Hand the freed slot to the next waiting task now: a round of the loop per task would cost
         # more than the task (the loop still re-plans on its own interval).
         self._assign()
+
+    def lose_worker(self, placement: Placement) -> None:
+        """The worker of ``placement`` is being killed (to stop its task): it takes nothing until it is replaced.
+
+        The tasks queued at it are handed back now, before they die with it.
+        """
+        alloc = self.allocations.get(placement.allocation)
+        if alloc is None:
+            return
+        w = alloc.workers.get(placement.worker)
+        if w is not None:
+            alloc.quarantine[w.name] = w.incarnation
+        self.take_back(alloc, placement.worker)
+
+    def take_back(self, alloc: Allocation, worker: str | None = None, limit: int | None = None,
+                  routine: bool = False, only: set[str] | None = None) -> int:
+        """Hand tasks queued at ``worker`` (every worker: ``None``) of ``alloc`` back to be placed again.
+
+        Newest first, at most ``limit``. One its worker started meanwhile stays, now holding its slot.
+        Returns how many were taken back. ``routine`` (moving to a free slot) is logged at debug
+        level, not kept as a decision.
+        """
+        back = [q for q in reversed(alloc.queued.values())
+                if (worker is None or q.worker == worker) and (only is None or q.key in only)][:limit]
+        taken = 0
+        for q in back:
+            del alloc.queued[q.key]
+            if self.on_take_back(q):
+                taken += 1
+            else:
+                alloc.placements[q.key] = dataclasses.replace(q, queued=False, since=self.clock())
+        if back:
+            self._dirty = True
+            where = "its workers" if worker is None else f"worker {worker}"
+            text = (f"allocation {alloc.name}: {taken} task(s) queued at {where} taken back to be placed "
+                    f"again{f' ({len(back) - taken} had started)' if taken < len(back) else ''}")
+            if routine:
+                log.debug("%s (%s pilots): %s, to free slots", self.label, self.kind, text)
+            else:
+                self._decide(text)
+        return taken
 
     def withdraw(self, key: str) -> None:
         """Stop waiting for a slot for ``key`` (its ``place()`` raises ``CancelledError``)."""
@@ -504,10 +635,13 @@ class AllocationManager:
         return left is not None and left >= (need.timeout_s or 0.0) + self.s.walltime_margin_s
 
     def _has_room(self) -> bool:
-        """Whether any running allocation has a free slot on a worker that can take a task."""
+        """Whether any running allocation has a free slot, or room in a worker's queue, that can take a task."""
         for a in self.allocations.values():
             if a.state is not AllocationState.RUNNING:
                 continue
+            if self.prefetch_per_slot and len(a.queued) < self.prefetch_per_slot * sum(
+                    w.slots for w in a.workers.values()):
+                return True
             load = a.worker_load()
             free_nodes = {n for n, (slots, _g) in a.node_capacity().items() if slots > 0}
             if any(w.node in free_nodes and load.get(w.name, 0) < w.slots
@@ -517,14 +651,51 @@ class AllocationManager:
 
     def _assign(self) -> None:
         """Give free slots to waiting tasks, in arrival order (a task that does not fit does not block others)."""
+        failed: set[tuple[int, int, int, float | None]] = set()
         for w in list(self._waiting.values()):
             if not self._has_room():
                 return  # the common case under load: stop at once rather than try every waiting task
             if w.future.done():
                 continue
+            # A task like one that found no room finds none either (many waiting tasks are alike).
+            shape = (w.need.slots_per_node, w.need.nodes, w.need.gpus, w.need.timeout_s)
+            if shape in failed:
+                continue
             p = self.try_place(w.need)
             if p is not None:
                 w.future.set_result(p)
+            else:
+                failed.add(shape)
+        self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Free slots nobody waits for take tasks queued at busy workers (e.g. a new allocation's slots).
+
+        Each is taken back and placed again at once, on a free slot.
+        """
+        queued = [a for a in self.allocations.values() if a.queued]
+        if not queued or any(not w.future.done() for w in self._waiting.values()):
+            return
+        now = self.clock()
+        free = 0
+        for a in self.allocations.values():
+            if a.state is AllocationState.RUNNING and a.end_at is not None:
+                load = a.worker_load()
+                idle = sum(w.slots - load.get(w.name, 0) for w in a.workers.values()
+                           if load.get(w.name, 0) < w.slots and a.quarantine.get(w.name) != w.incarnation)
+                free += min(idle, sum(max(0, s) for s, _g in a.node_capacity().values()))
+        for alloc in queued:
+            if free <= 0:
+                return
+            movable = {q.key for q in alloc.queued.values()
+                       if self._fits_now(Need(key=q.key, timeout_s=q.timeout_s), now)}
+            if movable:
+                free -= self.take_back(alloc, None, min(free, len(movable)), routine=True, only=movable)
+
+    def _fits_now(self, need: Need, now: float) -> bool:
+        """Whether a free slot (not a worker's queue) could take ``need`` now."""
+        return any(a.state is AllocationState.RUNNING and self._holds(a, need, now) and a.fit(need) is not None
+                   for a in self.allocations.values())
 
     async def _scale(self, now: float) -> None:
         s = self.s
@@ -551,16 +722,20 @@ class AllocationManager:
         stranded = [w for w in waiting
                     if running and not any(self._holds(a, w.need, now) for a in running)
                     and not any(a.state is AllocationState.QUEUED for a in active)]
-        backlog_slots = sum(w.need.slots for w in waiting)
+        # Tasks queued at busy workers wait for a slot too (they move to a new allocation's free slots).
+        queued = sum(len(a.queued) for a in active)
+        backlog_slots = sum(w.need.slots for w in waiting) + queued
         want = 0
         why = ""
         if stranded:
             want = max(1, math.ceil(sum(w.need.slots for w in stranded) / s.slots_per_allocation))
             why = (f"{len(stranded)} task(s) need more wall time than any running allocation has left "
                    f"(timeout {stranded[0].need.timeout_s or 0:g}s + margin {s.walltime_margin_s:g}s)")
-        elif waiting and backlog_slots > free_now + coming:
+        elif (waiting or queued) and backlog_slots > free_now + coming:
             want = math.ceil((backlog_slots - free_now - coming) / s.slots_per_allocation)
-            why = f"backlog {len(waiting)} task(s) ({backlog_slots} slots) > {free_now + coming} free slot(s)"
+            behind = f", {queued} of them queued at busy workers" if queued else ""
+            why = (f"backlog {len(waiting) + queued} task(s) ({backlog_slots} slots{behind}) > {free_now + coming} "
+                   "free slot(s)")
         if len(active) + want < s.min_allocations:
             want = s.min_allocations - len(active)
             why = f"{len(active)} allocation(s) < min_allocations {s.min_allocations}"
@@ -628,6 +803,8 @@ class AllocationManager:
         self.allocations.pop(alloc.name, None)
         self.released.append(alloc)
         self._decide(f"releasing allocation {alloc.name} (job {alloc.job_id}): {why}")
+        if not self._closed:
+            self.take_back(alloc)  # before the job is cancelled: its queued tasks never started
         try:
             await self.backend.cancel(alloc)
             if cancel and alloc.job_id:

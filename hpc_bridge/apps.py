@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from pydantic import Field, field_validator, model_validator
 
@@ -98,6 +98,16 @@ class EnvSpec(StrictModel):
     )
 
 
+class RefArg(StrictModel):
+    """An argument that is a reference to a stored object (an event's ``data.ref``), and how the app gets it.
+
+    ``download``: a local path in the task's directory, checksum-verified before the app starts;
+    ``pass``: the URL itself (the app reads it, e.g. with fsspec).
+    """
+
+    stage: Literal["download", "pass"] = "download"
+
+
 class AppSpec(StrictModel):
     """One app entry of ``site.yaml`` (or of an ``@app`` decorator)."""
 
@@ -115,6 +125,9 @@ class AppSpec(StrictModel):
     implementations: list[Implementation] = Field(default_factory=list)
     env: EnvSpec | None = None
     environment: dict[str, str] = Field(default_factory=dict, description="environment variables")
+    refs: dict[str, RefArg] = Field(
+        default_factory=dict, description="arguments that are references to stored objects, by name (staged in)"
+    )
 
     @field_validator("function")
     @classmethod
@@ -184,6 +197,27 @@ def load_reference(ref: str) -> Any:
 REGISTRY: dict[str, AppSpec] = {}
 
 
+@overload
+def app(func: F) -> F: ...
+
+
+@overload
+def app(
+    func: None = None,
+    *,
+    name: str | None = None,
+    cpus: int = 1,
+    gpus: int = 0,
+    gpu_model: str | None = None,
+    memory_gb: float | None = None,
+    walltime_s: float | None = None,
+    timeout_s: float | None = None,
+    retries: int = 0,
+    on_failure: str | OnFailure = OnFailure.RETRY,
+    requirements: list[str] | None = None,
+) -> Callable[[F], F]: ...
+
+
 def app(
     func: F | None = None,
     *,
@@ -197,7 +231,7 @@ def app(
     retries: int = 0,
     on_failure: str | OnFailure = OnFailure.RETRY,
     requirements: list[str] | None = None,
-) -> Any:
+) -> F | Callable[[F], F]:
     """Declare a Python function as an app, with its resources and failure policy.
 
     Usable bare (``@app``) or with arguments (``@app(cpus=4, retries=2)``). The
@@ -219,7 +253,7 @@ def app(
             on_failure=OnFailure(on_failure),
             env=EnvSpec(requirements=list(requirements)) if requirements else None,
         )
-        f.__rx_app__ = spec  # type: ignore[attr-defined]
+        f.__rx_app__ = spec  # type: ignore[attr-defined]  # the declaration rides on the function object
         REGISTRY[name or f.__name__] = spec
         return f
 

@@ -5,35 +5,59 @@ For notebooks and tests::
     async with SiteClient(kafka_settings) as c:
         await c.submit([TaskRequest(task_id="t1", app="add", args={"a": 1, "b": 2}, site="hpc")])
         results = await c.wait_results({"t1"}, timeout=30)
+
+On a secured cluster it takes the settings every tier takes (TLS, SASL, the
+namespace): ``SiteClient.from_config("kafka.yaml")``, or ``SiteClient()`` to
+read the ``RX_KAFKA_*`` and ``RX_NAMESPACE`` variables
+(:mod:`reflexarc.clientconfig`). ``start`` says where reading begins: the
+beginning of the topics (the default), ``"now"``, or a ``datetime``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+from reflexarc.clientconfig import load_client_config
 from reflexarc.config import KafkaSettings
 from reflexarc.envelope import EnvelopeError, EventType
 from reflexarc.events import JobState, TaskRequest, TaskResult
-from reflexarc.kafka import ensure_topics, event_of, make_consumer, make_producer, send_event
+from reflexarc.kafka import ensure_topics, event_of, make_producer, send_event
+from reflexarc.kafkastart import Start, start_reader
 from reflexarc.topics import Topics
 
 
 class SiteClient:
     """Submits :class:`TaskRequest` events and collects every :class:`TaskResult` and :class:`JobState`."""
 
-    def __init__(self, settings: KafkaSettings, namespace: str = "rx") -> None:
+    def __init__(
+        self, settings: KafkaSettings | None = None, namespace: str | None = None, start: Start = "beginning"
+    ) -> None:
+        if settings is None or namespace is None:
+            env = load_client_config()  # the RX_KAFKA_* and RX_NAMESPACE variables, as every tier reads them
+            settings = settings if settings is not None else env.kafka
+            namespace = namespace if namespace is not None else env.namespace
         self.settings = settings
         self.topics = Topics(namespace)
+        self.start_at = start
         self.results: dict[str, list[TaskResult]] = defaultdict(list)
         self.states: dict[str, list[JobState]] = defaultdict(list)
         self._producer: Any = None
         self._consumer: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+
+    @classmethod
+    def from_config(
+        cls, path: str | os.PathLike[str] | None = None, namespace: str | None = None, start: Start = "beginning"
+    ) -> SiteClient:
+        """A client with the ``kafka:`` and ``namespace:`` of a YAML file (None: the environment), as tiers read them."""
+        cfg = load_client_config(path, namespace=namespace)
+        return cls(cfg.kafka, cfg.namespace, start)
 
     async def __aenter__(self) -> SiteClient:
         await self.start()
@@ -43,13 +67,22 @@ class SiteClient:
         await self.close()
 
     async def start(self) -> None:
-        """Connect; results and states are read from the beginning of their topics."""
-        await ensure_topics(self.settings, [self.topics.kafka_results, self.topics.kafka_jobs])
+        """Connect; results and states are read from ``start`` on (the beginning of their topics by default).
+
+        An unreachable cluster raises ``KafkaConnectionError`` at once (the producer connects
+        first), not after the retries of topic creation.
+        """
         self._producer = make_producer(self.settings)
-        await self._producer.start()
-        self._consumer = make_consumer(self.settings, self.topics.kafka_results, self.topics.kafka_jobs,
-                                       group_id=None)
-        await self._consumer.start()
+        try:
+            await self._producer.start()
+        except BaseException:
+            await self._producer.stop()
+            self._producer = None
+            raise
+        await ensure_topics(self.settings, [self.topics.kafka_results, self.topics.kafka_jobs])
+        self._consumer = await start_reader(
+            self.settings, [self.topics.kafka_results, self.topics.kafka_jobs], self.start_at
+        )
         self._reader = asyncio.create_task(self._read())
 
     async def close(self) -> None:
@@ -97,7 +130,7 @@ class SiteClient:
     def _finished(self, task_id: str) -> bool:
         results = self.results.get(task_id)
         states = self.states.get(task_id)
-        return bool(results) and bool(states) and states[-1].state == results[0].status
+        return bool(results and states and states[-1].state == results[0].status)
 
     async def wait_results(self, task_ids: Iterable[str], timeout: float = 60.0) -> dict[str, TaskResult]:
         """Wait until every task in ``task_ids`` has a result; raise ``TimeoutError`` naming the missing.

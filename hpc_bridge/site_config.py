@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from reflexarc.config import KafkaSettings, StrictModel, load_yaml
+from reflexarc.config import HasMetrics, KafkaSettings, StrictModel, load_yaml
 from reflexarc.hpc_bridge.apps import AppSpec, SiteResources
 from reflexarc.topics import check_name
 
@@ -322,7 +322,14 @@ class ComposeSettings(StrictModel):
         return v
 
 
-class SiteConfig(StrictModel):
+class PresenceSettings(StrictModel):
+    """The site's heartbeat on ``{ns}.sites``: what it offers, its backlog and free capacity."""
+
+    enabled: bool = True
+    interval_s: float = Field(5.0, gt=0, description="seconds between heartbeats (3 missed: the site is stale)")
+
+
+class SiteConfig(HasMetrics):
     """A whole ``site.yaml``."""
 
     site: str = Field(description="the site's name; tasks arrive on rx.tasks.<site>")
@@ -345,6 +352,7 @@ class SiteConfig(StrictModel):
     results: ResultSettings = Field(default_factory=ResultSettings)
     env_cache: str | None = Field(None, description="packed-environment tarballs (default: STATE/envs)")
     max_backlog: int = Field(10000, ge=1, description="stop taking requests above this many waiting jobs")
+    presence: PresenceSettings = Field(default_factory=PresenceSettings)
     compose: ComposeSettings | None = Field(
         None, description="compose machines for tasks that need more than `resources` (see docs/compose.md)"
     )

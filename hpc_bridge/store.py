@@ -508,7 +508,7 @@ class Batch:
         req = self._request(row, ended=True)
         done = outcome.status is JobStatus.DONE
         res = TaskResult(
-            task_id=row.task_id, app=row.app, site=self.site, status=outcome.status.value,  # type: ignore[arg-type]
+            task_id=row.task_id, app=row.app, site=self.site, status=outcome.status.value,  # type: ignore[arg-type]  # a final JobStatus is a TaskResult status
             result=outcome.result if done else None, result_ref=outcome.result_ref if done else None,
             error=outcome.error, attempts=max(row.attempt, 1), trigger=req.trigger, cause=req.cause,
             started_at=outcome.started_at or aware(row.started_at),
@@ -866,7 +866,8 @@ class JobStore:
             # One driver connection for batches, kept open (checking one out of the pool and
             # back costs more than a small batch). Batches run on one thread at a time.
             self._raw = self.engine.raw_connection()
-        raw = self._raw.driver_connection
+        # SQLAlchemy types it Optional: it is None only once the pooled connection is invalidated.
+        raw: Any = self._raw.driver_connection
         cursor = raw.cursor()
         try:
             if self.sqlite:

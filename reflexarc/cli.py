@@ -46,13 +46,34 @@ _TIERS: list[tuple[str, str, str, str]] = [
 
 def _mount_tiers() -> None:
     for module, attr, name, help_text in _TIERS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if not (exc.name and module.startswith(exc.name)):
-                raise
-            continue
-        app.add_typer(getattr(mod, attr), name=name, help=help_text)
+        _mount_group(module, attr, name, help_text)
+
+
+def _mount_group(module: str, attr: str, name: str, help_text: str | None = None) -> None:
+    """Add the command group ``module.attr`` as ``name``; when its extra is not installed, a stand-in that says which."""
+    from reflexarc.extras import install_hint
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            return
+        if install_hint(exc.name) is None:
+            raise
+        _mount_missing(name, help_text or name, exc)  # an edge-only install has no Kafka client, etc.
+        return
+    app.add_typer(getattr(mod, attr), name=name, help=help_text)
+
+
+def _mount_missing(name: str, help_text: str, exc: ModuleNotFoundError) -> None:
+    """A stand-in for a tier whose extra is missing: any use of it ends in the install advice."""
+
+    def missing() -> None:
+        raise exc  # the error boundary turns it into "pip install 'reflexarc[EXTRA]'"
+
+    missing.__doc__ = f"{help_text} [not installed]"
+    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                add_help_option=False)(missing)
 
 
 _mount_tiers()
@@ -63,6 +84,15 @@ keys_app = typer.Typer(help="Command-signing keys (Ed25519).", no_args_is_help=T
 app.add_typer(brokers_app, name="brokers")
 app.add_typer(results_app, name="results")
 app.add_typer(keys_app, name="keys")
+
+from reflexarc.schemacli import schema as _schema  # noqa: E402 - the verb lives in its own module
+
+app.command("schema")(_schema)
+app.command("status")(importlib.import_module("reflexarc.statuscli").status)
+app.command("sites")(importlib.import_module("reflexarc.sitescli").sites)
+_mount_group("reflexarc.deadletterscli", "app", "deadletters",
+             "Inspect dead letters and replay them once their cause is fixed.")  # needs aiokafka (not on an edge)
+_mount_group("reflexarc.datacli", "app", "data", "Objects stored by reference: list them, collect garbage.")
 
 MqttOpt = Annotated[
     str | None,
@@ -94,6 +124,7 @@ def _root(
 def brokers_up(
     mqtt: MqttOpt = None,
     data_dir: Annotated[Path | None, typer.Option(help="where broker data lives (default: a temp dir)")] = None,
+    s3: Annotated[bool, typer.Option("--s3", help="also an S3 store (SeaweedFS) with a bucket and throwaway keys")] = False,
 ) -> None:
     """Start an MQTT broker and a Kafka-protocol broker on loopback until Ctrl-C.
 
@@ -109,7 +140,20 @@ def brokers_up(
         typer.echo(f"# Kafka: Tansu on {b.kafka_bootstrap}")
         for k, v in b.env().items():
             typer.echo(f"export {k}={v}")
-        _wait_for_signal()
+        store = None
+        if s3:
+            from reflexarc.s3store import start_s3
+
+            assert b.data_dir is not None
+            store = start_s3(b.data_dir / "s3")
+            typer.echo(f"# S3: SeaweedFS on {store.endpoint_url}, bucket {store.url}")
+            for k, v in store.env().items():
+                typer.echo(f"export {k}={v}")
+        try:
+            _wait_for_signal()
+        finally:
+            if store is not None:
+                store.stop()
 
 
 def _wait_for_signal() -> None:
@@ -123,17 +167,20 @@ def _wait_for_signal() -> None:
 @app.command()
 def up(
     pipeline: Annotated[
-        Path, typer.Argument(help="pipeline.yaml naming the tier processes", exists=True, dir_okay=False)
+        Path, typer.Argument(metavar="FILE", help="pipeline.yaml naming the tier processes", exists=True, dir_okay=False)
     ],
     mqtt: MqttOpt = None,
     run_dir: Annotated[Path | None, typer.Option(help="logs, keys and broker data (default: a temp dir)")] = None,
+    log_level: Annotated[
+        str | None, typer.Option("--log-level", help="the supervisor's: DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)")
+    ] = None,
 ) -> None:
     """Run every tier of a pipeline under one supervisor (embedded brokers if none are configured)."""
     from reflexarc.config import ConfigError
     from reflexarc.log import setup_logging
     from reflexarc.supervisor import Supervisor, load_pipeline
 
-    setup_logging(name="up")
+    setup_logging(log_level, name="up")
     try:
         cfg = load_pipeline(pipeline)
     except ConfigError as exc:
@@ -180,32 +227,41 @@ def demo(
 
 @results_app.command("subscribe")
 def results_subscribe(
-    bootstrap: Annotated[
-        str | None, typer.Option(help="Kafka bootstrap servers (default: $RX_KAFKA_BOOTSTRAP)")
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", metavar="FILE", help="YAML with a kafka: section (TLS, SASL; as in a tier's file) "
+                     "and namespace: (default: the RX_KAFKA_* and RX_NAMESPACE variables)", dir_okay=False),
     ] = None,
-    namespace: Annotated[str, typer.Option(help="topic namespace")] = "rx",
-    app_name: Annotated[str | None, typer.Option("--app", help="only results of this app")] = None,
-    from_beginning: Annotated[bool, typer.Option(help="start at the oldest result, not the next one")] = False,
+    bootstrap: Annotated[
+        str | None, typer.Option(help="Kafka bootstrap servers (overrides the file and $RX_KAFKA_BOOTSTRAP)")
+    ] = None,
+    namespace: Annotated[str | None, typer.Option(help="topic namespace (overrides the file and $RX_NAMESPACE)")] = None,
+    app_name: Annotated[str | None, typer.Option("--app", metavar="APP", help="only results of this app")] = None,
+    start: Annotated[
+        str, typer.Option("--from", metavar="WHEN",
+                          help="where to start: now, beginning, an ISO 8601 time or a duration ago (15m, 2h)")
+    ] = "now",
+    from_beginning: Annotated[bool, typer.Option(help="same as --from beginning")] = False,
     count: Annotated[int | None, typer.Option(help="stop after this many results")] = None,
 ) -> None:
     """Print task results as JSON lines (one per task) as they arrive."""
-    from reflexarc.config import KafkaSettings
+    from reflexarc.clientconfig import kafka_is_configured, load_client_config
     from reflexarc.events import TaskResult
-    from reflexarc.kafka import event_of, make_consumer
-    from reflexarc.topics import Topics
+    from reflexarc.kafka import event_of
+    from reflexarc.kafkastart import parse_start, start_reader
 
-    settings = KafkaSettings(bootstrap_servers=bootstrap) if bootstrap else KafkaSettings.from_env()
-    topic = Topics(namespace).kafka_results
+    cfg = load_client_config(config, bootstrap, namespace)
+    if not kafka_is_configured(config, bootstrap):
+        typer.secho(f"note: no Kafka cluster configured (--config, --bootstrap or RX_KAFKA_BOOTSTRAP); "
+                    f"trying {cfg.kafka.bootstrap_servers}", err=True, fg="yellow")
+    try:
+        position = "beginning" if from_beginning else parse_start(start)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--from") from None
+    topic = cfg.topics().kafka_results
 
     async def main() -> None:
-        consumer = make_consumer(
-            settings, topic, group_id=None, auto_offset_reset="earliest" if from_beginning else "latest"
-        )
-        try:
-            await consumer.start()
-        except BaseException:
-            await consumer.stop()  # no "Unclosed AIOKafkaConsumer" after the error line
-            raise
+        consumer = await start_reader(cfg.kafka, [topic], position)
         seen = 0
         try:
             async for rec in consumer:
@@ -226,7 +282,7 @@ def results_subscribe(
 
 @keys_app.command("generate")
 def keys_generate(
-    directory: Annotated[Path, typer.Argument(help="where to write NAME.key (private, mode 0600) and NAME.pub")],
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="where to write NAME.key (private, mode 0600) and NAME.pub")],
     name: Annotated[str, typer.Option(help="file name stem")] = "pipeline",
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing key pair (every device must then get the new key)")
@@ -252,7 +308,7 @@ _DOCTOR_CHECKS: list[tuple[str, str]] = [
 def doctor(
     pipeline: Annotated[
         Path | None,
-        typer.Argument(help="pipeline.yaml whose brokers to check (omit: the RX_MQTT_* variables)",
+        typer.Argument(metavar="FILE", help="pipeline.yaml whose brokers to check (omit: the RX_MQTT_* variables)",
                        exists=True, dir_okay=False),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object for scripts")] = False,

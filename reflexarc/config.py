@@ -17,7 +17,9 @@ This module also holds the connection settings shared by every tier
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -128,17 +130,66 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def validation_problems(exc: ValidationError, source: str, marks: dict[tuple[Any, ...], yaml.Mark]) -> list[Problem]:
-    """Turn a pydantic error into :class:`Problem` entries with YAML positions."""
+def _models_in(annotation: Any) -> list[tuple[type[BaseModel], bool]]:
+    """The pydantic models a field may hold, each with whether a list index or dict key comes first."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [(annotation, False)]
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (list, set, frozenset, tuple, dict) or (isinstance(origin, type) and issubclass(origin, dict | list)):
+        inner = args[-1:] if origin is dict else args  # a dict's values; a sequence's items
+        return [(m, True) for a in inner for m, _ in _models_in(a)]
+    return [found for a in args for found in _models_in(a)]  # Optional, unions, Annotated
+
+
+def field_names_at(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str]:
+    """The field names (and aliases) valid at ``loc`` inside ``model``; empty when the path cannot be followed."""
+    current: list[tuple[type[BaseModel], bool]] = [(model, False)]
+    for part in loc:
+        following: list[tuple[type[BaseModel], bool]] = []
+        for m, keyed in current:
+            if keyed:
+                following.append((m, False))  # this part is the index or key of a container
+                continue
+            f = m.model_fields.get(part) if isinstance(part, str) else None
+            if f is not None:
+                following.extend(_models_in(f.annotation))
+        current = following
+    names: set[str] = set()
+    for m, keyed in current:
+        if not keyed:
+            names.update(f.alias or name for name, f in m.model_fields.items())
+    return names
+
+
+def did_you_mean(word: str, candidates: set[str] | list[str]) -> str:
+    """`` (did you mean 'x'?)`` when a candidate is close to ``word``, else ``''``."""
+    close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def plain_message(err: Any, model: type[BaseModel] | None = None, loc: tuple[Any, ...] | None = None) -> str:
+    """A pydantic error's message in plain words: no "Value error," prefix, "unknown field" with a suggestion."""
+    if err["type"] == "extra_forbidden":
+        loc = loc if loc is not None else tuple(err["loc"])
+        hint = did_you_mean(str(loc[-1]), field_names_at(model, loc[:-1])) if model is not None and loc else ""
+        return "unknown field" + (hint or " (check the spelling; see the documentation for valid fields)")
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg
+
+
+def validation_problems(
+    exc: ValidationError, source: str, marks: dict[tuple[Any, ...], yaml.Mark], model: type[BaseModel] | None = None
+) -> list[Problem]:
+    """Turn a pydantic error into :class:`Problem` entries with YAML positions (``model``: for "did you mean")."""
     problems = []
     for err in exc.errors():
         # pydantic puts the tag of a discriminated union into loc; drop it for the YAML path.
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         line, col = _locate(loc, marks)
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see the documentation for valid fields)"
-        problems.append(Problem(source, line, col, _field_name(loc), msg))
+        problems.append(Problem(source, line, col, _field_name(loc), plain_message(err, model, loc)))
     return problems
 
 
@@ -152,7 +203,7 @@ def parse_yaml(text: str, model: type[M], source: str = "<string>", context: dic
     try:
         return model.model_validate(data, context={"source": source, **(context or {})})
     except ValidationError as exc:
-        raise ConfigError(validation_problems(exc, source, marks)) from None
+        raise ConfigError(validation_problems(exc, source, marks, model)) from None
 
 
 def load_yaml(path: str | os.PathLike[str], model: type[M], context: dict[str, Any] | None = None) -> M:
@@ -201,7 +252,7 @@ class MqttSettings(StrictModel):
         return cls(
             host=os.environ.get("RX_MQTT_HOST", "127.0.0.1"),
             port=int(os.environ.get("RX_MQTT_PORT", "1883")),
-            protocol=os.environ.get("RX_MQTT_PROTOCOL", "5"),  # type: ignore[arg-type]
+            protocol=os.environ.get("RX_MQTT_PROTOCOL", "5"),  # type: ignore[arg-type]  # pydantic checks the text against the Literal
         )
 
     def password(self) -> str | None:
@@ -239,10 +290,20 @@ class KafkaSettings(StrictModel):
 
     @classmethod
     def from_env(cls) -> KafkaSettings:
-        """Defaults from ``RX_KAFKA_BOOTSTRAP`` (and ``RX_KAFKA_FETCH_WAIT_MS``)."""
+        """Defaults from the ``RX_KAFKA_*`` variables (see :data:`KAFKA_ENV`); every tier and client reads them here.
+
+        ``RX_KAFKA_PASSWORD`` holds the SASL password itself (``password_env`` then names it);
+        ``RX_KAFKA_PASSWORD_ENV`` names another variable that holds it.
+        """
         data: dict[str, Any] = {"bootstrap_servers": os.environ.get("RX_KAFKA_BOOTSTRAP", "127.0.0.1:9092")}
-        if os.environ.get("RX_KAFKA_FETCH_WAIT_MS"):
-            data["fetch_max_wait_ms"] = os.environ["RX_KAFKA_FETCH_WAIT_MS"]
+        for var, field in KAFKA_ENV.items():
+            if os.environ.get(var) and field != "bootstrap_servers":
+                data[field] = os.environ[var]
+        if os.environ.get("RX_KAFKA_PASSWORD") and "password_env" not in data:
+            data["password_env"] = "RX_KAFKA_PASSWORD"
+        tls = {f: os.environ[v] for v, f in KAFKA_TLS_ENV.items() if os.environ.get(v)}
+        if tls:
+            data["tls"] = tls
         return cls.model_validate(data)
 
     def password(self) -> str | None:
@@ -250,7 +311,55 @@ class KafkaSettings(StrictModel):
         return secret_from_env(self.password_env, "the Kafka password")
 
 
-class PipelineSettings(StrictModel):
+#: Environment variables :meth:`KafkaSettings.from_env` reads, and the field each sets.
+KAFKA_ENV: dict[str, str] = {
+    "RX_KAFKA_BOOTSTRAP": "bootstrap_servers",
+    "RX_KAFKA_SECURITY_PROTOCOL": "security_protocol",
+    "RX_KAFKA_SASL_MECHANISM": "sasl_mechanism",
+    "RX_KAFKA_USERNAME": "username",
+    "RX_KAFKA_PASSWORD_ENV": "password_env",
+    "RX_KAFKA_FETCH_WAIT_MS": "fetch_max_wait_ms",
+}
+
+#: Environment variables that fill :class:`TlsSettings` of :meth:`KafkaSettings.from_env`.
+KAFKA_TLS_ENV: dict[str, str] = {
+    "RX_KAFKA_CA_FILE": "ca_file",
+    "RX_KAFKA_CERT_FILE": "cert_file",
+    "RX_KAFKA_KEY_FILE": "key_file",
+}
+
+
+class MetricsSettings(StrictModel):
+    """Where a tier serves Prometheus ``/metrics``: ``metrics: {host, port}`` in every tier's YAML."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="address to bind: loopback suits a laptop; 0.0.0.0 (or the host's own address) lets a "
+        "Prometheus on another host scrape it",
+    )
+    port: int | None = Field(None, ge=0, le=65535, description="0 = any free port; omitted = no endpoint")
+
+
+class HasMetrics(StrictModel):
+    """A tier config with ``metrics: {host, port}``; the older top-level ``metrics_port`` still works."""
+
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="the Prometheus endpoint")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="older spelling of metrics.port")
+
+    @model_validator(mode="after")
+    def _fold_metrics_port(self) -> HasMetrics:
+        # Both spellings name one setting: fold the old into the new, and keep the old readable.
+        if self.metrics_port is not None:
+            if self.metrics.port is not None and self.metrics.port != self.metrics_port:
+                raise ValueError(
+                    f"metrics_port {self.metrics_port} and metrics.port {self.metrics.port} disagree: keep metrics.port"
+                )
+            self.metrics = self.metrics.model_copy(update={"port": self.metrics_port})
+        self.metrics_port = self.metrics.port
+        return self
+
+
+class PipelineSettings(HasMetrics):
     """Settings every tier shares: namespace and metrics."""
 
     namespace: str = Field(

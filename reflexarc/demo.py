@@ -156,8 +156,8 @@ async def run_demo(
                         break
                 view.update(render(stats, phase, elapsed, title))
                 for t in tasks:
-                    if t.done() and t.exception():
-                        raise t.exception()  # type: ignore[misc]
+                    if t.done() and (exc := t.exception()) is not None:
+                        raise exc
                 await asyncio.sleep(0.25)
             view.update(render(stats, "done", time.monotonic() - started, title))
         ok = stats.all_closed() and stats.events > 0

@@ -56,7 +56,7 @@ _EXT_HEADERS: dict[str, str] = {}
 # six digits; "Z"): such a text is forwarded as it came instead of being parsed and re-written.
 _CANONICAL_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.(?!000000)\d{6})?Z", re.ASCII)
 
-KafkaRecord = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
+KafkaRecord = tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]
 
 # A device event as reflexarc's edge sends it in MQTT 5 binary mode (Envelope.for_device ->
 # to_mqtt): these user properties in this order, JSON data. Transcoded without an Envelope.
@@ -84,6 +84,7 @@ class EventType(StrEnum):
     COMMAND_STATUS = "io.reflexarc.command.status"
     DEADLETTER = "io.reflexarc.deadletter"
     RECEIPT = "io.reflexarc.receipt"
+    SITE_STATUS = "io.reflexarc.site.status"
 
 
 class EnvelopeError(ValueError):
@@ -686,7 +687,9 @@ class Transcoded:
         data = self._data
         if data is _UNPARSED:
             # Checked already (_is_json_object): this parse gives the exact values (integers of any size).
-            data = self._data = _json_object(self.record[1])
+            value = self.record[1]
+            assert value is not None  # _UNPARSED only stands for a payload that is a JSON object
+            data = self._data = _json_object(value)
         return data
 
     @property
@@ -711,7 +714,9 @@ class DeadLetter:
     In Kafka the record value is the original payload and the reason travels
     in headers (``rx-error``, ``rx-stage``, ``rx-origin`` such as the MQTT
     topic, ``rx-time``), so a dead letter is data that can be inspected and
-    replayed with any Kafka client.
+    replayed with any Kafka client. A consumed Kafka record's letter also
+    keeps the record's headers, and its topic and key (``rx-topic``, ``rx-key``):
+    ``reflexarc deadletters replay`` sends it back as it was.
     """
 
     error: str

@@ -62,6 +62,12 @@ def explain(exc: BaseException) -> str | None:
 
     if isinstance(exc, ValidationError):
         return _validation(exc)
+    if isinstance(exc, ModuleNotFoundError):
+        from reflexarc.extras import install_hint
+
+        hint = install_hint(exc.name)  # a library of a tier extra this install lacks
+        if hint is not None:
+            return hint
     kafka = _kafka_error(exc)
     if kafka is not None:
         return kafka
@@ -82,8 +88,8 @@ def _kafka_error(exc: BaseException) -> str | None:
         return None
     if isinstance(exc, errors.KafkaConnectionError):
         return (
-            f"cannot reach Kafka ({exc}): check kafka.bootstrap_servers, RX_KAFKA_BOOTSTRAP "
-            "or --bootstrap, and that the broker is running"
+            f"cannot reach Kafka ({exc}): check the address and the TLS/SASL settings (kafka: in --config, "
+            "RX_KAFKA_* or --bootstrap) and that the broker is running"
         )
     if isinstance(exc, errors.KafkaError):
         return f"Kafka refused the request: {exc}"

@@ -244,3 +244,49 @@ class Receipt(_Payload):
             f"{PIPELINE_SOURCE}/fog",
             {"site": self.site, "device": self.device},
         )
+
+
+class SiteApp(BaseModel):
+    """What a site offers for one app: its resources and a fingerprint of its definition."""
+
+    model_config = ConfigDict(extra="ignore")
+    cpus: int = 1
+    gpus: int = 0
+    gpu_model: str | None = None
+    memory_gb: float | None = None
+    #: changes whenever the app's definition in site.yaml changes (validation can tell stale catalogues)
+    fingerprint: str = ""
+
+
+class SiteStatus(_Payload):
+    """A site agent's heartbeat: what it offers, what waits and what it can still take.
+
+    Published every ``presence.interval_s`` to the compacted ``{ns}.sites``
+    topic, keyed by site, and once more (``state: stopped``) when the agent
+    stops. A site is live while its heartbeats are fresh: see
+    :func:`reflexarc.sites.site_views`.
+    """
+
+    event_type: ClassVar[EventType] = EventType.SITE_STATUS
+    site: str
+    state: Literal["running", "stopped"] = "running"
+    at: datetime = Field(default_factory=utcnow)
+    #: seconds between heartbeats (readers judge staleness by it)
+    interval_s: float
+    engine: str
+    #: tasks taken and waiting for a slot, and tasks handed to the engine
+    queued: int = 0
+    running: int = 0
+    #: worker slots the engine has, and those free now
+    slots: int = 0
+    free_slots: int = 0
+    cpus: int | None = None
+    gpus: int | None = None
+    apps: dict[str, SiteApp] = Field(default_factory=dict)
+
+    def to_envelope(self) -> Envelope:
+        """The event (one id per heartbeat)."""
+        return self._envelope(
+            stable_id(self.site, self.state, self.at.isoformat()), f"{PIPELINE_SOURCE}/site/{self.site}",
+            {"site": self.site},
+        )

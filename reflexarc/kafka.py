@@ -132,9 +132,54 @@ async def send_event(
 ) -> asyncio.Future[Any]:
     """Queue one event in Kafka binary mode; await the returned future for the broker's ack."""
     k, value, headers = event.to_kafka(key)
-    return await producer.send(topic, value=value, key=k, headers=headers)
+    ack: asyncio.Future[Any] = await producer.send(topic, value=value, key=k, headers=headers)
+    return ack
 
 
 def event_of(record: Any) -> Envelope:
     """Read a consumed record (aiokafka ``ConsumerRecord``) as an :class:`Envelope`."""
     return Envelope.from_kafka(record.value, record.headers, record.key)
+
+
+async def read_to_end(settings: KafkaSettings, topic: str, timeout: float = 30.0) -> list[Any]:
+    """Every record of ``topic`` now in the cluster, each partition's in offset order (none if it does not exist).
+
+    Reads each partition until its fetch position reaches the high watermark
+    the fetch responses report: some brokers (Tansu) answer ``end_offsets``
+    with the first offset of the last batch, which would miss its other
+    records. Raises ``TimeoutError`` if a partition is not read to its end in
+    ``timeout`` seconds.
+    """
+    from aiokafka import TopicPartition
+
+    consumer = make_consumer(settings, group_id=None)
+    await consumer.start()
+    try:
+        await consumer.topics()
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        begins = await consumer.beginning_offsets(tps)
+        # Exact for an empty partition on every broker; only a lower bound otherwise (see above).
+        ends = await consumer.end_offsets(tps)
+        todo = {tp for tp in tps if ends[tp] > begins[tp]}
+        for tp in todo:
+            consumer.seek(tp, begins[tp])
+        found: dict[int, list[Any]] = {tp.partition: [] for tp in tps}
+        deadline = asyncio.get_running_loop().time() + timeout
+        while todo:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{topic}: partitions {sorted(tp.partition for tp in todo)} not read to their "
+                                   f"end within {timeout:.0f} s")
+            batch = await consumer.getmany(*todo, timeout_ms=200, max_records=10_000)
+            for tp, records in batch.items():
+                found[tp.partition].extend(records)
+            for tp in list(todo):
+                hw = consumer.highwater(tp)
+                if hw is not None and await consumer.position(tp) >= hw:
+                    todo.discard(tp)
+        return [r for p in sorted(found) for r in found[p]]
+    finally:
+        await consumer.stop()

@@ -37,4 +37,4 @@ def setup_logging(level: str | int | None = None, name: str | None = None) -> No
     lib_level = os.environ.get("RX_LIB_LOG_LEVEL")
     for noisy in ("aiokafka", "faust", "mode", "amqtt", "transitions", "kafka"):
         logging.getLogger(noisy).setLevel(lib_level or max(logging.WARNING, root.level))
-    root._rx_configured = True  # type: ignore[attr-defined]
+    root._rx_configured = True  # type: ignore[attr-defined]  # a mark on the root logger: configure once per process

@@ -90,7 +90,7 @@ class PipelineConfig(StrictModel):
             counts[p.tier] = counts.get(p.tier, 0) + 1
             if p.name is None:
                 p.name = f"{p.tier}-{counts[p.tier]}"
-        names = [p.name for p in self.processes]
+        names = [p.name for p in self.processes if p.name is not None]  # all named just above
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"process names must be unique, repeated: {sorted(dupes)}")
@@ -274,5 +274,5 @@ class Supervisor:
         return MqttSettings(
             host=self.env["RX_MQTT_HOST"],
             port=int(self.env["RX_MQTT_PORT"]),
-            protocol=self.env.get("RX_MQTT_PROTOCOL", "5"),  # type: ignore[arg-type]
+            protocol=self.env.get("RX_MQTT_PROTOCOL", "5"),  # type: ignore[arg-type]  # pydantic checks the text against the Literal
         )

@@ -52,7 +52,7 @@ class MqttKind(StrEnum):
     RECEIPT = "receipt"
 
 
-def check_name(value: str, what: str = "name") -> str:
+def check_name(value: object, what: str = "name") -> str:
     """Return ``value`` if it is a safe topic level, else raise :class:`TopicError`."""
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise TopicError(
@@ -137,6 +137,10 @@ class Topics:
         """Retained online/offline topic of a device (also its last will)."""
         return f"{self.mqtt_device_prefix(site, device)}/status"
 
+    def mqtt_status_filter(self) -> str:
+        """Subscription filter of every device's retained status (``reflexarc status``)."""
+        return f"{self.namespace}/+/+/status"
+
     def mqtt_receipt(self, site: str, device: str) -> str:
         """Topic the fog confirms to a device which of its events Kafka holds (end-to-end receipts)."""
         return f"{self.mqtt_device_prefix(site, device)}/receipt"
@@ -193,6 +197,16 @@ class Topics:
     def kafka_tasks(self, site: str) -> str:
         """Kafka topic of task requests for one HPC site."""
         return f"{self.namespace}.tasks.{check_name(site, 'site')}"
+
+    def parse_kafka_tasks(self, topic: str) -> str | None:
+        """The site of a task topic (``{ns}.tasks.<site>``); None for any other topic."""
+        prefix = f"{self.namespace}.tasks."
+        return topic[len(prefix):] if topic.startswith(prefix) and len(topic) > len(prefix) else None
+
+    @property
+    def kafka_sites(self) -> str:
+        """Compacted Kafka topic of the sites' presence (one status record per site, keyed by site)."""
+        return f"{self.namespace}.sites"
 
     def kafka_core(self) -> list[str]:
         """The topics every pipeline has (site task topics are added per site)."""

@@ -9,6 +9,7 @@ import pytest
 
 from reflexarc.brokers import EmbeddedBrokers, KafkaBroker, MqttBroker, start_kafka, start_mqtt
 from reflexarc.config import KafkaSettings, MqttSettings
+from reflexarc.s3store import S3Store, start_s3
 
 
 @pytest.fixture(autouse=True)
@@ -62,3 +63,19 @@ def mqtt_settings(mosquitto: MqttBroker) -> MqttSettings:
 def kafka_settings(tansu: KafkaBroker) -> KafkaSettings:
     """Client settings for the ``tansu`` fixture."""
     return KafkaSettings(bootstrap_servers=tansu.bootstrap_servers)
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Store]:
+    """A real SeaweedFS S3 gateway on loopback with a bucket and throwaway keys, shared by the session."""
+    store = start_s3(tmp_path_factory.mktemp("seaweedfs"))
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def s3_env(s3_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> S3Store:
+    """``s3_store`` with its endpoint and keys in this test's environment (RX_S3_ENDPOINT_URL, AWS_*)."""
+    for name, value in s3_store.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_store

@@ -26,9 +26,10 @@ from datetime import datetime
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic
 
 from pydantic import Field, field_validator
+from typing_extensions import TypeVar
 
 from reflexarc.config import StrictModel
 from reflexarc.topics import check_name
@@ -103,15 +104,17 @@ class SourceContext:
 
 
 Emit = Callable[[Reading], Awaitable[None]]
+# The default keeps a bare ``Source`` meaning "any source" (PEP 696, through typing_extensions on 3.11).
+ConfigT = TypeVar("ConfigT", bound=SourceConfig, default=SourceConfig)
 
 
-class Source(ABC):
-    """Base class of sources."""
+class Source(ABC, Generic[ConfigT]):
+    """Base class of sources; ``Source[MyConfig]`` types ``self.config`` as the plugin's own model."""
 
     config_model: ClassVar[type[SourceConfig]]
 
-    def __init__(self, config: SourceConfig, ctx: SourceContext) -> None:
-        self.config = config
+    def __init__(self, config: ConfigT, ctx: SourceContext) -> None:
+        self.config: ConfigT = config
         self.ctx = ctx
 
     @property

@@ -46,14 +46,14 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-class DirectorySource(Source):
+class DirectorySource(Source[DirectoryConfig]):
     """Polls the directory; emits ``{name, path, size, sha256, mtime}`` + ``content`` or ``ref``."""
 
     config_model = DirectoryConfig
 
     async def run(self, emit: Emit) -> None:
         """Poll forever."""
-        cfg: DirectoryConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         root = self.ctx.resolve(cfg.path)
         # The checkpoint is the set of files taken, as {relative name: "size:mtime_ns"}.
         taken: dict[str, str] = json.loads(self.ctx.checkpoint) if self.ctx.checkpoint else {}
@@ -82,7 +82,7 @@ class DirectorySource(Source):
             await asyncio.sleep(cfg.poll_s)
 
     def _scan(self, root: Path) -> dict[str, str]:
-        cfg: DirectoryConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if not root.is_dir():
             return {}
         files = root.rglob(cfg.pattern) if cfg.recursive else root.glob(cfg.pattern)
@@ -99,7 +99,7 @@ class DirectorySource(Source):
         return out
 
     async def _take(self, root: Path, rel: str, sig: str, taken: dict[str, str], emit: Emit) -> None:
-        cfg: DirectoryConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         path = root / rel
         try:
             size = path.stat().st_size

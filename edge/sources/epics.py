@@ -203,14 +203,14 @@ def value_digest(data: Any) -> str:
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
-class EpicsSource(Source):
+class EpicsSource(Source[EpicsConfig]):
     """Subscribes to the configured PVs and emits their updates (see the module docstring)."""
 
     config_model = EpicsConfig
 
-    def __init__(self, config: SourceConfig, ctx: Any) -> None:
+    def __init__(self, config: EpicsConfig, ctx: Any) -> None:
         super().__init__(config, ctx)
-        cfg: EpicsConfig = config  # type: ignore[assignment]
+        cfg = config
         self.cfg = cfg
         self.metrics = EpicsMetrics.of(getattr(ctx, "registry", None))
         self.states: dict[str, PvState] = {s.pv: PvState(s, s.stream or cfg.stream) for s in cfg.pv_settings()}

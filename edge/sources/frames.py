@@ -1,7 +1,10 @@
 """Simulated detector frames of a configurable shape, data type and rate.
 
 Frames at or below the claim-check threshold travel inline (base64); larger
-ones are written to the claim-check store and the event carries the URL.
+ones are written to the claim-check store as NumPy ``.npy`` arrays and the
+event carries their reference (``ref``: url, size, sha256 of the stored object,
+content type, dtype, shape). ``size`` and ``sha256`` at the top of the event
+are those of the frame's raw bytes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 import time
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from reflexarc.edge.sources import Emit, Reading, Source, SourceConfig
@@ -32,14 +36,14 @@ class FramesConfig(SourceConfig):
     seed: int | None = None
 
 
-class FrameSource(Source):
-    """Emits ``{seq, shape, dtype, size, sha256}`` plus ``frame`` (inline) or ``ref`` (claim check)."""
+class FrameSource(Source[FramesConfig]):
+    """Emits ``{seq, shape, dtype, size, sha256}`` plus ``frame`` (inline) or ``ref`` (a reference to an .npy)."""
 
     config_model = FramesConfig
 
     async def run(self, emit: Emit) -> None:
         """Produce frames until ``count`` is reached or the agent stops."""
-        cfg: FramesConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         rng = random.Random(cfg.seed)
         size = _ITEMSIZE[cfg.dtype]
         for dim in cfg.shape:
@@ -59,7 +63,10 @@ class FrameSource(Source):
                 "sha256": hashlib.sha256(frame).hexdigest(),
             }
             if self.ctx.claim_check.should_reference(size):
-                data["ref"] = await self.ctx.claim_check.put(f"{cfg.stream}/{event_id}.bin", frame)
+                # A real array (.npy): the reference carries its dtype and shape, so triggers and apps
+                # can use them without downloading. Uploaded before the event is emitted (spooled).
+                array = np.frombuffer(frame, dtype=cfg.dtype).reshape(cfg.shape)
+                data["ref"] = await self.ctx.claim_check.put_array(f"{cfg.stream}/{event_id}.npy", array)
             else:
                 data["encoding"] = "base64"
                 data["frame"] = base64.b64encode(frame).decode()

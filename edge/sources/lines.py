@@ -37,14 +37,14 @@ class LinesConfig(SourceConfig):
         return self
 
 
-class LineSource(Source):
+class LineSource(Source[LinesConfig]):
     """Emits ``{"line": text, "n": k}`` (text) or the parsed object (json) for each line."""
 
     config_model = LinesConfig
 
     async def run(self, emit: Emit) -> None:
         """Read until the stream ends (and, with ``restart``, start the command again)."""
-        cfg: LinesConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         self._boot = os.urandom(4).hex()  # lines are not replayable: ids unique per run
         self._n = 0
         if cfg.path is not None:
@@ -61,7 +61,7 @@ class LineSource(Source):
             backoff = min(backoff * 2, 60.0)
 
     async def _line(self, raw: bytes, emit: Emit, origin: str) -> None:
-        cfg: LinesConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         text = raw.decode(cfg.encoding, errors="replace").rstrip("\r\n")
         if not text:
             return
@@ -81,7 +81,7 @@ class LineSource(Source):
         await emit(Reading(cfg.stream, data, id=event_id))
 
     async def _read_command(self, emit: Emit) -> int:
-        cfg: LinesConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         assert cfg.command is not None
         proc = await asyncio.create_subprocess_exec(
             *cfg.command,
@@ -99,7 +99,7 @@ class LineSource(Source):
                 await proc.wait()
 
     async def _read_path(self, emit: Emit) -> None:
-        cfg: LinesConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         assert cfg.path is not None
         path = self.ctx.resolve(cfg.path)
         fh = await asyncio.to_thread(open, path, "rb")

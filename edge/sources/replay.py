@@ -23,7 +23,7 @@ class ReplayConfig(SourceConfig):
     """``type: replay`` — emit the lines of ``path`` at ``rate_hz`` (0 = as fast as possible)."""
 
     type: Literal["replay"] = "replay"
-    stream: str | None = Field(None, description="stream for lines that name none")  # type: ignore[assignment]
+    stream: str | None = Field(None, description="stream for lines that name none")  # type: ignore[assignment]  # optional here: lines may name theirs
     path: str = Field(description="JSONL file, relative to agent.yaml")
     rate_hz: float = Field(10.0, ge=0)
 
@@ -32,7 +32,7 @@ class ReplayError(ValueError):
     """A line of the replay file is not a valid event; the text names file and line."""
 
 
-class ReplaySource(Source):
+class ReplaySource(Source[ReplayConfig]):
     """Reads the file once, emits each line in order, then returns."""
 
     config_model = ReplayConfig
@@ -40,11 +40,11 @@ class ReplaySource(Source):
     @property
     def checkpoint_key(self) -> str:
         """One checkpoint per file."""
-        return f"replay:{self.config.path}"  # type: ignore[attr-defined]
+        return f"replay:{self.config.path}"
 
     async def run(self, emit: Emit) -> None:
         """Emit every line after the checkpoint, paced at ``rate_hz``."""
-        cfg: ReplayConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         path = self.ctx.resolve(cfg.path)
         lines = (await asyncio.to_thread(path.read_text)).splitlines()
         done = int(self.ctx.checkpoint or 0)
@@ -72,16 +72,15 @@ class ReplaySource(Source):
         self.ctx.log.info("replay of %s finished (%d events this run)", path, sent)
 
     def _reading(self, text: str, where: str, lineno: int) -> Reading:
-        cfg: ReplayConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         try:
             obj = json.loads(text)
         except ValueError as exc:
             raise ReplayError(f"{where}: not JSON: {exc}") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("data"), dict):
             raise ReplayError(f'{where}: want {{"stream": ..., "data": {{...}}, "id": ...}}')
-        stream = obj.get("stream", cfg.stream)
         try:
-            check_name(stream, "stream")
+            stream = check_name(obj.get("stream", cfg.stream), "stream")
         except TopicError as exc:
             raise ReplayError(f"{where}: {exc}") from None
         event_id = obj.get("id")

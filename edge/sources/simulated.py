@@ -29,14 +29,14 @@ class SimulatedConfig(SourceConfig):
     seed: int | None = None
 
 
-class SimulatedSource(Source):
+class SimulatedSource(Source[SimulatedConfig]):
     """Emits ``{field: value, "seq": n}`` at ``rate_hz``; resumes ``n`` from its checkpoint."""
 
     config_model = SimulatedConfig
 
     async def run(self, emit: Emit) -> None:
         """Emit readings at the configured rate (absolute schedule, so no drift from overhead)."""
-        cfg: SimulatedConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         rng = random.Random(cfg.seed)
         n = int(self.ctx.checkpoint or 0)
         period = 1.0 / cfg.rate_hz

@@ -15,10 +15,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .composer import POOLS_ENV, Composer
+from .composer import Composer
 from .drivers import Driver
 from .inventory import PoolsConfig
 from .model import ApplyResult, AuditEntry, CompositionSpec, Identity, Machine, MachineList, PoolsView
+from .settings import POOLS_ENV
 
 _lock = threading.Lock()
 _default: Composer | None = None

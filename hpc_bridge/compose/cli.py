@@ -119,7 +119,7 @@ def list_cmd(
 
 @app.command()
 def show(
-    machine: Annotated[str, typer.Argument(help="Machine id or name.")],
+    machine: Annotated[str, typer.Argument(metavar="MACHINE", help="Machine id or name.")],
     db: DbOpt = None,
     pools: PoolsOpt = None,
     as_json: JsonOpt = False,
@@ -133,7 +133,8 @@ def show(
         _out.print(m)
 
 
-@app.command("compose")
+@app.command("create")
+@app.command("compose", hidden=True)  # the old name, kept working
 def compose_cmd(
     cpus: Annotated[int, typer.Option(help="Cores of the compute node.")] = 1,
     gpus: Annotated[int, typer.Option(help="Number of GPUs.")] = 0,
@@ -164,7 +165,7 @@ def compose_cmd(
 
 @app.command()
 def free(
-    machine: Annotated[str, typer.Argument(help="Machine id or name.")],
+    machine: Annotated[str, typer.Argument(metavar="MACHINE", help="Machine id or name.")],
     force: Annotated[bool, typer.Option(help="Also free a machine stuck in composing/freeing.")] = False,
     db: DbOpt = None,
     pools: PoolsOpt = None,
@@ -178,7 +179,7 @@ def free(
 
 @app.command()
 def export(
-    machine: Annotated[str, typer.Argument(help="Machine id or name.")],
+    machine: Annotated[str, typer.Argument(metavar="MACHINE", help="Machine id or name.")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout.")] = None,
     db: DbOpt = None,
     pools: PoolsOpt = None,
@@ -194,7 +195,7 @@ def export(
 
 @app.command()
 def apply(
-    file: Annotated[Path, typer.Argument(help="Compositions YAML (see 'export').", exists=True, dir_okay=False)],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Compositions YAML (see 'export').", exists=True, dir_okay=False)],
     prune: Annotated[bool, typer.Option(help="Free your named machines that the file does not list.")] = False,
     db: DbOpt = None,
     pools: PoolsOpt = None,

@@ -11,6 +11,7 @@ the database write lock that other composers are waiting for.
 from __future__ import annotations
 
 import asyncio
+import builtins  # Composer.list (the verb) shadows the type in the class body
 import hmac
 import os
 import random
@@ -19,7 +20,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import ValidationError
@@ -214,7 +215,7 @@ class Composer:
         identity: Identity,
         *,
         name: str | None = None,
-        devices: list[str] | None = None,
+        devices: builtins.list[str] | None = None,
     ) -> Machine:
         """Place, persist and realise a machine for ``identity``.
 
@@ -270,7 +271,7 @@ class Composer:
         spec: CompositionSpec,
         identity: Identity,
         name: str | None,
-        pinned: list[str],
+        pinned: builtins.list[str],
     ) -> Machine:
         """Place and insert in one transaction; retry when a race is lost.
 
@@ -306,7 +307,7 @@ class Composer:
         raise PlacementError(f"gave up after {self.max_attempts} attempts: devices kept being taken concurrently")
 
     @staticmethod
-    def _pinned(spec: CompositionSpec, pinned: list[str], free: list[Device]) -> list[Device]:
+    def _pinned(spec: CompositionSpec, pinned: builtins.list[str], free: builtins.list[Device]) -> builtins.list[Device]:
         """The pinned devices if all are free and still make the spec, else []."""
         if not pinned:
             return []
@@ -395,7 +396,7 @@ class Composer:
         body = yaml.safe_dump(doc.model_dump(mode="json", exclude_none=True), sort_keys=False)
         return header + body
 
-    def apply(self, file_or_text: str | Path, identity: Identity, *, prune: bool = False) -> list[ApplyResult]:
+    def apply(self, file_or_text: str | Path, identity: Identity, *, prune: bool = False) -> builtins.list[ApplyResult]:
         """Make the named compositions of a file exist (idempotent).
 
         A live machine with the same name and spec is left alone; one with a
@@ -403,7 +404,7 @@ class Composer:
         ``prune``, the caller's other named live machines are freed.
         """
         doc = load_compositions(file_or_text)
-        results: list[ApplyResult] = []
+        results: builtins.list[ApplyResult] = []
         for item in doc.machines:
             with self.store.read() as conn:
                 live_id = self.store.live_machine_id(conn, item.name)
@@ -415,7 +416,7 @@ class Composer:
                     continue
                 self.free(existing.id, identity)
             machine = self.compose(item.spec, identity, name=item.name, devices=item.devices)
-            action = "replaced" if existing is not None else "created"
+            action: Literal["replaced", "created"] = "replaced" if existing is not None else "created"
             results.append(ApplyResult(name=item.name, action=action, machine_id=machine.id))
             self._audit(identity.user, "apply", machine.id, "ok", f"{item.name}: {action}")
         if prune:

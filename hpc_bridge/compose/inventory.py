@@ -21,7 +21,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .model import DeviceKind, TokenEntry
@@ -123,11 +122,13 @@ def hash_token(token: str) -> str:
 
 
 def format_validation_error(source: str, error: ValidationError) -> str:
-    """``source: a.b.2.c: message`` lines, one per pydantic error."""
+    """``source: a.b.2.c: message`` lines, one per pydantic error, in plain words."""
+    from reflexarc.config import plain_message
+
     lines = []
     for err in error.errors():
         path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"{source}: {path}: {err['msg']}")
+        lines.append(f"{source}: {path}: {plain_message(err)}")
     return "\n".join(lines)
 
 
@@ -142,12 +143,20 @@ def parse_pools(data: Any, source: str = "<pools>") -> PoolsConfig:
 
 
 def load_pools(path: str | Path) -> PoolsConfig:
-    """Read and validate a pools YAML file (``yaml.safe_load``)."""
+    """Read and validate a pools YAML file; errors (a ``ConfigError``) name ``file:line:col``, the field, and say why."""
+    from reflexarc.config import ConfigError, Problem, parse_yaml_text, validation_problems
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        text = path.read_text()
     except OSError as exc:
         raise ValueError(f"{path}: cannot read pools file: {exc.strerror}") from None
-    return parse_pools(data, str(path))
+    try:
+        data, marks = parse_yaml_text(text, str(path))
+    except ConfigError as exc:
+        raise ConfigError([Problem(p.file, p.line, p.column, p.field, p.message.replace("invalid YAML", "not valid YAML"))
+                           for p in exc.problems]) from None
+    try:
+        return PoolsConfig.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(exc, str(path), marks, PoolsConfig)) from None

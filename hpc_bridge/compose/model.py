@@ -25,9 +25,10 @@ _HTML_FORMAT = (
 
 def render_text(renderable: Any, width: int = 110) -> str:
     """Plain text of a rich renderable (no colour codes): for terminals and IPython's text repr."""
-    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    text = io.StringIO()
+    console = Console(file=text, width=width, color_system=None, force_terminal=False)
     console.print(renderable)
-    return console.file.getvalue().rstrip("\n")  # type: ignore[attr-defined]
+    return text.getvalue().rstrip("\n")
 
 
 def render_html(renderable: Any, width: int = 110) -> str:
@@ -261,6 +262,8 @@ class PoolRow(BaseModel):
     rack: str
     fabric: str
     kind: str
+    #: the GPU model of a gpu row (GPUs are counted per model); None for other kinds.
+    model: str | None = None
     total: int
     used: int
     #: cores for cpu, GB for storage; 0 where it does not apply.
@@ -294,13 +297,14 @@ class PoolsView(NotebookRepr, BaseModel):
     def __rich__(self) -> Table:
         """Render as a table: rack, fabric, kind, free/total, capacity."""
         table = Table(title="pools", title_justify="left")
-        for col in ("rack", "fabric", "kind", "free", "used", "total", "capacity free/total"):
+        for col in ("rack", "fabric", "kind", "model", "free", "used", "total", "capacity free/total"):
             table.add_column(col, justify="right" if col in ("free", "used", "total") else "left")
         for r in self.rows:
             unit = {"cpu": " cores", "nvme": " GB", "storage": " GB"}.get(r.kind)
             cap = f"{r.capacity_free}/{r.capacity_total}{unit}" if unit else ""
             free_style = "green" if r.free else "red"
-            table.add_row(r.rack, r.fabric, r.kind, f"[{free_style}]{r.free}[/]", str(r.used), str(r.total), cap)
+            table.add_row(r.rack, r.fabric, r.kind, r.model or "", f"[{free_style}]{r.free}[/]", str(r.used),
+                          str(r.total), cap)
         return table
 
 

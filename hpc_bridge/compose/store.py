@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy import (
     JSON,
@@ -116,6 +116,14 @@ audit_t = Table(
 def now() -> datetime:
     """Timezone-aware UTC now."""
     return datetime.now(UTC)
+
+
+@overload
+def _utc(value: datetime) -> datetime: ...
+
+
+@overload
+def _utc(value: datetime | None) -> datetime | None: ...
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -254,13 +262,16 @@ class Store:
         still holds one (then it shows as used until that machine is freed).
         """
         used_ids = {r.device_id for r in conn.execute(select(allocations_t.c.device_id))}
-        groups: dict[tuple[str, str, str], PoolRow] = {}
+        groups: dict[tuple[str, str, str, str], PoolRow] = {}
         q = select(devices_t.c.data).where(
             devices_t.c.present.is_(True) | devices_t.c.id.in_(select(allocations_t.c.device_id))
         )
         for d in (Device.model_validate(r.data) for r in conn.execute(q)):
-            key = (d.rack, d.fabric, d.kind)
-            row = groups.setdefault(key, PoolRow(rack=d.rack, fabric=d.fabric, kind=d.kind, total=0, used=0))
+            model = (d.model or "") if d.kind == "gpu" else ""  # GPUs of one rack by model: users ask for one
+            key = (d.rack, d.fabric, d.kind, model)
+            row = groups.setdefault(
+                key, PoolRow(rack=d.rack, fabric=d.fabric, kind=d.kind, model=model or None, total=0, used=0)
+            )
             cap = d.cores if d.kind == "cpu" else d.capacity_gb if d.is_storage else 0
             row.total += 1
             row.capacity_total += cap or 0

@@ -10,6 +10,12 @@ A worker that dies mid-task is not silently retried by Dask behind the
 agent's back (the scheduler's ``allowed-failures`` is 0 for clusters we start):
 the task fails with the reason and the app's retry policy decides, so every
 retry is a visible state change.
+
+Results are fetched in batches: awaiting a Dask future fetches its result
+alone (one request to the worker holding it, per task); the engine instead
+waits for each future to finish and fetches the results of all the futures
+that finished meanwhile with one ``gather``, as ``client.gather`` over many
+futures does.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ class DaskEngine(Engine):
         self.settings = settings
         self.cluster: Any = None
         self.client: Any = None
+        # Finished futures whose results are to be fetched together, with who waits for each.
+        self._to_gather: list[tuple[Any, asyncio.Future[Any]]] = []
+        self._gatherer: asyncio.Task[None] | None = None
 
     @property
     def capacity(self) -> int:
@@ -80,11 +89,58 @@ class DaskEngine(Engine):
     async def submit(self, spec: RunSpec) -> Execution:
         """One future per attempt; its key names task and attempt (visible in Dask's dashboard)."""
         resources = None
+        # sync=False: the outcome comes back on the future and the agent commits it to its job store
+        # before reporting it; the outcome file only has to outlive the agent process (worker.py's doc).
         fut = self.client.submit(
-            execute_json, spec.to_json(), key=f"rx-{spec.task_id}-{spec.attempt}", pure=False,
+            execute_json, spec.to_json(), sync=False, key=f"rx-{spec.task_id}-{spec.attempt}", pure=False,
             resources=resources,
         )
         return _DaskExecution(self, fut)
+
+    async def result(self, fut: Any) -> Any:
+        """The result of ``fut`` (its error raised), fetched with those of the futures that finished with it."""
+        from distributed.client import _wait  # the state wait of Future.result, without the fetch
+
+        await _wait([fut])
+        if fut.status != "finished":
+            return await fut  # an error or a cancellation: raised as Dask raises it
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._to_gather.append((fut, waiter))
+        if self._gatherer is None or self._gatherer.done():
+            self._gatherer = asyncio.create_task(self._gather(), name="dask-gather")
+        return await waiter
+
+    async def _gather(self) -> None:
+        batch: list[tuple[Any, asyncio.Future[Any]]] = []
+        try:
+            while self._to_gather:
+                await asyncio.sleep(0)  # the futures finishing at this moment join the batch
+                batch, self._to_gather = self._to_gather, []
+                try:
+                    results = await self.client.gather([f for f, _ in batch])
+                except Exception:  # one could not be fetched: each on its own, so that only its waiter gets it
+                    for f, waiter in batch:
+                        try:
+                            result = await f
+                        except Exception as exc:
+                            if not waiter.done():
+                                waiter.set_exception(exc)
+                        else:
+                            if not waiter.done():
+                                waiter.set_result(result)
+                    batch = []
+                    continue
+                for (_, waiter), result in zip(batch, results, strict=True):
+                    if not waiter.done():
+                        waiter.set_result(result)
+                batch = []
+        finally:
+            # Stopped (the engine is closing): nobody is left waiting forever.
+            for _, waiter in [*batch, *self._to_gather]:
+                if not waiter.done():
+                    waiter.set_exception(EngineError("the Dask engine closed before the result was fetched"))
+            if batch or self._to_gather:
+                self._to_gather = []
 
     async def workers(self) -> int:
         """Number of workers connected right now."""
@@ -93,6 +149,9 @@ class DaskEngine(Engine):
 
     async def close(self) -> None:
         """Close client and cluster (pilot jobs are cancelled)."""
+        if self._gatherer is not None:
+            self._gatherer.cancel()
+            await asyncio.gather(self._gatherer, return_exceptions=True)
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.close()
@@ -112,7 +171,7 @@ class _DaskExecution(Execution):
         from distributed.scheduler import KilledWorker
 
         try:
-            data = await self.fut
+            data = await self.engine.result(self.fut)
         except asyncio.CancelledError:
             if self._cancelled:
                 return Outcome(JobStatus.CANCELLED, error="cancelled", retryable=False)

@@ -34,7 +34,7 @@ from typing import Any
 
 from reflexarc.hpc_bridge.allocations import Allocation, Placement, WorkerInfo
 from reflexarc.hpc_bridge.engines.base import EngineError
-from reflexarc.hpc_bridge.engines.pilot import PilotBackend, RemoteTask
+from reflexarc.hpc_bridge.engines.pilot import PilotBackend, RemoteTask, TakenBack
 from reflexarc.hpc_bridge.engines.pilot_worker import run_pilot_task
 from reflexarc.hpc_bridge.site_config import JobqueueSettings
 from reflexarc.hpc_bridge.worker import RunSpec, read_outcome
@@ -85,11 +85,11 @@ def allocation_of(worker_name: str) -> str | None:
 def _job_class() -> Any:
     from dask_jobqueue.slurm import SLURMJob
 
-    class _PilotSLURMJob(SLURMJob):  # type: ignore[misc]
+    class _PilotSLURMJob(SLURMJob):
         """A SLURMJob that starts workers on every node of a multi-node allocation."""
 
         def __init__(self, *args: Any, nodes: int = 1, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+            super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]  # dask_jobqueue's Job is unannotated
             if nodes > 1:
                 # Each node's workers get a distinct name: <allocation>-n<node id>[-<i>].
                 cmd = self._command_template.replace(f"--name {self.name}", f"--name {self.name}-n$SLURM_NODEID")
@@ -109,7 +109,14 @@ RELEASE_DELAY_S = 0.05
 
 
 def dask_setup(server: Any) -> None:
-    """Preload of the pilots' scheduler and workers: shorter batching windows (see ``SEND_INTERVAL_S``)."""
+    """Preload of the pilots' scheduler and workers.
+
+    Shorter batching windows (see ``SEND_INTERVAL_S``), and on the scheduler the
+    ``rx_workers`` handler: the connected workers in a few bytes, and nothing at
+    all while they have not changed. (The manager asks several times a second;
+    ``identity`` serialises every worker's metrics, which cost the scheduler and
+    the agent about as much CPU as the tasks' own messages.)
+    """
     from distributed import Scheduler, Worker
     from distributed.diagnostics.plugin import SchedulerPlugin
 
@@ -117,13 +124,29 @@ def dask_setup(server: Any) -> None:
         server.batched_stream.interval = SEND_INTERVAL_S
     elif isinstance(server, Scheduler):  # its stream to each worker, made as the worker joins
 
-        class _ShortWindows(SchedulerPlugin):  # type: ignore[misc]
+        class _Pilots(SchedulerPlugin):
+            version = 0
+
             def add_worker(self, scheduler: Any, worker: str) -> None:
+                self.version += 1
                 comm = scheduler.stream_comms.get(worker)
                 if comm is not None:
                     comm.interval = SEND_INTERVAL_S
 
-        server.add_plugin(_ShortWindows(), name="rx-short-windows")
+            def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+                self.version += 1
+
+        plugin = _Pilots()
+
+        def rx_workers(since: int = -1) -> dict[str, Any]:
+            if since == plugin.version:
+                return {"version": since}
+            return {"version": plugin.version, "workers": [
+                [ws.address, str(ws.name), ws.host, ws.nthreads, int((ws.resources or {}).get("GPU", 0))]
+                for ws in server.workers.values()]}
+
+        server.add_plugin(plugin, name="rx-pilots")
+        server.handlers["rx_workers"] = rx_workers
 
 
 class _DaskTask(RemoteTask):
@@ -131,12 +154,16 @@ class _DaskTask(RemoteTask):
         self.fut = fut
         self.outcome_path = outcome_path
         self.backend = backend
+        self.abandoned = False
+        self._cancelling: asyncio.Future[None] | None = None
 
     async def result(self) -> dict[str, Any]:
         from distributed import wait
 
         try:
             await wait(self.fut)
+            if self.abandoned:
+                raise TakenBack(self.fut.key)
             if self.fut.status == "finished":
                 # The worker wrote the outcome file before it returned: reading it saves the round trip
                 # of fetching the result from the worker (half of a warm task's cost).
@@ -153,6 +180,11 @@ class _DaskTask(RemoteTask):
         with contextlib.suppress(Exception):
             await self.fut.cancel()
 
+    def abandon(self) -> None:
+        # Cancelling the key drops it from the worker's queue and ends wait() in result() at once.
+        self.abandoned = True
+        self._cancelling = asyncio.ensure_future(self.cancel())
+
 
 class DaskJobqueueBackend(PilotBackend):
     """A Dask scheduler (a child process of the agent) plus one ``SLURMJob`` per allocation."""
@@ -168,6 +200,8 @@ class DaskJobqueueBackend(PilotBackend):
         self.client: Any = None
         self.jobs: dict[str, Any] = {}
         self._to_release: list[Any] = []
+        self._workers: dict[str, list[WorkerInfo]] = {}
+        self._workers_version = -1
         self._release_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -243,24 +277,25 @@ class DaskJobqueueBackend(PilotBackend):
         self.jobs.pop(alloc.name, None)
 
     async def workers(self) -> dict[str, list[WorkerInfo]]:
-        """Workers connected to the scheduler, by allocation."""
-        info = await self.client.scheduler.identity()
-        out: dict[str, list[WorkerInfo]] = {}
-        for addr, ws in info.get("workers", {}).items():
-            alloc = allocation_of(str(ws.get("name")))
-            if alloc is None:
-                continue
-            out.setdefault(alloc, []).append(WorkerInfo(
-                name=str(ws["name"]), node=str(ws.get("host", "")), slots=int(ws.get("nthreads", 1)),
-                gpus=int((ws.get("resources") or {}).get("GPU", 0)), incarnation=addr,
-            ))
-        return out
+        """Workers connected to the scheduler, by allocation (sent again only when they changed)."""
+        reply = await self.client.scheduler.rx_workers(since=self._workers_version)
+        if "workers" in reply:
+            out: dict[str, list[WorkerInfo]] = {}
+            for addr, name, host, nthreads, gpus in reply["workers"]:
+                alloc = allocation_of(name)
+                if alloc is not None:
+                    out.setdefault(alloc, []).append(WorkerInfo(name=name, node=host, slots=int(nthreads),
+                                                                gpus=int(gpus), incarnation=addr))
+            self._workers = out
+            self._workers_version = int(reply["version"])
+        return {k: list(v) for k, v in self._workers.items()}
 
-    async def run(self, spec: RunSpec, placement: Placement) -> RemoteTask:
-        """Submit to exactly the worker the manager chose."""
+    async def run(self, spec: RunSpec, placement: Placement, token: str = "") -> RemoteTask:
+        """Submit to exactly the worker the manager chose (queued there behind its task if it is busy)."""
         gpus = list(placement.gpu_indices)
         fut = self.client.submit(
             run_pilot_task, spec.to_json(), gpus, f"{placement.allocation}/{placement.worker}",
+            placement.start_by if token else None, token,
             key=f"rx-{spec.task_id}-{spec.attempt}-{uuid.uuid4().hex[:6]}", pure=False,
             workers=[placement.worker], allow_other_workers=False,
             resources={"GPU": len(gpus)} if gpus else None,

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from reflexarc.hpc_bridge.allocations import Allocation, Placement, WorkerInfo
 from reflexarc.hpc_bridge.engines.base import EngineError
-from reflexarc.hpc_bridge.engines.pilot import PilotBackend, RemoteTask
+from reflexarc.hpc_bridge.engines.pilot import PREFETCH_PER_SLOT, PilotBackend, RemoteTask, TakenBack
 from reflexarc.hpc_bridge.engines.pilot_worker import run_pilot_task
 from reflexarc.hpc_bridge.site_config import ParslEngineSettings
 from reflexarc.hpc_bridge.worker import RunSpec
@@ -73,8 +73,10 @@ def make_executor(s: ParslEngineSettings, address: str, name: str, workdir: Path
         launcher=SrunLauncher(debug=False) if s.launcher == "srun" else SingleNodeLauncher(debug=False),
     )
     htex = HighThroughputExecutor(
-        label=name, provider=provider, address=address, worker_port_range=tuple(s.worker_port_range),
+        label=name, provider=provider, address=address, worker_port_range=s.worker_port_range,
         cores_per_worker=s.cores_per_worker, max_workers_per_node=s.slots_per_node,
+        # The tasks the manager queues at a busy pool wait in the pool, not in the interchange.
+        prefetch_capacity=PREFETCH_PER_SLOT * s.slots_per_node,
         heartbeat_period=s.heartbeat_s, heartbeat_threshold=max(3 * s.heartbeat_s, 30), poll_period=10,
         launch_cmd=DEFAULT_LAUNCH_CMD.replace(
             "process_worker_pool.py", f"{python} -m parsl.executors.high_throughput.process_worker_pool", 1),
@@ -116,6 +118,12 @@ class _ParslTask(RemoteTask):
     async def cancel(self) -> None:
         # The worker process is killed by the cancel marker; Parsl reports it lost.
         return None
+
+    def abandon(self) -> None:
+        # HTEX cannot take a task back from its interchange or worker pool: the agent's claim file keeps
+        # the worker from starting it (see pilot_worker.claim); result() ends now.
+        if not self.done.done():
+            self.done.set_exception(TakenBack("taken back"))
 
 
 class ParslBackend(PilotBackend):
@@ -160,7 +168,7 @@ class ParslBackend(PilotBackend):
         """Start the allocation's interchange, then ``sbatch`` its one block."""
         htex, job_id = await self._call(self._launch, alloc)
         self.executors[alloc.name] = htex
-        return job_id
+        return str(job_id)
 
     async def cancel(self, alloc: Allocation) -> None:
         """Stop the allocation's interchange (the manager cancels its job by id)."""
@@ -191,13 +199,13 @@ class ParslBackend(PilotBackend):
         result: dict[str, list[WorkerInfo]] = await self._call(self._managers)
         return result
 
-    async def run(self, spec: RunSpec, placement: Placement) -> RemoteTask:
-        """Submit to the interchange of the allocation the manager chose."""
+    async def run(self, spec: RunSpec, placement: Placement, token: str = "") -> RemoteTask:
+        """Submit to the interchange of the allocation the manager chose (queued at its pool if busy)."""
         htex = self.executors.get(placement.allocation)
         if htex is None:
             raise EngineError(f"allocation {placement.allocation} has no Parsl executor any more")
         fut = htex.submit(run_pilot_task, {}, spec.to_json(), list(placement.gpu_indices),
-                          f"{placement.allocation}/{placement.worker}")
+                          f"{placement.allocation}/{placement.worker}", placement.start_by if token else None, token)
         return _ParslTask(fut)
 
     async def close(self) -> None:

@@ -3,8 +3,9 @@
 Each fetch (up to ``max_records`` records) becomes one batch: records that
 are not a valid :class:`~reflexarc.events.TaskRequest` for this site go to
 the dead-letter topic (acknowledged by Kafka first), the others are recorded
-as jobs in one transaction, and only then is the consumer's offset
-committed. A crash anywhere in between redelivers the records, and the job
+as jobs in one transaction (the scheduler is woken as it is queued, so that
+its claim of them rides in the same one), and only then is the consumer's
+offset committed. A crash anywhere in between redelivers the records, and the job
 store skips the task ids it already has: a task is never created twice.
 """
 
@@ -87,9 +88,9 @@ class Intake:
                 if req.site != self.site:
                     raise EnvelopeError(f"request for site {req.site!r} arrived on site {self.site!r}'s topic")
             except (EnvelopeError, ValueError) as exc:
-                origin = f"{rec.topic}/{rec.partition}/{rec.offset}"
-                log.warning("dead letter %s: %s", origin, exc)
-                dead.append(DeadLetter(error=str(exc), stage="site-intake", origin=origin, payload=rec.value or b""))
+                dl = DeadLetter.of_record(rec, "site-intake", str(exc))
+                log.warning("dead letter %s: %s", dl.origin, exc)
+                dead.append(dl)
                 continue
             jobs.append(new_job(req, self.apps, self.site))
         return jobs, dead
@@ -114,9 +115,12 @@ class Intake:
                 await asyncio.gather(*acks)
                 DEAD_LETTERS.labels(self.site).inc(len(dead))
             if jobs:
-                created = await self.jobs.create(jobs)
-                self._received.inc(len(created))
+                recording = self.jobs.create_soon(jobs)
+                # Told while the jobs are still being recorded: the scheduler's claim joins the same
+                # transaction (one commit, not two, between a request and its start).
                 self.on_recorded()
+                created = await recording
+                self._received.inc(len(created))
             try:
                 await self.consumer.commit()
             except (CommitFailedError, KafkaError) as exc:

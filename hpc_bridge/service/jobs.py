@@ -162,7 +162,11 @@ class AsyncJobStore:
     # ---- operations ----------------------------------------------------------------------------------
     async def create(self, jobs: list[NewJob]) -> list[str]:
         """Record new jobs (ids already known are skipped); the ids created."""
-        return await self.call(lambda b: b.create_jobs(jobs))
+        return await self.create_soon(jobs)
+
+    def create_soon(self, jobs: list[NewJob]) -> asyncio.Future[list[str]]:
+        """:meth:`create`, queued at once: operations queued before the caller awaits it share its transaction."""
+        return self.call(lambda b: b.create_jobs(jobs))
 
     async def claim(self, limit: int, engine: str) -> list[JobView]:
         """Take up to ``limit`` queued jobs for dispatch."""

@@ -35,10 +35,11 @@ from reflexarc.hpc_bridge.apps import AppError, AppSpec, choose_implementation, 
 from reflexarc.hpc_bridge.compose.model import Machine
 from reflexarc.hpc_bridge.engines import Engine, EngineError, Execution, outcome_from_worker
 from reflexarc.hpc_bridge.machines import machine_environment, offer_of
-from reflexarc.hpc_bridge.metrics import TASKS_FINISHED
+from reflexarc.hpc_bridge.metrics import TASKS_FINISHED, observe_task
 from reflexarc.hpc_bridge.service.jobs import AsyncJobStore
 from reflexarc.hpc_bridge.service.machines import ComposedMachines, CompositionFailed
 from reflexarc.hpc_bridge.site_config import SiteConfig
+from reflexarc.hpc_bridge.staging import is_store_url, stage_in, stage_out
 from reflexarc.hpc_bridge.states import JobStatus
 from reflexarc.hpc_bridge.store import JobView, Outcome
 from reflexarc.hpc_bridge.worker import RunSpec, read_outcome
@@ -195,6 +196,7 @@ class Runner:
                         job, app, lambda text: self.jobs.note(job.task_id, text))
                 spec = self.run_spec(job, app, None, machine)
                 await self._prepare_env(job, app, spec)
+                await stage_in(app, spec)  # referenced arguments become local files (hpc_bridge/staging.py)
                 await slot.take()
                 cancelled = self._cancelling.pop(job.task_id, None)
                 if cancelled is not None:
@@ -320,6 +322,7 @@ class Runner:
             self.on_queued()
         if status is not None:
             self._finished[status].inc()
+            observe_task(self.cfg.site, job.app, job.created_at, outcome.started_at, outcome.finished_at)
             # A done task is in its JobState events; the log keeps what needs a look.
             log.log(logging.DEBUG if status is JobStatus.DONE else logging.INFO, "task %s (%s): %s%s",
                     job.task_id, job.app, status.value, f" - {outcome.error}" if outcome.error else "")
@@ -329,6 +332,8 @@ class Runner:
         data = json.dumps(outcome.result).encode()
         if len(data) <= self.cfg.results.inline_max_bytes:
             return outcome
+        if is_store_url(self.cfg.results.store):  # an object store (s3://...): hpc_bridge/staging.py uploads it
+            return await stage_out(outcome, str(self.cfg.results.store), job_dirname(job.task_id))
         store = self.cfg.results_path
         path = Path(store) / f"{job_dirname(job.task_id)}.json"
 

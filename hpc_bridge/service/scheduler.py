@@ -147,7 +147,7 @@ class Scheduler:
                 continue
             self._new = False
             name = self.engine.name
-            for job, earlier in await self.jobs.call(lambda b, n=want, e=name: self._with_outcomes(b.claim(n, e))):
+            for job, earlier in await self.jobs.call(lambda b, n=want, e=name: self._with_outcomes(b.claim(n, e))):  # type: ignore[misc]  # mypy cannot type a lambda with default arguments
                 self._spawn(job, False, earlier)
 
     def _with_outcomes(self, jobs: list[JobView]) -> list[tuple[JobView, dict[str, object] | None]]:

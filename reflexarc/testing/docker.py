@@ -34,6 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from reflexarc.paths import cache_dir
+
 __all__ = ["DockerEngine", "DockerEngineError", "base_image", "base_image_tarball", "cache_dir"]
 
 _DEBIAN_MIRROR = os.environ.get("RX_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -210,11 +212,6 @@ class DockerEngine:
     ) -> None:
         """Stop the engine."""
         self.stop()
-
-
-def cache_dir() -> Path:
-    """Where built artefacts are cached: ``$RX_CACHE_DIR`` or ``~/.cache/reflexarc``."""
-    return Path(os.environ.get("RX_CACHE_DIR") or Path.home() / ".cache" / "reflexarc")
 
 
 def base_image_tarball(

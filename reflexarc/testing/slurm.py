@@ -233,7 +233,8 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             for proc in self._procs:
                 if proc.poll() is not None:
-                    raise SlurmError(f"{proc.args[0]} exited with {proc.returncode}\n" + self._log_tails())
+                    argv0 = proc.args[0] if isinstance(proc.args, list) else "a daemon"  # each started with an argv list
+                    raise SlurmError(f"{argv0} exited with {proc.returncode}\n" + self._log_tails())
             out = self.run("sinfo", "-h", "-n", self.node_name, "-o", "%T", check=False)
             state = out.stdout.strip()
             if state == "idle":

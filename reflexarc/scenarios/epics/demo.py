@@ -83,7 +83,8 @@ async def run_scan(scenario: Path, env: dict[str, str], log: Path) -> dict[str, 
         out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"the scan failed ({proc.returncode}); see {log}")
-    return json.loads(out.decode().strip().splitlines()[-1])
+    summary: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return summary
 
 
 def verdict(stats: LoopStats, readback: float | None, centre: float) -> tuple[bool, str]:
@@ -96,7 +97,7 @@ def verdict(stats: LoopStats, readback: float | None, centre: float) -> tuple[bo
     if not results:
         reasons = "; ".join(f"{r.status}: {r.error}" for r in stats.results.values()) or "no result"
         return False, f"the fit did not finish ({escape(reasons)})"
-    fitted = float(results[-1].result["position"])  # type: ignore[index]
+    fitted = float(results[-1].result["position"])  # type: ignore[index]  # a done fit carries its result
     if not stats.all_closed():
         refused = "; ".join(a.reason or "" for a in stats.acks.values() if not a.ok) or "no answer"
         return False, f"fitted {fitted:.4f} mm but the motor command did not complete ({escape(refused)})"
@@ -158,13 +159,13 @@ async def run_epics_demo(
             while not stop.is_set() and time.monotonic() < deadline:
                 phase = "scanning" if not scan.done() else "fitting and moving the motor"
                 view.update(render(stats, phase, time.monotonic() - started, title))
-                if scan.done() and scan.exception():
-                    raise scan.exception()  # type: ignore[misc]
+                if scan.done() and (exc := scan.exception()) is not None:
+                    raise exc
                 if scan.done() and stats.all_closed():
                     break
                 for t in tasks:
-                    if t.done() and t.exception():
-                        raise t.exception()  # type: ignore[misc]
+                    if t.done() and (exc := t.exception()) is not None:
+                        raise exc
                 await asyncio.sleep(0.25)
             view.update(render(stats, "done", time.monotonic() - started, title))
         run = scan.result() if scan.done() and not scan.exception() else {}

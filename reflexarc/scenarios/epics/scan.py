@@ -44,7 +44,9 @@ def run_scan(prefix: str, out: str, start: float, stop: float, num: int, **md: A
         engine = RunEngine({}, context_managers=[])
         engine.subscribe(publisher)
         engine.subscribe(lambda name, doc: stops.append(doc) if name == "stop" else None)
-        (uid,) = engine(scan([det], motor, start, stop, num), **md)
+        ran = engine(scan([det], motor, start, stop, num), **md)
+        # A tuple of run uids (the default), or a RunEngineResult with call_returns_result=True.
+        (uid,) = ran if isinstance(ran, tuple) else ran.run_start_uids
         written = publisher.written
     return {"uid": uid, "exit_status": stops[-1]["exit_status"] if stops else None, "documents": written}
 

@@ -16,6 +16,7 @@ from reflexarc.edge.config import load_agent_config
 from reflexarc.envelope import Envelope
 from reflexarc.events import Command, CommandAck
 from reflexarc.mqtt import MqttClient
+from reflexarc.process import READY_ENV
 from reflexarc.signing import generate_keypair, load_signing_key, sign_envelope
 from reflexarc.topics import Topics
 
@@ -157,13 +158,15 @@ async def test_handler_interrupted_by_kill9_is_not_rerun(
     runs = tmp_path / "runs.jsonl"
     priv, pub = keys
     path = _yaml(tmp_path, mosquitto.port, pub)
-    env = {"RX_TEST_HANDLER_LOG": str(runs), "PYTHONPATH": str(Path(__file__).parent)}
+    ready = tmp_path / "ready"
+    env = {"RX_TEST_HANDLER_LOG": str(runs), "PYTHONPATH": str(Path(__file__).parent), READY_ENV: str(ready)}
     settings = MqttSettings(host="127.0.0.1", port=mosquitto.port)
     sink = await collect(settings, T.mqtt_ack("bl1", "det1"))
     proc = agent_process(path, tmp_path / "agent.log", env).start()
     try:
         async with MqttClient(settings, "cloud") as cloud:
-            await asyncio.sleep(1.5)  # let the agent subscribe (persistent session from then on)
+            # The agent says it is ready once subscribed (a persistent session from then on).
+            await asyncio.to_thread(proc.wait_ready, ready.exists, 30)
             cmd = sign_envelope(_cmd("slow-1", position=1.0, hold_s=30), load_signing_key(priv))
             await _send(cloud, cmd)
             await sink.wait_for(lambda: len(handler_runs(runs)) == 1, 20, "the handler to start")

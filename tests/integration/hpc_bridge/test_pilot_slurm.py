@@ -256,19 +256,32 @@ async def test_pilot_gpu_requests_get_their_own_devices(tmp_path: Path, slurm: S
 async def test_pilot_cancel_stops_the_running_task_and_the_slot_is_reused(
     kind: str, tmp_path: Path, slurm: SlurmCluster
 ) -> None:
-    """What a timeout or `jobs cancel` does: the task's process really stops; the next task runs there."""
+    """What a timeout or `jobs cancel` does: the task's process really stops; the next task runs there.
+
+    A task queued at the same (one-slot) worker behind the cancelled one is not lost with it: it runs once.
+    """
     engine = await started(kind, slurm, tmp_path, cores_per_node=1, max_allocations=1)
     marks = tmp_path / "marks"
+    after = tmp_path / "after"
     try:
         ex = await engine.submit(spec_for(tmp_path, "victim", function=f"{APPS}:sleep", timeout_s=60,
                                           args={"seconds": 60, "marker_dir": str(marks), "tag": "v"}))
         waiter = asyncio.ensure_future(ex.wait())
         await until(lambda: marks.exists() and any(marks.iterdir()), 60, "the task to start")
         pid = int(next(marks.iterdir()).read_text())
+        behind = await engine.submit(spec_for(tmp_path, "behind", function=f"{APPS}:sleep", timeout_s=30,
+                                              args={"seconds": 0, "marker_dir": str(after), "tag": "b"}))
+        assert isinstance(behind, PilotExecution) and isinstance(ex, PilotExecution)
+        # Queued at the busy worker (prefetched), not running: its timeout has not started.
+        assert behind.remote is not None and not behind.running and behind.worker == ex.worker
+        behind_out = asyncio.ensure_future(behind.wait())
         await ex.cancel()
         out = await asyncio.wait_for(waiter, 20)
         assert out.status.value == "cancelled"
         await until(lambda: not Path(f"/proc/{pid}").exists(), 10, f"the task's process {pid} to be killed")
+        done = await asyncio.wait_for(behind_out, 60)
+        assert done.status.value == "done", done.error
+        assert len(list(after.iterdir())) == 1  # ran exactly once
         nxt = await engine.submit(spec_for(tmp_path, "next", function=f"{APPS}:add", args={"a": 1, "b": 1},
                                            timeout_s=30))
         assert (await asyncio.wait_for(nxt.wait(), 60)).result == {"sum": 2}
@@ -287,7 +300,7 @@ async def test_pilot_bad_configuration_names_the_field(tmp_path: Path, slurm: Sl
     }))
     out = subprocess.run([sys.executable, "-m", "reflexarc", "site", "check", str(site)],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.returncode == 1, out.stdout + out.stderr  # a problem found (check verbs: 0 ok / 1 problems / 2 cannot)
     assert "engine.parsl.walltime: 01:00:00 is longer than partition short's MaxTime" in out.stderr
     # An address that is not this host's.
     with pytest.raises(EngineError, match=r"engine\.dask\.jobqueue\.address: '10\.254\.254\.254' is not an address"):

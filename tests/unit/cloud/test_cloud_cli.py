@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from reflexarc.cloud.cli import app, triggers_app
@@ -13,7 +14,12 @@ EXAMPLES = Path(__file__).resolve().parents[3] / "cloud" / "examples"
 runner = CliRunner()
 
 
-def test_validate_ok() -> None:
+def test_validate_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The example sends commands: it validates once a signing key is configured, as `cloud run` needs.
+    from reflexarc.signing import generate_keypair
+
+    private, _public = generate_keypair(tmp_path, "pipeline")
+    monkeypatch.setenv("RX_SIGNING_KEY", str(private))
     res = runner.invoke(triggers_app, ["validate", str(EXAMPLES / "triggers.yaml")])
     assert res.exit_code == 0, res.output
     assert "OK" in res.output and "bright-spot" in res.output
@@ -51,7 +57,9 @@ def test_dry_run_json_and_bad_lines(tmp_path: Path) -> None:
         '{"site": "bl1", "device": "d", "stream": "counts", "time": "2024-01-01T00:00:01Z", "data": {"v": 1}}\n'
     )
     res = runner.invoke(triggers_app, ["test", str(EXAMPLES / "triggers.yaml"), "-e", str(events), "--json"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # problems were reported: strict by default
+    assert runner.invoke(triggers_app, ["test", str(EXAMPLES / "triggers.yaml"), "-e", str(events),
+                                        "--no-strict"]).exit_code == 0
     firings = [json.loads(ln) for ln in res.output.splitlines() if ln.startswith("{")]
     assert [f["trigger"] for f in firings] == ["bright-spot"]
     assert firings[0]["tasks"][0]["args"] == {"value": 999.0, "frame": 0}

@@ -177,7 +177,7 @@ def test_dry_run_reports_a_conflict_as_a_problem(tmp_path: Path) -> None:
     path = tmp_path / "ev.jsonl"
     path.write_text(json.dumps({**ev_line, "data": {"v": 1}}) + "\n" + json.dumps({**ev_line, "data": {"v": 2}}) + "\n")
     res = CliRunner().invoke(triggers_app, ["test", str(f), "--events", str(path)])
-    assert res.exit_code == 0
+    assert res.exit_code == 1  # a problem was reported (strict by default)
     assert f"{path}:2: event id 'x1' was applied already with other data" in res.output
 
 

@@ -10,7 +10,7 @@ import cel
 import pytest
 
 from reflexarc.cloud.expr import CelEvalError, compile_expr
-from reflexarc.cloud.fastcel import GIVE_UP, INT_MAX, INT_MIN, compile_fast
+from reflexarc.cloud.fastcel import GIVE_UP, HELPERS, INT_MAX, INT_MIN, MISSING, compile_fast, python_code
 
 EDGE_VALUES: list[Any] = [
     0, 1, -1, 2, 3, 7, -7, 10, 400, 401, INT_MAX, INT_MIN, INT_MAX - 1, 2**63, 2**64 + 5, -(2**63) - 1,
@@ -84,6 +84,65 @@ def test_python_subset_agrees_with_the_rust_library_on_random_expressions() -> N
     # Not a vacuous test: thousands of values answered in Python (random operands often mix types,
     # which CEL refuses: those go to the library), and every generated form is in the subset.
     assert answered > 3000 and outside == 0, (answered, fell_back, outside)
+
+
+# Literals of comparisons, with the limits of the integers doubles hold exactly (2**53 against 2**53 + 1).
+LITERALS = ["0", "1", "-1", "7", "400", "9007199254740992", "-9007199254740992", "9223372036854775807", "0.0",
+            "0.5", "400.0", "-2.5", "9007199254740992.0", "'a'", "''", "'400'", "true", "null", "[1, 2]"]
+
+
+def shared_form(srcs: list[str]) -> Any:
+    """The expressions as the engine's group function evaluates them: one function, shared paths and type tests.
+
+    Returns ``f(v) -> [value or GIVE_UP instance, ...]``; ``None`` where an expression is outside the subset.
+    """
+    shared: dict[str, str] = {}
+    codes = [python_code(src, {"x": "X", "y": "Y", "w": "W"}, f"_e{i}_", shared) for i, src in enumerate(srcs)]
+    lines = ["def _f(v):", "    X, Y, W = v['x'], v['y'], v['w']", "    out = []"]
+    for path, local in shared.items():
+        lines += ["    try:", f"        {local} = {path}", "    except GIVE_UP:", f"        {local} = MISSING"]
+    for code in codes:
+        lines += ["    try:", f"        out.append({code})", "    except GIVE_UP as exc:", "        out.append(exc)"] \
+            if code is not None else ["    out.append(None)"]
+    lines.append("    return out")
+    namespace: dict[str, Any] = {**HELPERS, "GIVE_UP": GIVE_UP, "MISSING": MISSING}
+    exec(compile("\n".join(lines) + "\n", "<test-shared>", "exec"), namespace)
+    return namespace["_f"]
+
+
+def test_shared_paths_and_type_tests_agree_with_the_rust_library() -> None:
+    """As above, for the form with shared field reads and shared type tests (many thresholds on one field)."""
+    rng = random.Random(20240502)
+    answered = 0
+    for _ in range(300):
+        srcs = []
+        while len(srcs) < 8:
+            # Comparisons of paths with literals (what the shared type tests serve) among random expressions.
+            src = (f"{rng.choice(LEAVES[:11])} {rng.choice(['<', '<=', '>', '>=', '==', '!='])} "
+                   f"{rng.choice(LITERALS)}") if rng.random() < 0.6 else expression(rng, 3)
+            try:
+                cel.compile(src)
+            except Exception:
+                continue
+            srcs.append(src)
+        form = shared_form(srcs)
+        for _ in range(3):
+            v = variables(rng)
+            for src, got in zip(srcs, form(v), strict=True):
+                if got is None or isinstance(got, GIVE_UP):
+                    continue
+                answered += 1
+                try:
+                    want = cel.compile(src).execute(v)
+                except Exception as exc:
+                    pytest.fail(f"{src!r} with {v!r}: Python gave {got!r}, the library raised {exc!r}")
+                assert same(got, want), f"{src!r} with {v!r}: Python {got!r}, library {want!r}"
+    assert answered > 2000, answered
+    # The edges the shared type tests guard, for certain: an int beyond 2**53 compares with a double as a
+    # double (so not greater), a NaN does not order, an int is never equal to a string.
+    form = shared_form(["x.a > 9007199254740992.0", "x.b < 1.0", "x.c == '7'", "x.a >= 9007199254740992.0"])
+    got = form({"x": {"a": 9007199254740993, "b": math.nan, "c": 7}, "y": 0, "w": {}})
+    assert got[0] is False and isinstance(got[1], GIVE_UP) and got[2] is False and got[3] is True, got
 
 
 @pytest.mark.parametrize(("src", "v", "want"), [

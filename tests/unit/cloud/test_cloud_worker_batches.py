@@ -178,7 +178,7 @@ def test_a_bundle_is_json_that_reads_back_the_same(tmp_path: Path) -> None:
 
 def test_worker_settings_defaults_and_bounds() -> None:
     s = WorkerSettings()
-    assert s.fetch_wait == 0.05 and s.max_batch == 2000 and s.commit_interval == 1.0
+    assert s.fetch_wait == 0.01 and s.max_batch == 2000 and s.commit_interval == 1.0
     assert WorkerSettings(fetch_wait="20ms").fetch_wait == pytest.approx(0.02)
     for bad in ({"fetch_wait": "1ms"}, {"fetch_wait": "10s"}, {"max_batch": 0}, {"max_batch": 10**6}):
         with pytest.raises(ValidationError):

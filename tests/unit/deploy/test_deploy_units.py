@@ -36,15 +36,16 @@ def wheel_with(tmp_path: Path, requires: list[str]) -> Path:
 
 def test_edge_requirements_are_the_edge_extra_with_its_constraints(tmp_path: Path) -> None:
     reqs = [
-        "paho-mqtt<3,>=2.1",
-        "faust-streaming>=0.11",  # a runtime dependency of other tiers: not on a device
-        'paho-mqtt<3,>=2.1; extra == "edge"',
-        'pydantic<3,>=2.6; extra == "edge"',
-        'cryptography>=42; extra == "edge"',
+        "paho-mqtt<2.3,>=2.2",  # the core: every install, a device's included
+        "pydantic<3,>=2.6",
+        'caproto<2,>=1.3; extra == "edge"',
+        'jsonschema>=4.20; extra == "edge"',
+        'dask[distributed]>=2024.1; extra == "site"',  # other tiers' extras: not on a device
+        'aiokafka<0.15,>=0.14; extra == "fog"',
         'pytest>=8; extra == "test"',
     ]
     out = edge_requirements(wheel_with(tmp_path, reqs))
-    assert out == ["cryptography>=42", "paho-mqtt<3,>=2.1", "pydantic<3,>=2.6"]
+    assert out == ["caproto<2,>=1.3", "jsonschema>=4.20", "paho-mqtt<2.3,>=2.2", "pydantic<3,>=2.6"]
 
 
 def test_edge_requirements_fail_without_the_extra(tmp_path: Path) -> None:
@@ -71,12 +72,12 @@ def test_the_edge_extra_covers_what_the_agent_imports() -> None:
     third_party = imported - set(sys.stdlib_module_names) - {"reflexarc", "__future__"}
     dists = packages_distributions()
     needed = {norm(d) for top in third_party for d in dists.get(top, [top])}
+    # What the agent image installs: the core (no marker) and the edge extra.
     extra = {
         norm(Requirement(r).name)
         for r in requires("reflexarc") or []
-        if Requirement(r).marker is not None
-        and Requirement(r).marker.evaluate({"extra": "edge"})
-        and not Requirement(r).marker.evaluate({"extra": ""})
+        if Requirement(r).marker is None
+        or (Requirement(r).marker.evaluate({"extra": "edge"}) and not Requirement(r).marker.evaluate({"extra": ""}))
     }
     # Modules the edge loads but only touches on other tiers' paths would show up here too:
     # the agent's import graph must stay within its extra.

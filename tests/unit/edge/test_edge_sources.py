@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from reflexarc.edge.claimcheck import ClaimCheck, read_claim
+from reflexarc.edge.claimcheck import ClaimCheck, read_array, read_claim
 from reflexarc.edge.sources import Reading, SourceContext, source_class
 
 
@@ -80,7 +80,11 @@ async def test_frames_inline_and_by_reference(tmp_path: Path) -> None:
     assert len(frame) == 32 and hashlib.sha256(frame).hexdigest() == small[0].data["sha256"]  # type: ignore[index]
     big = await _collect("frames", {"stream": "g", "shape": [32, 32], "rate_hz": 1000, "count": 1}, ctx)
     data = big[0].data
-    assert "frame" not in data and read_claim(data["ref"]) and len(read_claim(data["ref"])) == 2048  # type: ignore[index]
+    ref = data["ref"]  # type: ignore[index]
+    assert "frame" not in data and ref["shape"] == [32, 32] and ref["dtype"] == "uint16"
+    array = read_array(ref)  # a real .npy, verified against the reference's sha256
+    assert array.shape == (32, 32) and hashlib.sha256(array.tobytes()).hexdigest() == data["sha256"]  # type: ignore[index]
+    assert len(read_claim(ref)) == ref["size"] > 2048
 
 
 async def test_replay_emits_lines_and_keeps_bad_ones_as_dead_letters(tmp_path: Path) -> None:

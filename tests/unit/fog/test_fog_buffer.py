@@ -49,6 +49,8 @@ async def test_fog_buffer_keeps_order_and_round_trips_records(tmp_path: Path) ->
     await buf.open()
     try:
         originals = [rec(i, key=None if i == 3 else b"s1/d1") for i in range(1, 1001)]
+        originals[4].value = None  # an event without data: a null value, kept null (not b"")
+        originals[5].value = b""  # and an empty one stays empty
         for r in originals:
             buf.put(r)
         assert [r.seq for r in originals] == list(range(1, 1001)), "rows numbered in put order"

@@ -263,8 +263,8 @@ def test_fog_cli_check(tmp_path: Path) -> None:
     bad = tmp_path / "fog.yaml"
     bad.write_text("ingest:\n  recieve_maximum: 3\n")
     res = runner.invoke(app, ["check", str(bad)])
-    assert res.exit_code == 2
-    assert "fog.yaml:2:3: ingest.recieve_maximum: unknown field" in res.output
+    assert res.exit_code == 1  # problems found (2 is for a check that cannot run)
+    assert "fog.yaml:2:3: ingest.recieve_maximum: unknown field (did you mean 'receive_maximum'?)" in res.output
 
 
 def test_fog_metrics_hot_path_counts_reach_prometheus_at_scrape() -> None:

@@ -100,11 +100,11 @@ class Queue:
         await self.c.cancel_jobs(job_ids)
 
 
-def manager(tmp_path: Path, c: Cluster, **settings: Any) -> AllocationManager:
+def manager(tmp_path: Path, c: Cluster, prefetch: int = 0, **settings: Any) -> AllocationManager:
     s = PilotSettings.model_validate({"cores_per_node": c.slots, "walltime": "00:03:00", "idle_timeout_s": 30,
                                       "walltime_margin_s": 10, "drain_s": 20, **settings})
     return AllocationManager(s, c, Queue(c), tmp_path, kind="dask", label="hpc", field="engine.dask.jobqueue",
-                             clock=lambda: c.now)
+                             clock=lambda: c.now, prefetch_per_slot=prefetch)
 
 
 async def tick(m: AllocationManager) -> None:
@@ -302,3 +302,132 @@ async def test_waiting_reason_names_the_pending_allocation(tmp_path: Path, pendi
     m.withdraw("t")
     with pytest.raises(asyncio.CancelledError):
         await w
+
+
+async def running_manager(tmp_path: Path, c: Cluster, time_left_s: float, **kw: Any) -> AllocationManager:
+    """A manager with one running allocation (one worker of ``c.slots`` slots) and prefetch 1."""
+    m = manager(tmp_path, c, prefetch=1, min_allocations=1, **kw)
+    await tick(m)
+    c.start(f"{m.prefix}a1", time_left_s)
+    await tick(m)
+    return m
+
+
+async def test_prefetch_queues_one_task_per_busy_slot_and_starts_it_when_a_slot_frees(tmp_path: Path) -> None:
+    c = Cluster(slots=2)
+    m = await running_manager(tmp_path, c, 170)
+    started: list[str] = []
+    m.on_start = lambda p: started.append(p.key)
+    run = [m.try_place(need(f"r{i}", 30)) for i in range(2)]
+    assert all(p is not None and not p.queued for p in run)
+    queued = [m.try_place(need(f"q{i}", 30)) for i in range(2)]
+    assert all(p is not None and p.queued and p.start_by == c.now + 170 - 30 - 10 for p in queued)
+    # One per slot: the fifth waits for a slot, and the queued ones hold none (no free slot is reported).
+    assert m.try_place(need("w", 30)) is None
+    waiting = asyncio.ensure_future(m.place(need("w", 30)))
+    await asyncio.sleep(0)
+    alloc = m.allocations[f"{m.prefix}a1"]
+    assert alloc.to_dict(c.now)["tasks_queued"] == 2 and m.snapshot()["free_slots"] == 0
+    # A task ends: the task queued longest holds its slot now (its worker started it), and the waiting
+    # task takes the freed place in the worker's queue at once, without a planning round.
+    c.now += 1
+    p0 = run[0]
+    assert p0 is not None
+    m.release(p0)
+    assert started == ["q0"] and alloc.placements["q0"].since == c.now and not alloc.placements["q0"].queued
+    await asyncio.sleep(0)
+    assert waiting.done() and waiting.result().queued
+    assert list(alloc.queued) == ["q1", "w"]
+    # A queued task withdrawn (cancelled) frees its place in the queue and starts nothing.
+    q1 = queued[1]
+    assert q1 is not None
+    m.release(q1)
+    assert list(alloc.queued) == ["w"] and started == ["q0"]
+
+
+async def test_prefetch_only_where_wall_time_holds_the_tasks_ahead(tmp_path: Path) -> None:
+    c = Cluster(slots=1)
+    m = await running_manager(tmp_path, c, 90)
+    busy = m.try_place(need("busy", 50))  # may run until now + 50
+    assert busy is not None and not busy.queued
+    # Queued behind it, a task may start 50 s from now: 90 - 50 = 40 s left >= 30 + 10, but not >= 31 + 10.
+    assert m.try_place(need("late", 31)) is None
+    ok = m.try_place(need("fits", 30))
+    assert ok is not None and ok.queued and ok.start_by == c.now + 90 - 30 - 10
+    m.release(ok)
+    # Only one-slot tasks with a timeout are queued, and only behind tasks that have one.
+    assert m.try_place(need("no-timeout", None)) is None
+    assert m.try_place(Need("gpu", gpus=1, timeout_s=5)) is None
+    m.release(busy)
+    forever = m.try_place(need("forever", None))
+    assert forever is not None and not forever.queued
+    assert m.try_place(need("behind-forever", 5)) is None
+
+
+async def test_prefetched_tasks_are_taken_back_from_a_lost_worker_and_a_released_allocation(tmp_path: Path) -> None:
+    c = Cluster(slots=1)
+    m = await running_manager(tmp_path, c, 170, max_allocations=2)
+    back: list[str] = []
+    started: list[str] = []
+    m.on_take_back = lambda p: back.append(p.key) is None  # taken back (not started by its worker)
+    m.on_start = lambda p: started.append(p.key)
+    busy = m.try_place(need("busy", 30))
+    q = m.try_place(need("q", 30))
+    assert busy is not None and q is not None and q.queued
+    # Its worker died (or was killed to stop its task): the queued task never started; it is handed back.
+    m.release(busy, worker_lost=True)
+    assert back == ["q"] and started == [] and not m.allocations[f"{m.prefix}a1"].queued
+    assert any("1 task(s) queued at worker" in d and "taken back" in d for d in m.decisions)
+    # A new incarnation of the worker takes tasks again; then the allocation's job ends outside the site.
+    a1 = f"{m.prefix}a1"
+    c.workers_by_alloc[a1] = [WorkerInfo(f"{a1}-0", f"node-{a1}", 1, incarnation="i2")]
+    await tick(m)
+    busy2 = m.try_place(need("busy2", 30))
+    q2 = m.try_place(need("q2", 30))
+    assert busy2 is not None and q2 is not None and q2.queued
+    c.entries.clear()  # the job left squeue (time limit, node failure, scancel by hand)
+    c.now += 11
+    await tick(m)
+    assert a1 not in m.allocations and back == ["q", "q2"]
+
+
+async def test_queued_tasks_count_as_backlog_and_move_to_a_new_allocations_free_slots(tmp_path: Path) -> None:
+    c = Cluster(slots=1)
+    m = await running_manager(tmp_path, c, 170, max_allocations=2)
+    a1, a2 = f"{m.prefix}a1", f"{m.prefix}a2"
+    verdict = {"q": True}
+    back: list[str] = []
+
+    def take_back(p: Any) -> bool:
+        back.append(p.key)
+        return verdict.get(p.key, True)
+
+    m.on_take_back = take_back
+    busy = m.try_place(need("busy", 30))
+    q = m.try_place(need("q", 30))
+    assert busy is not None and q is not None and q.queued
+    # Nothing waits in the manager, but a task queued at a busy worker is backlog: a second allocation.
+    await tick(m)
+    assert a2 in m.allocations
+    assert any("backlog 1 task(s) (1 slots, 1 of them queued at busy workers) > 0 free slot(s): requesting "
+               "allocation 2 of 2" in d for d in m.decisions), list(m.decisions)
+    # Its worker connects: the queued task is taken back, to start at once on the free slot.
+    c.start(a2, 170)
+    await tick(m)
+    assert back == ["q"] and not m.allocations[a1].queued
+    p = m.try_place(need("q", 30))
+    assert p is not None and p.allocation == a2 and not p.queued
+
+
+async def test_a_task_its_worker_started_meanwhile_is_not_taken_back(tmp_path: Path) -> None:
+    c = Cluster(slots=1)
+    m = await running_manager(tmp_path, c, 170)
+    m.on_take_back = lambda p: False  # the worker had claimed it (see pilot_worker.claim)
+    busy = m.try_place(need("busy", 30))
+    q = m.try_place(need("q", 30))
+    assert busy is not None and q is not None
+    alloc = m.allocations[f"{m.prefix}a1"]
+    assert m.take_back(alloc) == 0
+    assert not alloc.queued and "q" in alloc.placements and not alloc.placements["q"].queued
+    assert any("0 task(s) queued at its workers taken back to be placed again (1 had started)" in d
+               for d in m.decisions)

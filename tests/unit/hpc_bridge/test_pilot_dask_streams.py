@@ -1,4 +1,5 @@
-"""The Dask pilots' message streams: short batching windows, and a finished key released after the next submit.
+"""The Dask pilots' messages: short batching windows, a finished key released after the next submit, workers listed
+only when they changed.
 
 A real scheduler (the backend's own child process, with the preload) and a real
 in-process worker named like an allocation's; no Slurm.
@@ -36,6 +37,28 @@ async def test_preload_shortens_the_scheduler_and_worker_windows() -> None:
     ):
         assert w.batched_stream.interval == SEND_INTERVAL_S
         assert sched.stream_comms[w.address].interval == SEND_INTERVAL_S
+
+
+async def test_the_manager_lists_workers_only_when_they_changed(tmp_path: Path) -> None:
+    backend = DaskJobqueueBackend(JobqueueSettings(cores_per_node=1), "127.0.0.1", tmp_path)
+    await backend.start()
+    try:
+        assert await backend.workers() == {}
+        async with Worker(backend.scheduler_address, name="rxp-abc123-a1-0", nthreads=1, resources={"GPU": 2}) as w:
+            listed = await backend.workers()
+            assert [(i.name, i.slots, i.gpus, i.incarnation) for i in listed["rxp-abc123-a1"]] == [
+                ("rxp-abc123-a1-0", 1, 2, w.address)]
+            version = backend._workers_version
+            # Unchanged: the scheduler answers with its version only.
+            assert await backend.client.scheduler.rx_workers(since=version) == {"version": version}
+            assert await backend.workers() == listed
+        # The scheduler drops the worker when its connection closes; nothing tells the client: ask until then.
+        deadline = time.monotonic() + 10
+        while (await backend.workers()) != {}:
+            assert time.monotonic() < deadline, "the worker that left is still listed"
+            await asyncio.sleep(0.05)
+    finally:
+        await backend.close()
 
 
 def test_workers_are_started_with_the_preload(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ from paho.mqtt.properties import Properties
 
 from reflexarc.config import MqttSettings
 from reflexarc.envelope import Envelope
-from reflexarc.mqtt import MqttClient, MqttMessage, PackedProperties, _Conn, _decode_publish, pack_publish_properties
+from reflexarc.mqtt import MqttClient, MqttMessage, PackedProperties, pack_publish_properties
+from reflexarc.mqtt._paho import _Conn
+from reflexarc.mqtt.wire import _decode_publish
 
 CE_PROPS = Envelope.for_device("io.reflexarc.data", "bl1", "det1", {"v": 1}, subject="s").to_mqtt(binary=True)[1]
 

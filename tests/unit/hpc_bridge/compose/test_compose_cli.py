@@ -34,8 +34,10 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Run:
 
 def test_help_lists_every_verb(cli: Run) -> None:
     out = cli("--help").output
-    for verb in ("list", "show", "compose", "free", "export", "apply", "pools", "audit"):
+    for verb in ("list", "show", "create", "free", "export", "apply", "pools", "audit"):
         assert f" {verb} " in out
+    # `compose compose` (the old name of `create`) still works, but is no longer listed.
+    assert cli("compose", "--help").exit_code == 0
 
 
 def test_compose_show_free_round_trip(cli: Run, tmp_path: Path) -> None:

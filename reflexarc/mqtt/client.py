@@ -1,33 +1,7 @@
-"""An asyncio MQTT client on paho-mqtt: awaited PUBACKs, a bounded in-flight window, manual acks.
+"""The asyncio MQTT client: connect, publish with awaited PUBACKs, subscribe, receive with manual acks.
 
-paho's protocol engine runs on the asyncio event loop itself, with no network
-thread: the socket is watched with ``loop.add_reader``, and paho's
-``loop_read``/``loop_write``/``loop_misc`` are called from there and from a
-one-second timer. Every paho callback therefore runs on the event-loop
-thread and completes futures directly (no ``call_soon_threadsafe`` hop, no
-GIL ping-pong between two threads), which is what makes one client keep up
-with the broker.
-
-* ``await publish(...)`` returns when the broker acknowledged (QoS 1/2), and
-  at most ``max_inflight`` publishes are unacknowledged at once (paho cannot
-  track more than 65,535).
-* ``manual_ack=True`` leaves the PUBACK of received messages to the caller
-  (:meth:`MqttClient.ack`), so a message is acknowledged only after the next
-  hop took it. With MQTT 5, Receive Maximum tells the broker to stop sending
-  when that many are unacknowledged: backpressure without unbounded buffers.
-* Persistent sessions (``clean_start=False`` + session expiry) keep
-  subscriptions and queued QoS 1 messages across disconnects; unacknowledged
-  publishes are sent again after a reconnect.
-* After the first successful connect, a lost connection is re-established in
-  the background with exponential backoff plus random jitter (so a fleet
-  whose broker restarts does not reconnect in lock-step).
-
-The blocking parts of a connection (name lookup, TCP connect, TLS handshake)
-run in a worker thread; the connected socket is then handed to paho on the
-loop. The socket paho sees buffers reads (paho reads a packet a few bytes at
-a time) and gathers writes into one ``send`` per loop pass, and MQTT 5
-PUBLISH properties are packed directly (:func:`pack_publish_properties`)
-instead of through paho's generic encoder.
+See :mod:`reflexarc.mqtt` for what it guarantees; the wire codec is in
+:mod:`reflexarc.mqtt.wire`, the paho integration in :mod:`reflexarc.mqtt._paho`.
 """
 
 from __future__ import annotations
@@ -39,9 +13,8 @@ import logging
 import random
 import socket
 import ssl
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -51,31 +24,17 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from reflexarc.config import MqttSettings
+from reflexarc.mqtt._paho import _Conn, _Paho
+from reflexarc.mqtt.wire import MqttMessage, PackedProperties, pack_publish_properties
 
 log = logging.getLogger(__name__)
 
-_READ_SIZE = 128 * 1024  # one recv() serves hundreds of small packets
-_TLS_WRITE_CHUNK = 16 * 1024  # one TLS record; a retried SSL write must repeat the same bytes
 _TICK_S = 1.0  # how often paho's keepalive bookkeeping (loop_misc) runs
 _DIAL_TIMEOUT_S = 10.0  # TCP connect + TLS handshake of one attempt
 
 
 class MqttError(RuntimeError):
     """The broker refused something (connect, publish, subscribe); the text says what."""
-
-
-@dataclass(slots=True)
-class MqttMessage:
-    """A received message."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    mid: int
-    retain: bool = False
-    dup: bool = False
-    user_properties: list[tuple[str, str]] = field(default_factory=list)
-    content_type: str | None = None
 
 
 @dataclass(slots=True)
@@ -94,284 +53,6 @@ _CONNACK_HINTS = {
     4: "bad user name or password: check username and the variable named by password_env",
     5: "not authorized: the broker's ACL or auth refused this client",
 }
-
-
-# ---- MQTT 5 PUBLISH properties, packed directly --------------------------------------
-_U16 = struct.Struct("!H").pack
-_PUBACK = struct.Struct("!BBH").pack  # fixed header, remaining length 2, packet id
-_CONNECTED = paho._ConnectionState.MQTT_CS_CONNECTED
-# b"\x26" + length + key for user-property keys seen before (CloudEvents reuse a dozen names).
-_KEY_HEADS: dict[str, bytes] = {}
-
-
-def pack_publish_properties(user_properties: Sequence[tuple[str, str]], content_type: str | None) -> bytes:
-    """The MQTT 5 PUBLISH property block (content type + user properties), byte for byte as paho packs it."""
-    body = bytearray()
-    try:
-        if content_type:
-            raw = content_type.encode()
-            body += b"\x03"
-            body += _U16(len(raw))
-            body += raw
-        heads = _KEY_HEADS
-        for key, value in user_properties:
-            head = heads.get(key)
-            if head is None:
-                raw = key.encode()
-                head = b"\x26" + _U16(len(raw)) + raw
-                if len(heads) < 1024:
-                    heads[key] = head
-            raw = value.encode()
-            body += head
-            body += _U16(len(raw))
-            body += raw
-    except struct.error:
-        too_long = [s for s in (content_type or "", *(x for kv in user_properties for x in kv)) if len(s.encode()) > 65535]
-        raise ValueError(f"MQTT string longer than 65535 bytes: {too_long[0][:40]!r}...") from None
-    n = len(body)
-    out = bytearray()
-    while True:  # the block's length as a variable byte integer
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | 0x80 if n else byte)
-        if not n:
-            break
-    out += body
-    return bytes(out)
-
-
-class PackedProperties:
-    """Pre-packed PUBLISH properties: paho only calls ``pack()`` on what it is given.
-
-    paho's generic ``Properties.pack`` costs about as much as the rest of a
-    QoS 1 publish for a CloudEvent's dozen user properties; this does the same
-    encoding directly (paho calls ``pack()`` again when it resends after a
-    reconnect, which returns the same bytes).
-    """
-
-    __slots__ = ("_packed",)
-
-    def __init__(self, packed: bytes) -> None:
-        self._packed = packed
-
-    def pack(self) -> bytes:
-        """The encoded property block."""
-        return self._packed
-
-    def __str__(self) -> str:
-        return f"[{len(self._packed)} bytes of properties]"
-
-
-# ---- the socket paho sees ----------------------------------------------------------
-class _Conn:
-    """A connected non-blocking socket with a read buffer and a gathered write buffer.
-
-    paho reads each packet as 1 byte, then the length byte by byte, then the
-    rest: three ``recv`` calls per PUBACK. Here one ``recv`` fills a buffer
-    that serves them. paho's ``send`` calls only append to a buffer that
-    :meth:`flush` writes with one ``send`` per loop pass, instead of a system
-    call per packet. paho then believes a packet was written once it is in
-    the buffer; that is safe because nothing in MQTT is acknowledged by the
-    act of writing (QoS 1/2 wait for the broker's ack, QoS 0 promises
-    nothing), and :meth:`close` tries to write what is left.
-    """
-
-    __slots__ = ("_rbuf", "_rpos", "_wbuf", "fd", "sock", "tls")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.tls = isinstance(sock, ssl.SSLSocket)
-        self._rbuf = b""
-        self._rpos = 0
-        self._wbuf = bytearray()
-
-    # paho's SocketLike protocol
-    def recv(self, bufsize: int) -> bytes:
-        """Up to ``bufsize`` bytes; raises BlockingIOError (or ssl.SSLWantReadError) when none are there."""
-        pos = self._rpos
-        buf = self._rbuf
-        if pos >= len(buf):
-            buf = self.sock.recv(_READ_SIZE)
-            if len(buf) <= bufsize:  # also b"" at end of stream
-                self._rbuf, self._rpos = b"", 0
-                return buf
-            self._rbuf = buf
-            pos = 0
-        end = pos + bufsize
-        if end >= len(buf):
-            # The rest of the buffer (a packet may continue in the next recv).
-            self._rbuf, self._rpos = b"", 0
-            return buf[pos:] if pos else buf
-        self._rpos = end
-        return buf[pos:end]
-
-    def send(self, data: bytes | bytearray) -> int:
-        """Take all of ``data`` into the write buffer."""
-        self._wbuf += data
-        return len(data)
-
-    def close(self) -> None:
-        """Write what is buffered if the socket takes it now, then close."""
-        with contextlib.suppress(OSError):
-            self.flush()
-        self.sock.close()
-
-    def fileno(self) -> int:
-        """The socket's file descriptor."""
-        return self.fd
-
-    def setblocking(self, flag: bool) -> None:
-        """Passed to the socket (paho makes it non-blocking)."""
-        self.sock.setblocking(flag)
-
-    def pending(self) -> int:
-        """Bytes already read from the network but not yet handed to paho."""
-        return len(self._rbuf) - self._rpos + (self.sock.pending() if self.tls else 0)  # type: ignore[attr-defined]
-
-    # our side
-    def has_output(self) -> bool:
-        """True while written bytes wait to be sent."""
-        return bool(self._wbuf)
-
-    def flush(self) -> bool:
-        """Send buffered bytes until done (True) or the socket is full (False). OSError: connection broken."""
-        buf = self._wbuf
-        while buf:
-            try:
-                sent = self.sock.send(bytes(buf[:_TLS_WRITE_CHUNK]) if self.tls else buf)
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                return False
-            del buf[:sent]
-        return True
-
-    def discard_output(self) -> None:
-        """Forget unsent bytes (the connection is broken; QoS 1 publishes are resent after reconnect)."""
-        self._wbuf.clear()
-
-
-def _decode_publish(header: int, packet: bytes | bytearray, v5: bool) -> MqttMessage | None:
-    """Decode a QoS 0/1 PUBLISH body straight into an :class:`MqttMessage`.
-
-    paho's generic property decoder costs ~150 µs for a CloudEvent's dozen
-    user properties, most of a received message's cost. This reads the two
-    properties CloudEvents use (content type, user properties) directly and
-    returns None for anything else (other properties, bad UTF-8, malformed
-    lengths), which then goes through paho's own decoder and its errors.
-    """
-    try:
-        packet = bytes(packet)  # bytes index and slice faster than paho's bytearray
-        n = len(packet)
-        tlen = (packet[0] << 8) | packet[1]
-        pos = 2 + tlen
-        if pos > n or (tlen == 0 and not v5):
-            return None
-        topic = packet[2:pos].decode()
-        qos = (header & 0x06) >> 1
-        mid = 0
-        if qos:
-            mid = (packet[pos] << 8) | packet[pos + 1]
-            pos += 2
-        user: list[tuple[str, str]] = []
-        ctype: str | None = None
-        if v5:
-            byte = packet[pos]  # property length: a variable byte integer
-            pos += 1
-            plen = byte & 0x7F
-            shift = 7
-            while byte & 0x80:
-                if shift > 21:
-                    return None
-                byte = packet[pos]
-                pos += 1
-                plen |= (byte & 0x7F) << shift
-                shift += 7
-            end = pos + plen
-            if end > n:
-                return None
-            append = user.append
-            while pos < end:
-                ident = packet[pos]
-                kend = pos + 3 + ((packet[pos + 1] << 8) | packet[pos + 2])
-                if ident == 0x26:
-                    vend = kend + 2 + ((packet[kend] << 8) | packet[kend + 1])
-                    append((packet[pos + 3 : kend].decode(), packet[kend + 2 : vend].decode()))
-                    pos = vend
-                elif ident == 0x03:
-                    ctype = packet[pos + 3 : kend].decode()
-                    pos = kend
-                else:
-                    return None
-            if pos != end:  # a length ran past the property block: malformed
-                return None
-        return MqttMessage(topic, packet[pos:], qos, mid, bool(header & 0x01), bool(header & 0x08), user, ctype)
-    except (IndexError, UnicodeDecodeError):
-        return None
-
-
-class _Paho(paho.Client):
-    """paho's client, connected through a socket we dialled off the event loop."""
-
-    rx_conn: _Conn | None = None
-    # Where decoded QoS 0/1 messages go (MqttClient's delivery), bypassing paho's MQTTMessage.
-    rx_deliver: Any = None
-    # Called with the mid of each publish the broker acknowledged with success.
-    rx_acked: Any = None
-    # Called to have what was put into the connection's write buffer sent soon.
-    rx_flush: Any = None
-
-    def _send_puback(self, mid: int) -> MQTTErrorCode:
-        # Every PUBACK (paho's automatic ones and manual acks) goes straight
-        # into the connection's write buffer, so they leave in the order they
-        # were made, as MQTT requires. paho's queue costs ~3 µs per ack (a
-        # dict per packet, a pass of loop_write) on a path every message takes.
-        conn = self._sock
-        flush = self.rx_flush
-        if type(conn) is not _Conn or flush is None or self._state != _CONNECTED:
-            return super()._send_puback(mid)
-        conn.send(_PUBACK(paho.PUBACK, 2, mid))
-        flush()
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _create_socket(self) -> Any:
-        # paho's reconnect() calls this to connect (blocking); ours was
-        # connected in a worker thread and is handed over here.
-        conn, self.rx_conn = self.rx_conn, None
-        if conn is None:
-            raise ConnectionError("internal error: paho reconnected without a dialled socket")
-        return conn
-
-    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
-        # A successful PUBACK in its short form (mid only, as Mosquitto sends
-        # it) is settled here: paho's decoder builds a Properties and a
-        # ReasonCode object per ack (~15 µs, the largest cost of a publish).
-        # This is paho's _do_on_publish for that case, with no limit on
-        # in-flight messages (so nothing queued to release) and nobody
-        # waiting on the MQTTMessageInfo.
-        packet = self._in_packet["packet"]
-        acked = self.rx_acked
-        if acked is not None and cmd == "PUBACK" and (len(packet) == 2 or not any(packet[2:])):
-            mid = (packet[0] << 8) | packet[1]
-            if self._out_messages.pop(mid, None) is not None:
-                self._inflight_messages -= 1
-                acked(mid)
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        return super()._handle_pubackcomp(cmd)
-
-    def _handle_publish(self) -> MQTTErrorCode:
-        # paho's version decodes properties generically and builds an
-        # MQTTMessage (with a threading.Condition) per message; QoS 0/1 with
-        # the CloudEvents properties take this direct path, the rest paho's.
-        header = self._in_packet["command"]
-        deliver = self.rx_deliver
-        if deliver is None or header & 0x06 == 0x04:
-            return super()._handle_publish()
-        msg = _decode_publish(header, self._in_packet["packet"], self._protocol == paho.MQTTv5)
-        if msg is None:
-            return super()._handle_publish()
-        deliver(msg)
-        if msg.qos == 1 and not self._manual_ack:
-            return self._send_puback(msg.mid)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 def _tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -814,7 +495,7 @@ class MqttClient:
         """
         await self._inflight.acquire()
         try:
-            info = self._c.publish(topic, payload, qos, retain, self._properties(user_properties, content_type))  # type: ignore[arg-type]
+            info = self._c.publish(topic, payload, qos, retain, self._properties(user_properties, content_type))  # type: ignore[arg-type]  # PackedProperties quacks like paho's Properties
         except BaseException:
             self._inflight.release()
             raise
@@ -860,7 +541,7 @@ class MqttClient:
             if f not in self._subs:
                 self._subs.append(f)
         rc, mid = self._c.subscribe(list(filters))
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:  # paho gives no mid only on failure
             raise MqttError(f"subscribe failed: {paho.error_string(rc)}")
         fut: asyncio.Future[list[int]] = self._loop.create_future()
         self._sub_waiters[mid] = fut
@@ -888,7 +569,7 @@ class MqttClient:
             # Brokers reject such topics; if one arrives anyway, pass it on so
             # the consumer dead-letters it instead of it vanishing here.
             topic = msg._topic.decode("utf-8", "replace")
-        self._deliver(MqttMessage(topic, msg.payload, msg.qos, msg.mid, bool(msg.retain), bool(msg.dup), user, ctype))
+        self._deliver(MqttMessage(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup), user, ctype))
 
     def _deliver(self, m: MqttMessage) -> None:
         if self._manual_ack and m.qos:
