@@ -27,11 +27,12 @@ test: system-deps setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# What CI checks before the tests: lint, types (mypy + pydantic plugin, strict) and the import
+# What CI checks before the tests: lint, the format (`ruff format` applies it), types (mypy + pydantic plugin, strict) and the import
 # contracts (import-linter: tiers import only the kernel, ...), all configured in pyproject.toml.
 # mypy and import-linter run over the installed layout (edge/ as reflexarc/edge/ ...).
 check: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) scripts/installed_layout.py mypy -p reflexarc --config-file $(CURDIR)/pyproject.toml
 	$(PY) scripts/installed_layout.py lint-imports $(CURDIR)/pyproject.toml
 	$(PY) scripts/type_ignores.py

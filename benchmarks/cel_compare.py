@@ -146,8 +146,10 @@ def main() -> None:
     ok_r = sum(correct_rust(*c) for c in CASES)
     ok_p = sum(correct_celpy(*c) for c in CASES) if celpy is not None else 0
     ok_e = sum(correct_engine(*c) for c in CASES)
-    print(f"correctness cases: cel (Rust) {ok_r}/{len(CASES)}, cel-python {ok_p}/{len(CASES)}, "
-          f"engine Expr {ok_e}/{len(CASES)}")
+    print(
+        f"correctness cases: cel (Rust) {ok_r}/{len(CASES)}, cel-python {ok_p}/{len(CASES)}, "
+        f"engine Expr {ok_e}/{len(CASES)}"
+    )
     for c in CASES:
         if not correct_engine(*c):
             print(f"  differs: {c[0]!r}: engine Expr WRONG")

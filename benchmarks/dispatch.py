@@ -81,9 +81,17 @@ async def raw_dask(n: int, workers: int) -> float:
     """Trivial calls through Dask's own client (tasks/s)."""
     from distributed import Client, LocalCluster
 
-    async with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                            dashboard_address=None, asynchronous=True) as cluster, \
-            Client(cluster, asynchronous=True) as client:
+    async with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            asynchronous=True,
+        ) as cluster,
+        Client(cluster, asynchronous=True) as client,
+    ):
         await client.gather([client.submit(echo, i=i, pure=False) for i in range(workers)])
         t0 = time.perf_counter()
         await client.gather([client.submit(echo, i=i, pure=False) for i in range(n)])
@@ -94,9 +102,17 @@ async def engine_only(engine: Engine, n: int, tmp: Path) -> float:
     """Trivial tasks through a reflexarc engine object alone (tasks/s)."""
     await engine.start()
     try:
+
         def spec(i: int) -> RunSpec:
-            return RunSpec(task_id=f"e{i}", attempt=1, kind="python", workdir=str(tmp / f"e{i}"),
-                           result_path=str(tmp / f"e{i}" / "o.json"), function=APP, args={"i": i})
+            return RunSpec(
+                task_id=f"e{i}",
+                attempt=1,
+                kind="python",
+                workdir=str(tmp / f"e{i}"),
+                result_path=str(tmp / f"e{i}" / "o.json"),
+                function=APP,
+                args={"i": i},
+            )
 
         warm = [await engine.submit(spec(-1 - i)) for i in range(engine.capacity if engine.name == "local" else 2)]
         await asyncio.gather(*(e.wait() for e in warm))
@@ -127,13 +143,21 @@ class Site:
         self.kind = kind
         self.name = f"bench-{kind}"
         config = tmp / f"{self.name}.yaml"
-        config.write_text(yaml.safe_dump({
-            "site": self.name, "kafka": {"bootstrap_servers": kafka.bootstrap_servers},
-            "state_dir": str(tmp / self.name),
-            "engine": {"kind": kind, "local": {"max_workers": workers},
-                       "dask": {"cluster": "local", "n_workers": workers}},
-            "apps": {"echo": {"function": APP}},
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "site": self.name,
+                    "kafka": {"bootstrap_servers": kafka.bootstrap_servers},
+                    "state_dir": str(tmp / self.name),
+                    "engine": {
+                        "kind": kind,
+                        "local": {"max_workers": workers},
+                        "dask": {"cluster": "local", "n_workers": workers},
+                    },
+                    "apps": {"echo": {"function": APP}},
+                }
+            )
+        )
         self.process = TierProcess("site", config, tmp / f"{self.name}.log", env={"RX_LOG_LEVEL": "WARNING"})
         self.client = SiteClient(kafka)
         self.rounds = 0
@@ -174,8 +198,14 @@ async def one_round(kind: str, site: Site, n: int, workers: int, r: int, tmp: Pa
         raw = await raw_dask(n, workers)
         eng = await engine_only(DaskEngine(DaskEngineSettings(n_workers=workers)), n, tmp / f"e-dask-{r}")
     agent, cpu = await site.run(n, f"r{r}")
-    return {"raw": raw, "engine": eng, "agent": agent, "agent/raw": agent / raw, "agent/engine": agent / eng,
-            "cpu": cpu}
+    return {
+        "raw": raw,
+        "engine": eng,
+        "agent": agent,
+        "agent/raw": agent / raw,
+        "agent/engine": agent / eng,
+        "cpu": cpu,
+    }
 
 
 async def main() -> None:
@@ -203,8 +233,10 @@ async def main() -> None:
         try:
             for site in sites.values():
                 await site.start(a.workers)
-            print(f"dispatch benchmark: {a.n} trivial tasks a round, {a.rounds} interleaved rounds, "
-                  f"{a.workers} workers, {os.cpu_count()} cores")
+            print(
+                f"dispatch benchmark: {a.n} trivial tasks a round, {a.rounds} interleaved rounds, "
+                f"{a.workers} workers, {os.cpu_count()} cores"
+            )
             for r in range(a.rounds):
                 for kind in kinds:
                     got = await one_round(kind, sites[kind], a.n, a.workers, r, tmp)
@@ -216,12 +248,16 @@ async def main() -> None:
             for site in sites.values():
                 await site.stop()
             broker.process.stop()
-    print(f"{'engine':8} {'raw tasks/s':>12} {'engine tasks/s':>15} {'agent tasks/s':>14} {'agent/raw':>10} "
-          f"{'agent/engine':>13} {'agent CPU ms/task':>18}")
+    print(
+        f"{'engine':8} {'raw tasks/s':>12} {'engine tasks/s':>15} {'agent tasks/s':>14} {'agent/raw':>10} "
+        f"{'agent/engine':>13} {'agent CPU ms/task':>18}"
+    )
     for kind in kinds:
         m: dict[str, Any] = {k: statistics.median(v) for k, v in figures[kind].items()}
-        print(f"{kind:8} {m['raw']:12.0f} {m['engine']:15.0f} {m['agent']:14.0f} {m['agent/raw']:10.3f} "
-              f"{m['agent/engine']:13.2f} {m['cpu']:18.3f}")
+        print(
+            f"{kind:8} {m['raw']:12.0f} {m['engine']:15.0f} {m['agent']:14.0f} {m['agent/raw']:10.3f} "
+            f"{m['agent/engine']:13.2f} {m['cpu']:18.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -118,7 +118,9 @@ class CpuMeter:
         return {k: v / n * 1e6 for k, v in self.used.items()}
 
 
-async def publish(mqtt: MqttSettings, msgs: list[tuple[str, bytes, list[tuple[str, str]], str]], client_id: str) -> None:
+async def publish(
+    mqtt: MqttSettings, msgs: list[tuple[str, bytes, list[tuple[str, str]], str]], client_id: str
+) -> None:
     """Publish pre-encoded events QoS 1 with a window of unacknowledged publishes; all PUBACKed at return."""
     async with MqttClient(mqtt, client_id, max_inflight=WINDOW) as pub:
         futs = []
@@ -146,8 +148,12 @@ async def role_kafka_produce(kafka: KafkaSettings, n: int, size: int, topic: str
     records = []
     for i in range(n):
         env = Envelope.for_device(
-            EventType.DATA, "bench", f"d{i % 20}", {"seq": i, "pad": "x" * max(0, size - 24)},
-            subject="load", id=f"k-{i}",
+            EventType.DATA,
+            "bench",
+            f"d{i % 20}",
+            {"seq": i, "pad": "x" * max(0, size - 24)},
+            subject="load",
+            id=f"k-{i}",
         )
         records.append(env.to_kafka())
     producer = make_producer(kafka)
@@ -214,8 +220,9 @@ async def raw_kafka(brokers: EmbeddedBrokers, kafka: KafkaSettings, n: int, size
     await ensure_topics(kafka, [topic])
     tansu = brokers.kafka.process.pid if brokers.kafka is not None else None
     c0 = proc_cpu(tansu)
-    p = _role(["kafka-produce", "--kafka", kafka.bootstrap_servers, "--n", str(n), "--size", str(size),
-               "--topic", topic])
+    p = _role(
+        ["kafka-produce", "--kafka", kafka.bootstrap_servers, "--n", str(n), "--size", str(size), "--topic", topic]
+    )
     try:
         out, _ = await asyncio.to_thread(p.communicate, timeout=300)
     finally:
@@ -244,13 +251,20 @@ def _records_out(port: int, topic: str) -> float:
 
 def _taken_to_disk(port: int, n: int) -> bool:
     """True once the bridge took ``n`` data messages and acknowledged them all (they are in its disk buffer)."""
-    return (_metric(port, "rx_fog_messages_in_total", 'kind="data"') >= n
-            and _metric(port, "rx_fog_mqtt_unacked") == 0)
+    return _metric(port, "rx_fog_messages_in_total", 'kind="data"') >= n and _metric(port, "rx_fog_mqtt_unacked") == 0
 
 
 async def through_bridge(
-    brokers: EmbeddedBrokers, mqtt: MqttSettings, kafka: KafkaSettings, n: int, size: int, tmp: Path, ns: str,
-    profile: Path | None = None, kafka_paused: bool = False, overrides: dict[str, Any] | None = None,
+    brokers: EmbeddedBrokers,
+    mqtt: MqttSettings,
+    kafka: KafkaSettings,
+    n: int,
+    size: int,
+    tmp: Path,
+    ns: str,
+    profile: Path | None = None,
+    kafka_paused: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> Result:
     """Messages/s publisher -> Mosquitto -> fog bridge process -> Kafka, with loss and duplicate counts.
 
@@ -267,8 +281,11 @@ async def through_bridge(
         "metrics_port": metrics_port,
         "mqtt": {"host": mqtt.host, "port": mqtt.port},
         "kafka": {"bootstrap_servers": kafka.bootstrap_servers},
-        "ingest": {"client_id": f"fog-bench-{ns}", "receive_maximum": WINDOW,
-                   "buffer": {"path": str(tmp / f"buffer-{ns}.db")}},
+        "ingest": {
+            "client_id": f"fog-bench-{ns}",
+            "receive_maximum": WINDOW,
+            "buffer": {"path": str(tmp / f"buffer-{ns}.db")},
+        },
         "commands": {"enabled": False},
     }
     for dotted, value in (overrides or {}).items():
@@ -280,7 +297,9 @@ async def through_bridge(
     path = tmp / f"fog-{ns}.yaml"
     path.write_text(yaml.safe_dump(conf))
     bridge = ManagedProcess(
-        "fog", [sys.executable, "-m", "reflexarc.fog", "run", str(path)], tmp / f"fog-{ns}.log",
+        "fog",
+        [sys.executable, "-m", "reflexarc.fog", "run", str(path)],
+        tmp / f"fog-{ns}.log",
         env={**os.environ, "RX_LOG_LEVEL": os.environ.get("RX_LOG_LEVEL", "INFO")},
     )
     bridge.start()
@@ -293,13 +312,26 @@ async def through_bridge(
             await asyncio.sleep(0.05)
         if profile is not None:
             spy = subprocess.Popen(
-                [_py_spy(), "record", "-p", str(bridge.pid), "-r", "250", "-f", "raw",
-                 "-o", str(profile / f"fog-{size}.txt")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    _py_spy(),
+                    "record",
+                    "-p",
+                    str(bridge.pid),
+                    "-r",
+                    "250",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(profile / f"fog-{size}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             await asyncio.sleep(1.0)
         assert brokers.mqtt is not None and brokers.kafka is not None
-        meter = CpuMeter({"mosquitto": brokers.mqtt.process.pid, "bridge": bridge.pid,
-                          "tansu": brokers.kafka.process.pid})
+        meter = CpuMeter(
+            {"mosquitto": brokers.mqtt.process.pid, "bridge": bridge.pid, "tansu": brokers.kafka.process.pid}
+        )
         tansu = brokers.kafka.process
         if kafka_paused:
             tansu.signal(signal.SIGSTOP)
@@ -366,24 +398,31 @@ def _cpu_text(r: Result) -> str:
 
 
 async def main(
-    n: int, sizes: list[int], runs: int, profile: Path | None, buffered: bool = True,
+    n: int,
+    sizes: list[int],
+    runs: int,
+    profile: Path | None,
+    buffered: bool = True,
     ab: dict[str, Any] | None = None,
 ) -> int:
     """Run every measurement and print the table; exit 1 on any loss.
 
     ``ab``: fog.yaml overrides for one more bridge run per round (an A/B of a setting, same rounds).
     """
-    with tempfile.TemporaryDirectory(prefix="fog-bench-") as tmp, EmbeddedBrokers(
-        data_dir=Path(tmp) / "brokers", mqtt_flavour="mosquitto"
-    ) as brokers:
+    with (
+        tempfile.TemporaryDirectory(prefix="fog-bench-") as tmp,
+        EmbeddedBrokers(data_dir=Path(tmp) / "brokers", mqtt_flavour="mosquitto") as brokers,
+    ):
         assert brokers.mqtt is not None
         mqtt = MqttSettings(host=brokers.mqtt.host, port=brokers.mqtt.port)
         kafka = KafkaSettings(bootstrap_servers=brokers.kafka_bootstrap)
         if profile is not None:
             profile.mkdir(parents=True, exist_ok=True)
         print(f"{n} messages per run, QoS 1, acks=all, window {WINDOW}; {runs} rounds of raw MQTT, raw Kafka, bridge")
-        print(f"{'payload':>8} {'raw MQTT/s':>11} {'raw Kafka/s':>12} {'bridge/s':>9} {'ratio':>6} {'lost':>5} {'dups':>5}"
-              "  ratio per round")
+        print(
+            f"{'payload':>8} {'raw MQTT/s':>11} {'raw Kafka/s':>12} {'bridge/s':>9} {'ratio':>6} {'lost':>5} {'dups':>5}"
+            "  ratio per round"
+        )
         lost_any = False
         cpu_lines: list[str] = []
         buffer_lines: list[str] = []
@@ -397,26 +436,36 @@ async def main(
             for r in range(runs):
                 m = await raw_mqtt(brokers, mqtt, n, size)
                 k = await raw_kafka(brokers, kafka, n, size)
-                b = await through_bridge(brokers, mqtt, kafka, n, size, Path(tmp), f"b{size}r{r}",
-                                         profile if r == 0 else None)
+                b = await through_bridge(
+                    brokers, mqtt, kafka, n, size, Path(tmp), f"b{size}r{r}", profile if r == 0 else None
+                )
                 rounds.append((m, k, b))
                 if ab:
-                    variant.append(await through_bridge(brokers, mqtt, kafka, n, size, Path(tmp), f"v{size}r{r}",
-                                                        overrides=ab))
+                    variant.append(
+                        await through_bridge(brokers, mqtt, kafka, n, size, Path(tmp), f"v{size}r{r}", overrides=ab)
+                    )
                 if buffered:
-                    paused.append(await through_bridge(brokers, mqtt, kafka, n, size, Path(tmp), f"p{size}r{r}",
-                                                       kafka_paused=True))
+                    paused.append(
+                        await through_bridge(
+                            brokers, mqtt, kafka, n, size, Path(tmp), f"p{size}r{r}", kafka_paused=True
+                        )
+                    )
             lost_any |= any(b.lost for _, _, b in rounds) or any(p.lost for p in paused)
             ratios = [b.rate / min(m.rate, k.rate) for m, k, b in rounds]
             # The round with the median ratio stands for the size (its rates and CPU costs).
             mid = sorted(range(runs), key=lambda i: ratios[i])[(runs - 1) // 2]
             m, k, b = rounds[mid]
             per_round = " ".join(f"{x:.2f}" for x in ratios)
-            print(f"{size:>7}B {m.rate:>11.0f} {k.rate:>12.0f} {b.rate:>9.0f} {ratios[mid]:>6.2f} "
-                  f"{sum(x.lost for _, _, x in rounds):>5} {sum(x.dups for _, _, x in rounds):>5}  {per_round}",
-                  flush=True)
-            cpu_lines += [f"{size:>7}B raw MQTT:  {_cpu_text(m)}", f"{size:>7}B raw Kafka: {_cpu_text(k)}",
-                          f"{size:>7}B bridge:    {_cpu_text(b)}"]
+            print(
+                f"{size:>7}B {m.rate:>11.0f} {k.rate:>12.0f} {b.rate:>9.0f} {ratios[mid]:>6.2f} "
+                f"{sum(x.lost for _, _, x in rounds):>5} {sum(x.dups for _, _, x in rounds):>5}  {per_round}",
+                flush=True,
+            )
+            cpu_lines += [
+                f"{size:>7}B raw MQTT:  {_cpu_text(m)}",
+                f"{size:>7}B raw Kafka: {_cpu_text(k)}",
+                f"{size:>7}B bridge:    {_cpu_text(b)}",
+            ]
             if any(x.engaged for _, _, x in rounds):
                 print(f"         (the disk buffer engaged in the steady state: {[x.engaged for _, _, x in rounds]})")
             if variant:
@@ -424,9 +473,11 @@ async def main(
                 vs = [v.rate / rounds[i][2].rate for i, v in enumerate(variant)]
                 j = sorted(range(len(variant)), key=lambda i: vs[i])[(len(variant) - 1) // 2]
                 lost_any |= any(v.lost for v in variant)
-                ab_lines.append(f"{size:>7}B {variant[j].rate:>9.0f}/s = {vs[j]:.2f} x bridge; "
-                                f"{sum(v.lost for v in variant)} lost, {sum(v.dups for v in variant)} dups; "
-                                f"CPU {_cpu_text(variant[j])}; per round " + " ".join(f"{x:.2f}" for x in vs))
+                ab_lines.append(
+                    f"{size:>7}B {variant[j].rate:>9.0f}/s = {vs[j]:.2f} x bridge; "
+                    f"{sum(v.lost for v in variant)} lost, {sum(v.dups for v in variant)} dups; "
+                    f"CPU {_cpu_text(variant[j])}; per round " + " ".join(f"{x:.2f}" for x in vs)
+                )
             if paused:
                 # Each paused run against the raw MQTT (intake) and raw Kafka (drain) rates of its own round.
                 intake = [p.rate / rounds[i][0].rate for i, p in enumerate(paused)]
@@ -436,16 +487,21 @@ async def main(
                 buffer_lines.append(
                     f"{size:>7}B {p.rate:>11.0f} {intake[j]:>6.2f} {p.drain:>9.0f} {drain[j]:>6.2f} "
                     f"{sum(x.lost for x in paused):>5} {sum(x.dups for x in paused):>5}  "
-                    + " ".join(f"{a:.2f}/{d:.2f}" for a, d in zip(intake, drain, strict=True)))
+                    + " ".join(f"{a:.2f}/{d:.2f}" for a, d in zip(intake, drain, strict=True))
+                )
                 cpu_lines.append(f"{size:>7}B buffering: {_cpu_text(p)}")
         print("ratio = bridge / min(raw MQTT, raw Kafka) of the median round; target >= 0.80 with zero loss")
         if buffer_lines:
             print("\nWith Kafka paused (SIGSTOP) while the messages are published: the bridge takes them into its disk")
             print("buffer (intake: all taken and acknowledged in MQTT), then Kafka continues (SIGCONT) and it drains.")
-            print(f"{'payload':>8} {'intake/s':>11} {'/MQTT':>6} {'drain/s':>9} {'/Kafka':>6} {'lost':>5} {'dups':>5}"
-                  "  intake/drain ratios per round")
+            print(
+                f"{'payload':>8} {'intake/s':>11} {'/MQTT':>6} {'drain/s':>9} {'/Kafka':>6} {'lost':>5} {'dups':>5}"
+                "  intake/drain ratios per round"
+            )
             print("\n".join(buffer_lines))
-            print("intake ratio = vs raw MQTT, drain ratio = vs raw Kafka, of the same round (median intake round shown)")
+            print(
+                "intake ratio = vs raw MQTT, drain ratio = vs raw Kafka, of the same round (median intake round shown)"
+            )
         if ab_lines:
             print(f"\nThe bridge with {ab} (same rounds):")
             print("\n".join(ab_lines))
@@ -485,8 +541,13 @@ def _cli() -> None:
     ap.add_argument("--profile", type=Path, help="record the bridge with py-spy into this directory")
     ap.add_argument("--no-buffered", action="store_true", help="skip the runs with Kafka paused (disk buffer)")
     ap.add_argument("--top", type=Path, help="summarise a py-spy raw profile and exit")
-    ap.add_argument("--ab", action="append", default=[], metavar="KEY=VALUE",
-                    help="also run the bridge with this fog.yaml setting (dotted key, YAML value) in every round")
+    ap.add_argument(
+        "--ab",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also run the bridge with this fog.yaml setting (dotted key, YAML value) in every round",
+    )
     ap.add_argument("--role", choices=["mqtt-sub", "kafka-produce"], help=argparse.SUPPRESS)
     ap.add_argument("--mqtt-port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--kafka", help=argparse.SUPPRESS)
@@ -501,8 +562,7 @@ def _cli() -> None:
         asyncio.run(role_kafka_produce(KafkaSettings(bootstrap_servers=a.kafka), a.n, a.size, a.topic))
     else:
         ab = {k: yaml.safe_load(v) for k, _, v in (x.partition("=") for x in a.ab)}
-        sys.exit(asyncio.run(main(a.n, [int(s) for s in a.sizes.split(",")], a.runs, a.profile, not a.no_buffered,
-                                  ab)))
+        sys.exit(asyncio.run(main(a.n, [int(s) for s in a.sizes.split(",")], a.runs, a.profile, not a.no_buffered, ab)))
 
 
 if __name__ == "__main__":

@@ -95,12 +95,18 @@ async def throughput(store: S3Store, rounds: int, n: int, mib: int, tmp: Path) -
     s_t = statistics.median(t for t, _ in sub)
     r_t = statistics.median(t for t, _ in raw)
     print(f"throughput: {n} frames x {mib} MiB, {rounds} interleaved rounds (median)")
-    print(f"  subject (edge put_array + site download, verified): {n / s_t:6.1f} frames/s {mb / s_t:7.1f} MB/s "
-          f"CPU {1e6 * statistics.median(c for _, c in sub) / n:8.0f} µs/frame")
-    print(f"  raw s3fs (pipe_file + cat_file):                    {n / r_t:6.1f} frames/s {mb / r_t:7.1f} MB/s "
-          f"CPU {1e6 * statistics.median(c for _, c in raw) / n:8.0f} µs/frame")
-    print(f"  ratio subject/raw (frames/s): median {statistics.median(ratios):.2f} "
-          f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+    print(
+        f"  subject (edge put_array + site download, verified): {n / s_t:6.1f} frames/s {mb / s_t:7.1f} MB/s "
+        f"CPU {1e6 * statistics.median(c for _, c in sub) / n:8.0f} µs/frame"
+    )
+    print(
+        f"  raw s3fs (pipe_file + cat_file):                    {n / r_t:6.1f} frames/s {mb / r_t:7.1f} MB/s "
+        f"CPU {1e6 * statistics.median(c for _, c in raw) / n:8.0f} µs/frame"
+    )
+    print(
+        f"  ratio subject/raw (frames/s): median {statistics.median(ratios):.2f} "
+        f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+    )
 
 
 def _rss_kib(pid: int) -> int:
@@ -127,8 +133,13 @@ sources:
   - {{type: frames, stream: frames, shape: [{side}, {side}], dtype: uint32, rate_hz: 10000, count: {n}, seed: 2}}
 """)
     fs, root = open_store(claims, ObjectStoreSettings(endpoint_url=store.endpoint_url))
-    agent = ManagedProcess("edge", [sys.executable, "-m", "reflexarc", "edge", "run", str(cfg)], tmp / "edge.log",
-                           env={**os.environ, **store.env()}, cwd=tmp).start()
+    agent = ManagedProcess(
+        "edge",
+        [sys.executable, "-m", "reflexarc", "edge", "run", str(cfg)],
+        tmp / "edge.log",
+        env={**os.environ, **store.env()},
+        cwd=tmp,
+    ).start()
     try:
         assert agent.pid is not None
         peak = streaming = 0
@@ -152,8 +163,10 @@ sources:
     finally:
         agent.stop()
         broker.process.stop()
-    print(f"edge RSS: {n} frames x {mib} MiB in {secs:.1f} s ({n * mib / secs:.1f} MiB/s incl. start-up): "
-          f"{streaming / 1024:.0f} MiB once streaming, peak {peak / 1024:.0f} MiB")
+    print(
+        f"edge RSS: {n} frames x {mib} MiB in {secs:.1f} s ({n * mib / secs:.1f} MiB/s incl. start-up): "
+        f"{streaming / 1024:.0f} MiB once streaming, peak {peak / 1024:.0f} MiB"
+    )
 
 
 def main() -> None:

@@ -57,17 +57,28 @@ PILOTS = ("dask", "parsl")
 def site_config(kind: str, kafka: KafkaSettings, slurm: SlurmCluster, tmp: Path, slots: int) -> SiteConfig:
     """A site of ``kind`` (dask or parsl pilot, or batch) on the benchmark's Slurm."""
     env = {"SLURM_CONF": str(slurm.conf_path)}
-    pilot = {"cores_per_node": slots, "min_allocations": 1, "max_allocations": 1, "walltime": "01:00:00",
-             "idle_timeout_s": 3600, "env": env}
+    pilot = {
+        "cores_per_node": slots,
+        "min_allocations": 1,
+        "max_allocations": 1,
+        "walltime": "01:00:00",
+        "idle_timeout_s": 3600,
+        "env": env,
+    }
     engine: dict[str, Any] = {
         "dask": {"kind": "dask", "dask": {"jobqueue": pilot}},
         "parsl": {"kind": "parsl", "parsl": pilot},
         "batch": {"kind": "batch", "batch": {"scheduler": "slurm", "poll_interval_s": 1, "env": env}},
     }[kind]
-    return SiteConfig.model_validate({
-        "site": f"bench-{kind}", "kafka": kafka.model_dump(), "state_dir": str(tmp / kind), "engine": engine,
-        "apps": {"echo": {"function": APP, "timeout_s": 120}},
-    })
+    return SiteConfig.model_validate(
+        {
+            "site": f"bench-{kind}",
+            "kafka": kafka.model_dump(),
+            "state_dir": str(tmp / kind),
+            "engine": engine,
+            "apps": {"echo": {"function": APP, "timeout_s": 120}},
+        }
+    )
 
 
 def pct(values: list[float], q: float) -> float:
@@ -94,8 +105,16 @@ async def engine_latency(engine: Engine, n: int, tmp: Path, tag: str) -> list[fl
     out = []
     for i in range(n):
         work = tmp / f"{engine.name}-{tag}-{i}"
-        spec = RunSpec(task_id=f"{tag}-{i}", attempt=1, kind="python", workdir=str(work),
-                       result_path=str(work / "outcome.json"), function=APP, args={"i": i}, timeout_s=60)
+        spec = RunSpec(
+            task_id=f"{tag}-{i}",
+            attempt=1,
+            kind="python",
+            workdir=str(work),
+            result_path=str(work / "outcome.json"),
+            function=APP,
+            args={"i": i},
+            timeout_s=60,
+        )
         t0 = time.time()
         outcome = await (await engine.submit(spec)).wait()
         assert outcome.started_at is not None, outcome
@@ -131,8 +150,16 @@ async def pilot_rate(engine: PilotEngine, n: int, tmp: Path, tag: str, prefetch:
 
     def spec(i: int) -> RunSpec:
         work = tmp / f"{engine.name}-{tag}-{i}"
-        return RunSpec(task_id=f"{tag}-{i}", attempt=1, kind="python", workdir=str(work),
-                       result_path=str(work / "outcome.json"), function=APP, args={"i": i}, timeout_s=60)
+        return RunSpec(
+            task_id=f"{tag}-{i}",
+            attempt=1,
+            kind="python",
+            workdir=str(work),
+            result_path=str(work / "outcome.json"),
+            function=APP,
+            args={"i": i},
+            timeout_s=60,
+        )
 
     try:
         c0, t0 = time.process_time(), time.perf_counter()
@@ -181,7 +208,8 @@ async def main() -> None:
                 lat: dict[str, list[list[float]]] = {k: [] for k in agents}
                 eng_lat: dict[str, list[list[float]]] = {k: [] for k in agents}
                 rates: dict[str, dict[str, list[float]]] = {
-                    k: {"raw": [], "pilot": [], "no-pf": [], "agent": [], "cpu": [], "cpu-no-pf": []} for k in PILOTS}
+                    k: {"raw": [], "pilot": [], "no-pf": [], "agent": [], "cpu": [], "cpu-no-pf": []} for k in PILOTS
+                }
                 for r in range(a.rounds):
                     for kind in agents:
                         n = a.batch_n if kind == "batch" else a.latency_n
@@ -197,21 +225,29 @@ async def main() -> None:
                             rates[kind]["pilot" if pf else "no-pf"].append(rate)
                             rates[kind]["cpu" if pf else "cpu-no-pf"].append(cpu)
                         rates[kind]["agent"].append(await agent_rate(client, f"bench-{kind}", a.n, f"a{r}"))
-            print(f"pilot benchmark: one Slurm on loopback, {a.rounds} interleaved rounds, "
-                  f"pilot allocations of {a.slots} slots (2-core machine)")
-            for title, data in (("through the site agent: request on Kafka -> app running", lat),
-                                ("engine alone: engine.submit -> app running (no Kafka, no job database)", eng_lat)):
+            print(
+                f"pilot benchmark: one Slurm on loopback, {a.rounds} interleaved rounds, "
+                f"pilot allocations of {a.slots} slots (2-core machine)"
+            )
+            for title, data in (
+                ("through the site agent: request on Kafka -> app running", lat),
+                ("engine alone: engine.submit -> app running (no Kafka, no job database)", eng_lat),
+            ):
                 print(f"\ntask start latency, {title}")
                 print(f"{'site':8} {'tasks':>6} {'p50 ms':>9} {'p99 ms':>9} {'sbatch p50 / p50':>17}")
                 p50 = {k: statistics.median(pct(rs, 0.5) for rs in data[k]) for k in agents}
                 for kind in agents:
                     allv = [v for rs in data[kind] for v in rs]
                     ratios = [pct(b, 0.5) / pct(x, 0.5) for b, x in zip(data["batch"], data[kind], strict=True)]
-                    print(f"{kind:8} {len(allv):6d} {p50[kind] * 1000:9.1f} {pct(allv, 0.99) * 1000:9.1f} "
-                          f"{statistics.median(ratios):17.1f}")
+                    print(
+                        f"{kind:8} {len(allv):6d} {p50[kind] * 1000:9.1f} {pct(allv, 0.99) * 1000:9.1f} "
+                        f"{statistics.median(ratios):17.1f}"
+                    )
             print(f"\nthroughput, {a.n} trivial tasks (tasks/s; ratios against raw of the same round)")
-            print(f"{'engine':8} {'raw':>6} {'pilot':>6} {'no-pf':>6} {'agent':>6} {'pilot/raw':>10} "
-                  f"{'no-pf/raw':>10} {'agent/raw':>10} {'pilot/no-pf':>12} {'CPU µs/task pilot':>18} {'no-pf':>6}")
+            print(
+                f"{'engine':8} {'raw':>6} {'pilot':>6} {'no-pf':>6} {'agent':>6} {'pilot/raw':>10} "
+                f"{'no-pf/raw':>10} {'agent/raw':>10} {'pilot/no-pf':>12} {'CPU µs/task pilot':>18} {'no-pf':>6}"
+            )
             for kind in PILOTS:
                 rr = rates[kind]
                 med = {m: statistics.median(v) for m, v in rr.items()}
@@ -219,9 +255,11 @@ async def main() -> None:
                 def ratio(x: str, y: str, rr: dict[str, list[float]] = rr) -> float:
                     return statistics.median(p / r for p, r in zip(rr[x], rr[y], strict=True))
 
-                print(f"{kind:8} {med['raw']:6.0f} {med['pilot']:6.0f} {med['no-pf']:6.0f} {med['agent']:6.0f} "
-                      f"{ratio('pilot', 'raw'):10.2f} {ratio('no-pf', 'raw'):10.2f} {ratio('agent', 'raw'):10.2f} "
-                      f"{ratio('pilot', 'no-pf'):12.2f} {med['cpu']:18.0f} {med['cpu-no-pf']:6.0f}")
+                print(
+                    f"{kind:8} {med['raw']:6.0f} {med['pilot']:6.0f} {med['no-pf']:6.0f} {med['agent']:6.0f} "
+                    f"{ratio('pilot', 'raw'):10.2f} {ratio('no-pf', 'raw'):10.2f} {ratio('agent', 'raw'):10.2f} "
+                    f"{ratio('pilot', 'no-pf'):12.2f} {med['cpu']:18.0f} {med['cpu-no-pf']:6.0f}"
+                )
         finally:
             stop.set()
             await asyncio.gather(*runs, return_exceptions=True)

@@ -84,8 +84,10 @@ def triggers_yaml(n: int, bootstrap: str, app_id: str, metrics_port: int = 0) ->
         out.append(f"  - name: t{i}")
         out.append("    on: bench/+/counts")
         if i % 10 == 9:
-            out.append("    window: {type: sliding, size: 2s, aggregates: "
-                       "{m: {op: mean, of: double(event.data.value)}, n: {op: count}}}")
+            out.append(
+                "    window: {type: sliding, size: 2s, aggregates: "
+                "{m: {op: mean, of: double(event.data.value)}, n: {op: count}}}"
+            )
             out.append(f"    when: agg.n >= 5 && agg.m > {990.0 + i / 1000:.3f}")
             out.append("    cooldown: 10s")
         else:
@@ -97,8 +99,15 @@ def triggers_yaml(n: int, bootstrap: str, app_id: str, metrics_port: int = 0) ->
 
 def make_event(i: int) -> Envelope:
     """Event ``i``: one of 8 devices, 10 ms after event ``i - 1``."""
-    return Envelope.for_device(EventType.DATA, "bench", f"det{i % 8}", {"value": (i * 7919) % 1000, "frame": i},
-                               subject="counts", id=f"ev{i}", time=T0 + timedelta(milliseconds=10 * i))
+    return Envelope.for_device(
+        EventType.DATA,
+        "bench",
+        f"det{i % 8}",
+        {"value": (i * 7919) % 1000, "frame": i},
+        subject="counts",
+        id=f"ev{i}",
+        time=T0 + timedelta(milliseconds=10 * i),
+    )
 
 
 def make_events(n: int) -> list[Envelope]:
@@ -178,7 +187,7 @@ async def rounds(args: argparse.Namespace, settings: KafkaSettings, base: Path, 
     ratios: dict[str, list[float]] = {k: [] for k in kinds if k != "raw"}
     cpu_ratios: dict[str, list[float]] = {k: [] for k in kinds if k != "raw"}
     for r in range(args.rounds):
-        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
+        order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]
         got: dict[str, Rate] = {}
         for kind in order:
             if kind == "raw":
@@ -199,9 +208,12 @@ async def rounds(args: argparse.Namespace, settings: KafkaSettings, base: Path, 
             if kind != "raw":
                 ratios[kind].append(rate / raw_rate)
                 cpu_ratios[kind].append(raw_cpu / cpu)
-        print(f"round {r + 1}: " + ", ".join(
-            f"{k} {got[k][0]:,.0f}/s" + ("" if k == "raw" else f" ({got[k][0] / raw_rate:.3f})") for k in kinds
-        ))
+        print(
+            f"round {r + 1}: "
+            + ", ".join(
+                f"{k} {got[k][0]:,.0f}/s" + ("" if k == "raw" else f" ({got[k][0] / raw_rate:.3f})") for k in kinds
+            )
+        )
     print(f"\nmedians of {args.rounds} interleaved rounds, {len(events)} events, Tansu on loopback, 4 partitions:")
     print(f"{'':>10} {'events/s':>9} {'/ raw':>7} {'CPU us/ev':>10} {'/ raw':>7}   / raw in each round (wall)")
     for kind in kinds:
@@ -210,10 +222,14 @@ async def rounds(args: argparse.Namespace, settings: KafkaSettings, base: Path, 
         if kind == "raw":
             print(f"{kind:>10} {rate:9,.0f} {'':>7} {cpu:10.1f}")
             continue
-        print(f"{kind:>10} {rate:9,.0f} {statistics.median(ratios[kind]):7.3f} {cpu:10.1f} "
-              f"{statistics.median(cpu_ratios[kind]):7.3f}   " + " ".join(f"{x:.3f}" for x in ratios[kind]))
-    print("(/ raw: the same round's raw rate over this one's - wall time, the targets' measure; and CPU time per "
-          "event of this process, raw's over this one's - steadier when other work shares the cores)")
+        print(
+            f"{kind:>10} {rate:9,.0f} {statistics.median(ratios[kind]):7.3f} {cpu:10.1f} "
+            f"{statistics.median(cpu_ratios[kind]):7.3f}   " + " ".join(f"{x:.3f}" for x in ratios[kind])
+        )
+    print(
+        "(/ raw: the same round's raw rate over this one's - wall time, the targets' measure; and CPU time per "
+        "event of this process, raw's over this one's - steadier when other work shares the cores)"
+    )
 
 
 def rss_mb(pid: int) -> float:
@@ -295,8 +311,9 @@ async def rss_run(args: argparse.Namespace, settings: KafkaSettings, base: Path)
             n = events_total(port)
             rss = rss_mb(worker.pid)
             samples.append((now - t0, rss))
-            print(f"{now - t0:6.0f} {rss:9.1f} {n:12,.0f} {(n - last_n) / (now - last_t):9,.0f} "
-                  f"{produced[0] - n:9,.0f}")
+            print(
+                f"{now - t0:6.0f} {rss:9.1f} {n:12,.0f} {(n - last_n) / (now - last_t):9,.0f} {produced[0] - n:9,.0f}"
+            )
             last_n, last_t = n, now
     finally:
         stop.set()
@@ -309,9 +326,11 @@ async def rss_run(args: argparse.Namespace, settings: KafkaSettings, base: Path)
     last = [r for t, r in samples if t >= end - 60]
     after = [r for t, r in samples if t >= 60] or [r for _, r in samples]
     base, final = statistics.median(second), statistics.median(last)
-    print(f"RSS median of the 2nd minute {base:.1f} MB, of the last minute {final:.1f} MB: "
-          f"{(final - base) / base * 100:+.1f} % (flat = within 20 %); after the 1st minute between "
-          f"{min(after):.1f} and {max(after):.1f} MB; worker exit {rc}")
+    print(
+        f"RSS median of the 2nd minute {base:.1f} MB, of the last minute {final:.1f} MB: "
+        f"{(final - base) / base * 100:+.1f} % (flat = within 20 %); after the 1st minute between "
+        f"{min(after):.1f} and {max(after):.1f} MB; worker exit {rc}"
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -349,8 +368,10 @@ async def fetch_wait_run(waits: list[int], settings: KafkaSettings, tansu_pid: i
             while time.monotonic() - w0 < 10:
                 await consumer.getmany(timeout_ms=100)
             dt = time.monotonic() - w0
-            print(f"{wait:>7} ms {statistics.median(latencies):>27.1f} ms {(time.process_time() - c0) / dt:>17.1%} "
-                  f"{(cpu_seconds(tansu_pid) - b0) / dt:>15.1%}")
+            print(
+                f"{wait:>7} ms {statistics.median(latencies):>27.1f} ms {(time.process_time() - c0) / dt:>17.1%} "
+                f"{(cpu_seconds(tansu_pid) - b0) / dt:>15.1%}"
+            )
             await consumer.stop()
     finally:
         await producer.stop()

@@ -27,7 +27,9 @@ def _triggers() -> None:
 @app.command("run")
 def run(
     file: Path = typer.Argument(..., metavar="FILE", help="triggers.yaml", exists=False),
-    log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)"),
+    log_level: str | None = typer.Option(
+        None, "--log-level", help="DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)"
+    ),
 ) -> None:
     """Run the trigger engine on Kafka until SIGTERM/Ctrl-C; the file is reloaded when it changes."""
     from reflexarc.cloud.worker import SigningKeyMissing, run_file

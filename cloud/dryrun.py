@@ -44,17 +44,24 @@ class DryRunReport:
         out = []
         for lineno, f in self.firings:
             if as_json:
-                out.append(json.dumps({
-                    "line": lineno,
-                    "trigger": f.trigger,
-                    "key": f.key,
-                    "cause": f.cause.model_dump(mode="json"),
-                    "tasks": [t.model_dump(mode="json", exclude={"cause"}) for t in f.tasks],
-                    "commands": [c.model_dump(mode="json", exclude={"cause", "deadline"}) for c in f.commands],
-                }, sort_keys=True))
+                out.append(
+                    json.dumps(
+                        {
+                            "line": lineno,
+                            "trigger": f.trigger,
+                            "key": f.key,
+                            "cause": f.cause.model_dump(mode="json"),
+                            "tasks": [t.model_dump(mode="json", exclude={"cause"}) for t in f.tasks],
+                            "commands": [c.model_dump(mode="json", exclude={"cause", "deadline"}) for c in f.commands],
+                        },
+                        sort_keys=True,
+                    )
+                )
                 continue
             when = f.cause.time.isoformat() if f.cause.time else "?"
-            acts = [f"task {t.app}@{t.site} id={t.task_id[:12]} args={json.dumps(t.args, sort_keys=True)}" for t in f.tasks]
+            acts = [
+                f"task {t.app}@{t.site} id={t.task_id[:12]} args={json.dumps(t.args, sort_keys=True)}" for t in f.tasks
+            ]
             acts += [
                 f"command {c.actuator} -> {c.site}/{c.device} args={json.dumps(c.args, sort_keys=True)}"
                 for c in f.commands

@@ -47,8 +47,10 @@ log = logging.getLogger(__name__)
 SEP = "\x1f"
 
 
-CONFLICT_MESSAGE = ("event id {id!r} was applied already with other data (a device reusing an event id "
-                    "for another event): this event is ignored")
+CONFLICT_MESSAGE = (
+    "event id {id!r} was applied already with other data (a device reusing an event id "
+    "for another event): this event is ignored"
+)
 
 
 @dataclass
@@ -173,8 +175,23 @@ def _applied_already(win: dict[str, Any], event_id: str, digest: int, out: Outco
 class _Plan:
     """One enabled trigger, ready for the per-event loop: everything it needs, looked up once."""
 
-    __slots__ = ("aggregates", "by_stream", "close", "cooldown", "filter", "fp", "keeper", "name", "needs_window",
-                 "order", "sliding", "stateful", "step", "trig", "when")
+    __slots__ = (
+        "aggregates",
+        "by_stream",
+        "close",
+        "cooldown",
+        "filter",
+        "fp",
+        "keeper",
+        "name",
+        "needs_window",
+        "order",
+        "sliding",
+        "stateful",
+        "step",
+        "trig",
+        "when",
+    )
 
     def __init__(self, trig: CompiledTrigger, order: int) -> None:
         w = trig.spec.window
@@ -244,8 +261,20 @@ _EMPTY: dict[str, Any] = {}
 # A group function: (event, key, fired) appends i for a firing of plans[i], ~i for one the library must judge.
 _Group = Callable[[dict[str, Any], str, list[int]], None]
 # A stateful trigger's step: (state key, key, scope, filter variables, event, states, position, outcome, memo).
-_Step = Callable[[str, str, Scope, dict[str, Any], dict[str, Any], Mapping[str, dict[str, Any] | None],
-                  int | None, "Outcome", list[Any]], None]
+_Step = Callable[
+    [
+        str,
+        str,
+        Scope,
+        dict[str, Any],
+        dict[str, Any],
+        Mapping[str, dict[str, Any] | None],
+        int | None,
+        "Outcome",
+        list[Any],
+    ],
+    None,
+]
 
 
 def stateless_group(plans: list[_Plan]) -> _Group:
@@ -277,8 +306,14 @@ def stateless_group(plans: list[_Plan]) -> _Group:
             return None
         local = f"_r{len(results)}"
         results[(expr.source, own, under)] = local
-        body.extend([f"{indent}try:", f"{indent}    {local} = {code}", f"{indent}except GIVE_UP:",
-                     f"{indent}    {local} = None"])
+        body.extend(
+            [
+                f"{indent}try:",
+                f"{indent}    {local} = {code}",
+                f"{indent}except GIVE_UP:",
+                f"{indent}    {local} = None",
+            ]
+        )
         return local
 
     # Consecutive triggers with the same filter share one `if` on it; `block` is that filter's local and
@@ -314,8 +349,12 @@ def stateless_group(plans: list[_Plan]) -> _Group:
         if when is None:
             body.append(f"        fired.append({~i})")
         else:
-            body += [f"        if {when} is True:", f"            fired.append({i})",
-                     f"        elif {when} is not False:", f"            fired.append({~i})"]
+            body += [
+                f"        if {when} is True:",
+                f"            fired.append({i})",
+                f"        elif {when} is not False:",
+                f"            fired.append({~i})",
+            ]
         pending.append(~i)
     close()
     lines = ["def _group(E, K, fired):"]
@@ -334,8 +373,9 @@ class _Selection:
 
     __slots__ = ("group", "key", "stateful", "stateless")
 
-    def __init__(self, key: str, stateless: list[_Plan], group: _Group | None,
-                 stateful: list[tuple[_Plan, str, str]]) -> None:
+    def __init__(
+        self, key: str, stateless: list[_Plan], group: _Group | None, stateful: list[tuple[_Plan, str, str]]
+    ) -> None:
         self.key = key  # site/device: the key of triggers without a window
         self.stateless = stateless
         self.group = group
@@ -389,8 +429,9 @@ class TriggerEngine:
     def selected(self, site: str, device: str, stream: str) -> list[CompiledTrigger]:
         """Triggers listening to one stream (looked up in the selector index, cached), in config order."""
         sel = self._selection(site, device, stream)
-        return sorted([p.trig for p in sel.stateless] + [p.trig for p, _, _ in sel.stateful],
-                      key=lambda t: self._order[t.name])
+        return sorted(
+            [p.trig for p in sel.stateless] + [p.trig for p, _, _ in sel.stateful], key=lambda t: self._order[t.name]
+        )
 
     @staticmethod
     def state_key(trig: CompiledTrigger, site: str, device: str, stream: str) -> str:
@@ -411,8 +452,9 @@ class TriggerEngine:
             raise EnvelopeError(f"expected a {_DATA} event, got {env.type!r}")
         ext = env.extensions
         if not (ext.get("site") and ext.get("device") and env.subject):
-            missing = [n for n, v in (("site", env.site), ("device", env.device), ("subject (stream)", env.subject))
-                       if not v]
+            missing = [
+                n for n, v in (("site", env.site), ("device", env.device), ("subject (stream)", env.subject)) if not v
+            ]
             raise EnvelopeError(f"instrument event {env.id} lacks {', '.join(missing)}")
 
     def process(
@@ -435,9 +477,16 @@ class TriggerEngine:
         if event_type != _DATA or not (site and device and subject):
             self.check_event(env)  # raises, saying why
         time, data = env.time, env.data
-        ctx = {"id": env.id, "type": event_type, "source": env.source, "site": site, "device": device,
-               "stream": subject, "time": time if time.tzinfo else time.replace(tzinfo=UTC),
-               "data": data if isinstance(data, dict) else {}}
+        ctx = {
+            "id": env.id,
+            "type": event_type,
+            "source": env.source,
+            "site": site,
+            "device": device,
+            "stream": subject,
+            "time": time if time.tzinfo else time.replace(tzinfo=UTC),
+            "data": data if isinstance(data, dict) else {},
+        }
         return self.evaluate(ctx, states, position)
 
     def event_of(self, fields: KafkaEventFields) -> dict[str, Any]:
@@ -454,8 +503,16 @@ class TriggerEngine:
         if not (site and device and subject):
             missing = [n for n, v in (("site", site), ("device", device), ("subject (stream)", subject)) if not v]
             raise EnvelopeError(f"instrument event {event_id} lacks {', '.join(missing)}")
-        return {"id": event_id, "type": event_type, "source": source, "site": site, "device": device,
-                "stream": subject, "time": time, "data": data}
+        return {
+            "id": event_id,
+            "type": event_type,
+            "source": source,
+            "site": site,
+            "device": device,
+            "stream": subject,
+            "time": time,
+            "data": data,
+        }
 
     def evaluate(
         self,
@@ -503,8 +560,7 @@ class TriggerEngine:
                 out.firings.sort(key=lambda f: self._order[f.trigger])  # config order, as one loop would give
         return out
 
-    def _stateless(self, plan: _Plan, key: str, ctx: dict[str, Any], scope: Scope, out: Outcome,
-                   judged: bool) -> None:
+    def _stateless(self, plan: _Plan, key: str, ctx: dict[str, Any], scope: Scope, out: Outcome, judged: bool) -> None:
         """A trigger without state that fired (``judged``), or that the library must evaluate."""
         variables = {"event": ctx, "agg": _EMPTY, "window": _EMPTY, "key": key, "trigger": plan.name}
         try:
@@ -571,9 +627,20 @@ class TriggerEngine:
             "            return",
         ]
         namespace: dict[str, Any] = {
-            **HELPERS, "GIVE_UP": GIVE_UP, "_EMPTY": _EMPTY, "_MISSING": _MISSING, "FP": plan.fp, "FLT": plan.filter,
-            "WHEN": plan.when, "NAME": plan.name, "TRIG": plan.trig, "epoch": epoch, "event_digest": event_digest,
-            "slide": keeper.slide_fast, "sliding_pane": keeper.sliding_pane, "window_vars": _window_vars,
+            **HELPERS,
+            "GIVE_UP": GIVE_UP,
+            "_EMPTY": _EMPTY,
+            "_MISSING": _MISSING,
+            "FP": plan.fp,
+            "FLT": plan.filter,
+            "WHEN": plan.when,
+            "NAME": plan.name,
+            "TRIG": plan.trig,
+            "epoch": epoch,
+            "event_digest": event_digest,
+            "slide": keeper.slide_fast,
+            "sliding_pane": keeper.sliding_pane,
+            "window_vars": _window_vars,
             "fire": self._fire,
         }
         if plan.aggregates:
@@ -584,13 +651,24 @@ class TriggerEngine:
                 continue
             namespace[f"IN{i}"] = e
             code = python_code(e.source, {"event": "E", "trigger": repr(plan.name)}, f"_a{i}_")
-            compute = ["    try:", f"        v{i} = {code}", "    except GIVE_UP:",
-                       f"        v{i} = IN{i}.eval(evars, scope)"] if code is not None else [
-                f"    v{i} = IN{i}.eval(evars, scope)"]
+            compute = (
+                [
+                    "    try:",
+                    f"        v{i} = {code}",
+                    "    except GIVE_UP:",
+                    f"        v{i} = IN{i}.eval(evars, scope)",
+                ]
+                if code is not None
+                else [f"    v{i} = IN{i}.eval(evars, scope)"]
+            )
             if share:
                 # Shared between triggers reading the same expression: evaluated once per event.
-                lines += [f"    v{i} = shared.get({e.source!r}, _MISSING)", f"    if v{i} is _MISSING:",
-                          *("    " + c for c in compute), f"        shared[{e.source!r}] = v{i}"]
+                lines += [
+                    f"    v{i} = shared.get({e.source!r}, _MISSING)",
+                    f"    if v{i} is _MISSING:",
+                    *("    " + c for c in compute),
+                    f"        shared[{e.source!r}] = v{i}",
+                ]
             else:
                 lines += compute
         values = ", ".join(f"v{i}" for i in range(len(plan.aggregates)))
@@ -607,13 +685,19 @@ class TriggerEngine:
             "            hit = WHEN.truth({'event': E, 'agg': A, 'window': _EMPTY, 'key': K, 'trigger': NAME}, scope)",
             "        if hit:",
         ]
-        fire = ["variables = {'event': E, 'agg': A, 'window': window_vars(sliding_pane(win, A)), 'key': K, "
-                "'trigger': NAME}",
-                "out.firings.append(fire(TRIG, K, E, [eid], variables))"]
+        fire = [
+            "variables = {'event': E, 'agg': A, 'window': window_vars(sliding_pane(win, A)), 'key': K, "
+            "'trigger': NAME}",
+            "out.firings.append(fire(TRIG, K, E, [eid], variables))",
+        ]
         if plan.cooldown is not None:
             namespace["COOL"] = plan.cooldown
-            lines += ["            until = state.get('cool')", "            if until is None or t >= until:",
-                      "                state['cool'] = t + COOL", *("                " + f for f in fire)]
+            lines += [
+                "            until = state.get('cool')",
+                "            if until is None or t >= until:",
+                "                state['cool'] = t + COOL",
+                *("                " + f for f in fire),
+            ]
         else:
             lines += ["            " + f for f in fire]
         lines += ["    state['pos'] = position", "    out.states[skey] = state"]
@@ -640,9 +724,17 @@ class TriggerEngine:
         inputs = [(e, e.source if share and e is not None else None) for e, share in plan.aggregates]
         fire = self._fire
 
-        def step(skey: str, key: str, scope: Scope, evars: dict[str, Any], ctx: dict[str, Any],
-                 states: Mapping[str, dict[str, Any] | None], position: int | None, out: Outcome,
-                 memo: list[Any]) -> None:
+        def step(
+            skey: str,
+            key: str,
+            scope: Scope,
+            evars: dict[str, Any],
+            ctx: dict[str, Any],
+            states: Mapping[str, dict[str, Any] | None],
+            position: int | None,
+            out: Outcome,
+            memo: list[Any],
+        ) -> None:
             if flt is not None and not flt.truth(evars, scope):
                 return
             state = states.get(skey)
@@ -761,11 +853,10 @@ class TriggerEngine:
             else:
                 values.append(e.eval(evars, scope))
         # (Sliding windows have their own step: _sliding_code, _sliding_step.)
-        up = keeper.add_event(win, t, values, ctx["id"], digest,
-                              _stored_event(ctx) if plan.close else None)
+        up = keeper.add_event(win, t, values, ctx["id"], digest, _stored_event(ctx) if plan.close else None)
         if up.late:
             out.late += 1
-        for pane in (up.closed if plan.close else up.current):
+        for pane in up.closed if plan.close else up.current:
             if plan.close:
                 ectx = _loaded_event(pane.last_event) if pane.last_event else ctx
                 ids = [i for i in dict.fromkeys((pane.first_event_id, pane.last_event_id)) if i]
@@ -839,8 +930,7 @@ class TriggerEngine:
         device = cmd.device or (cause.device if cause else None)
         if not site or not device:
             raise ValueError(
-                f"command {cmd.actuator!r} has no target: set site and device on the action "
-                "(the cause names none)"
+                f"command {cmd.actuator!r} has no target: set site and device on the action (the cause names none)"
             )
         deadline = self.now() + timedelta(seconds=cmd.deadline or self.command_deadline)
         return Command(
@@ -867,8 +957,10 @@ class TriggerEngine:
             return [], Failure(None, f"result of task {result.task_id} names no trigger")
         trig = self._by_name.get(result.trigger)
         if trig is None:
-            return [], Failure(result.trigger, f"result of task {result.task_id} is for trigger "
-                               f"{result.trigger!r}, which is not in the triggers file")
+            return [], Failure(
+                result.trigger,
+                f"result of task {result.task_id} is for trigger {result.trigger!r}, which is not in the triggers file",
+            )
         rule = trig.on_result
         if rule is None or result.status not in rule.statuses:
             return [], None
@@ -882,7 +974,9 @@ class TriggerEngine:
             if rule.when is not None and not rule.when.truth(variables):
                 return [], None
             commands = [
-                self._command(trig, a, a.args.render(variables), stable_id(result.task_id, str(a.index)), cause, result.task_id)
+                self._command(
+                    trig, a, a.args.render(variables), stable_id(result.task_id, str(a.index)), cause, result.task_id
+                )
                 for a in rule.commands
             ]
         except (CelEvalError, ValueError, TypeError) as exc:

@@ -36,11 +36,37 @@ MAX_MACRO_DEPTH = 1
 # appear as `_+_`, `!_`, `@in`, ... and are always allowed.
 STANDARD_FUNCTIONS = frozenset(
     {
-        "size", "int", "uint", "double", "string", "bytes", "bool", "type", "dyn",
-        "duration", "timestamp", "matches", "contains", "startsWith", "endsWith",
-        "has", "all", "exists", "exists_one", "map", "filter",
-        "getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth", "getDate",
-        "getDayOfWeek", "getHours", "getMinutes", "getSeconds", "getMilliseconds",
+        "size",
+        "int",
+        "uint",
+        "double",
+        "string",
+        "bytes",
+        "bool",
+        "type",
+        "dyn",
+        "duration",
+        "timestamp",
+        "matches",
+        "contains",
+        "startsWith",
+        "endsWith",
+        "has",
+        "all",
+        "exists",
+        "exists_one",
+        "map",
+        "filter",
+        "getFullYear",
+        "getMonth",
+        "getDayOfYear",
+        "getDayOfMonth",
+        "getDate",
+        "getDayOfWeek",
+        "getHours",
+        "getMinutes",
+        "getSeconds",
+        "getMilliseconds",
     }
 )
 _MACROS = ("all", "exists_one", "exists", "map", "filter")
@@ -56,8 +82,10 @@ class CelError(ValueError):
         self.message = message
         self.line = line
         self.column = column
-        where = f" at column {column}" if column and (line or 1) == 1 else (
-            f" at line {line}, column {column}" if column else ""
+        where = (
+            f" at column {column}"
+            if column and (line or 1) == 1
+            else (f" at line {line}, column {column}" if column else "")
         )
         super().__init__(f"{message}{where}")
 
@@ -142,9 +170,11 @@ class Expr:
                 return fast(variables)
             except GIVE_UP:
                 pass  # not a case the Python form reproduces exactly: the library decides
-        context = scope.context(self, variables) if scope is not None else {
-            k: variables[k] for k in self.variables if k in variables
-        }
+        context = (
+            scope.context(self, variables)
+            if scope is not None
+            else {k: variables[k] for k in self.variables if k in variables}
+        )
         try:
             return self.program.execute(context)
         except KeyError as exc:
@@ -189,9 +219,7 @@ def compile_expr(source: str, variables: frozenset[str] | set[str], what: str = 
     used = set(program.variables()) - bound
     unknown = sorted(used - set(variables))
     if unknown:
-        raise CelError(
-            f"unknown variable(s) {', '.join(unknown)} in {what}; available: {', '.join(sorted(variables))}"
-        )
+        raise CelError(f"unknown variable(s) {', '.join(unknown)} in {what}; available: {', '.join(sorted(variables))}")
     # Operators are reported as `_+_`, `@in`, `!_`...; every plain identifier is a function call.
     calls = {f for f in program.functions() if _IDENT_RE.fullmatch(f)}
     bad = sorted(calls - STANDARD_FUNCTIONS)

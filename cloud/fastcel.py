@@ -309,11 +309,48 @@ def _contains(a: Any, b: Any) -> bool:
 
 _HELPERS: dict[str, Any] = {
     f.__name__: f
-    for f in (_lt, _le, _gt, _ge, _eq, _ne, _in, _add, _sub, _mul, _div, _mod, _neg, _not, _bool, _has, _index,
-              _size, _double, _to_int, _string, _ok, _starts, _ends, _contains)
+    for f in (
+        _lt,
+        _le,
+        _gt,
+        _ge,
+        _eq,
+        _ne,
+        _in,
+        _add,
+        _sub,
+        _mul,
+        _div,
+        _mod,
+        _neg,
+        _not,
+        _bool,
+        _has,
+        _index,
+        _size,
+        _double,
+        _to_int,
+        _string,
+        _ok,
+        _starts,
+        _ends,
+        _contains,
+    )
 }
-_BINARY = {"<": "_lt", "<=": "_le", ">": "_gt", ">=": "_ge", "==": "_eq", "!=": "_ne", "in": "_in",
-           "+": "_add", "-": "_sub", "*": "_mul", "/": "_div", "%": "_mod"}
+_BINARY = {
+    "<": "_lt",
+    "<=": "_le",
+    ">": "_gt",
+    ">=": "_ge",
+    "==": "_eq",
+    "!=": "_ne",
+    "in": "_in",
+    "+": "_add",
+    "-": "_sub",
+    "*": "_mul",
+    "/": "_div",
+    "%": "_mod",
+}
 _GLOBAL_FUNCS = {"size": "_size", "double": "_double", "int": "_to_int", "string": "_string"}
 _METHODS = {"startsWith": "_starts", "endsWith": "_ends", "contains": "_contains", "size": "_size"}
 # Integers that doubles hold exactly: CEL compares int with double as doubles, Python exactly;
@@ -405,8 +442,9 @@ def _tokens(src: str) -> list[_Tok]:
 class _Parser:
     """Recursive descent over CEL's precedence levels; emits Python source for the subset."""
 
-    def __init__(self, src: str, names: dict[str, str] | None = None, prefix: str = "_t",
-                 shared: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, src: str, names: dict[str, str] | None = None, prefix: str = "_t", shared: dict[str, str] | None = None
+    ) -> None:
         self.toks = _tokens(src)
         self.prefix = prefix
         # Field paths read once for several expressions: path code -> local name (see python_code).
@@ -550,8 +588,13 @@ class _Parser:
             if op == "%" and type(lit) is int and lit > 0:
                 # A non-negative int modulo a positive literal: Python's % is C's (and CEL's) there.
                 k = self.temp()
-                left = (f"({k} % {right[0]} if type({k} := {left[0]}) is int and 0 <= {k} <= {INT_MAX} "
-                        f"else _mod({k}, {right[0]}))"), "int"
+                left = (
+                    (
+                        f"({k} % {right[0]} if type({k} := {left[0]}) is int and 0 <= {k} <= {INT_MAX} "
+                        f"else _mod({k}, {right[0]}))"
+                    ),
+                    "int",
+                )
             else:
                 left = f"{_BINARY[op]}({left[0]}, {right[0]})", None
         return left
@@ -683,8 +726,9 @@ class _Parser:
         return "{" + ", ".join(parts) + "}", "map"
 
 
-def python_code(source: str, names: dict[str, str], prefix: str = "_t",
-                shared: dict[str, str] | None = None) -> str | None:
+def python_code(
+    source: str, names: dict[str, str], prefix: str = "_t", shared: dict[str, str] | None = None
+) -> str | None:
     """The Python expression for ``source`` with variables read as ``names`` give, or ``None`` outside the subset.
 
     For generated code that evaluates several expressions in one function (the

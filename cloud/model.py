@@ -38,8 +38,7 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise ValueError(
-            f"invalid duration {value!r}: write a number of seconds or a string like "
-            "'10s', '500ms', '5m', '1h'"
+            f"invalid duration {value!r}: write a number of seconds or a string like '10s', '500ms', '5m', '1h'"
         )
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {value!r}")
@@ -68,9 +67,7 @@ class Aggregate(StrictModel):
     """One aggregate of a window: ``op`` over the CEL value ``of`` (not needed for count)."""
 
     op: AggOp = Field(description="count, sum, mean, min, max, first, last, or rate (change per second)")
-    of: str | None = Field(
-        None, description="CEL expression over `event` giving the value (e.g. event.data.counts)"
-    )
+    of: str | None = Field(None, description="CEL expression over `event` giving the value (e.g. event.data.counts)")
 
     @model_validator(mode="after")
     def _of_needed(self) -> Aggregate:
@@ -86,7 +83,6 @@ class Window(StrictModel):
     * hopping: windows of ``size`` seconds starting every ``hop`` seconds (they overlap);
     * sliding: the last ``size`` seconds (or ``events`` events) before each event.
     """
-
 
     type: Literal["tumbling", "hopping", "sliding"]
     size: Duration | None = Field(None, description="window length (duration); or give `events`")
@@ -117,13 +113,9 @@ class Window(StrictModel):
         if self.type == "sliding" and self.emit == "close":
             raise ValueError("a sliding window ends at every event: use emit: update")
         if self.size is not None and self.size > MAX_WINDOW_SECONDS:
-            raise ValueError(
-                f"window too large: size {self.size:g}s exceeds {MAX_WINDOW_SECONDS:g}s (1 day)"
-            )
+            raise ValueError(f"window too large: size {self.size:g}s exceeds {MAX_WINDOW_SECONDS:g}s (1 day)")
         if self.events is not None and self.events > MAX_WINDOW_EVENTS:
-            raise ValueError(
-                f"window too large: {self.events} events exceeds {MAX_WINDOW_EVENTS}"
-            )
+            raise ValueError(f"window too large: {self.events} events exceeds {MAX_WINDOW_EVENTS}")
         for name in self.aggregates:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
                 raise ValueError(f"aggregate name {name!r} must be an identifier (letters, digits, _)")
@@ -136,15 +128,12 @@ ArgValue = Any  # a CEL expression (string) or a YAML literal (number, bool, lis
 class TaskAction(StrictModel):
     """Ask an HPC site to run an app. ``args`` values are CEL expressions (strings) or literals."""
 
-
     app: str
     site: str | list[str] | None = Field(
         None, description="site name or preference list; default: the first listed site that has the app"
     )
     args: dict[str, ArgValue] = Field(default_factory=dict)
-    resources: dict[str, Any] = Field(
-        default_factory=dict, description="cpus, gpus, gpu_model, memory_gb, walltime_s"
-    )
+    resources: dict[str, Any] = Field(default_factory=dict, description="cpus, gpus, gpu_model, memory_gb, walltime_s")
     priority: int = 0
     timeout: Duration | None = Field(None, description="give up on the task after this long (duration)")
     retries: int = Field(0, ge=0, le=100)
@@ -152,7 +141,6 @@ class TaskAction(StrictModel):
 
 class CommandAction(StrictModel):
     """Send a command straight to an actuator (signed). ``args`` as for tasks."""
-
 
     actuator: Name
     args: dict[str, ArgValue] = Field(default_factory=dict)
@@ -187,7 +175,6 @@ class OnResult(StrictModel):
 class Trigger(StrictModel):
     """One trigger: which events, which condition, what to do."""
 
-
     name: str
     on: Annotated[
         list[str],
@@ -199,9 +186,7 @@ class Trigger(StrictModel):
                 ]
             }
         ),
-    ] = Field(
-        min_length=1, description="stream selectors site/device/stream, MQTT wildcards + and #"
-    )
+    ] = Field(min_length=1, description="stream selectors site/device/stream, MQTT wildcards + and #")
     filter: str | None = Field(None, description="CEL over `event`; events where it is false are ignored")
     window: Window | None = None
     when: str = Field(description="CEL over event, agg, window, key: fire when true")
@@ -231,7 +216,6 @@ class Trigger(StrictModel):
 
 class WorkerSettings(StrictModel):
     """How the trigger worker runs."""
-
 
     app_id: str | None = Field(None, description="consumer group of the workers (default: {namespace}-triggers)")
     reload: bool = Field(True, description="watch the file and apply changes while running")
@@ -274,7 +258,9 @@ class TriggersFile(StrictModel):
     streams: list[str] | None = Field(
         None, description="known streams site/device/stream (wildcards allowed); when given, every `on` must match one"
     )
-    signing_key_file: str | None = Field(None, description="Ed25519 PEM key commands are signed with (else $RX_SIGNING_KEY)")
+    signing_key_file: str | None = Field(
+        None, description="Ed25519 PEM key commands are signed with (else $RX_SIGNING_KEY)"
+    )
     command_deadline: Duration = Field(60.0, description="default deadline of commands (duration)")
     triggers: list[Trigger] = Field(default_factory=list)
 

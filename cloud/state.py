@@ -95,9 +95,9 @@ class StateStore:
             return
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        markers = await asyncio.gather(*[
-            await self.producer.send(self.topic, key=MARKER_KEY, value=None, partition=p) for p in wanted
-        ])
+        markers = await asyncio.gather(
+            *[await self.producer.send(self.topic, key=MARKER_KEY, value=None, partition=p) for p in wanted]
+        )
         until = {TopicPartition(self.topic, p): md.offset for p, md in zip(wanted, markers, strict=True)}
         states: dict[int, dict[str, Bundle]] = {p: {} for p in wanted}
         reader = make_consumer(self.kafka, group_id=None, fetch_max_wait_ms=fetch_wait_ms)
@@ -130,5 +130,10 @@ class StateStore:
         finally:
             await reader.stop()
         self.partitions.update(states)
-        log.info("recovered trigger state of partitions %s: %d devices from %d changelog records in %.2f s",
-                 wanted, sum(len(s) for s in states.values()), records, loop.time() - t0)
+        log.info(
+            "recovered trigger state of partitions %s: %d devices from %d changelog records in %.2f s",
+            wanted,
+            sum(len(s) for s in states.values()),
+            records,
+            loop.time() - t0,
+        )

@@ -200,14 +200,21 @@ class _Checker:
         self.places = _Places(text, marks)
         self.problems: list[Problem] = []
 
-    def add(self, path: tuple[Any, ...], message: str, trigger: str | None = None,
-            line: int | None = None, col: int | None = None) -> None:
+    def add(
+        self,
+        path: tuple[Any, ...],
+        message: str,
+        trigger: str | None = None,
+        line: int | None = None,
+        col: int | None = None,
+    ) -> None:
         if line is None:
             line, col = self.places.key(path)
         self.problems.append(Problem(self.source, line, col, _describe(path, trigger), message))
 
-    def pydantic(self, exc: ValidationError, prefix: tuple[Any, ...], model: type[BaseModel],
-                 trigger: str | None = None) -> None:
+    def pydantic(
+        self, exc: ValidationError, prefix: tuple[Any, ...], model: type[BaseModel], trigger: str | None = None
+    ) -> None:
         for err in exc.errors():
             own = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             msg = plain_message(err, model, own)
@@ -279,7 +286,9 @@ def compile_text(text: str, source: str, base: Path | None = None) -> CompiledCo
     seen: dict[str, int] = {}
     for i, n in names:
         if n in seen:
-            ck.add(("triggers", i, "name"), f"duplicate trigger name (also triggers[{seen[n]}]); names must be unique", n)
+            ck.add(
+                ("triggers", i, "name"), f"duplicate trigger name (also triggers[{seen[n]}]); names must be unique", n
+            )
         seen.setdefault(n, i)
     tf.triggers = [t for _, t in specs]
 
@@ -324,7 +333,8 @@ def _compile_trigger(
         for an, agg in trig.window.aggregates.items():
             aggs[an] = (
                 ck.expr((*p, "window", "aggregates", an, "of"), agg.of, EVENT_VARS, name, f"aggregate {an}")
-                if agg.of else None
+                if agg.of
+                else None
             )
     actions: list[CompiledAction] = []
     for ai, action in enumerate(trig.then):
@@ -338,7 +348,11 @@ def _compile_trigger(
         op = (*p, "on_result")
         if not any(a.task for a in trig.then):
             ck.add(op, "on_result needs a task action in 'then' (results come from tasks)", name)
-        rw = ck.expr((*op, "when"), trig.on_result.when, RESULT_VARS, name, "on_result.when") if trig.on_result.when else None
+        rw = (
+            ck.expr((*op, "when"), trig.on_result.when, RESULT_VARS, name, "on_result.when")
+            if trig.on_result.when
+            else None
+        )
         cmds = [
             _compile_command(ck, (*op, "commands", ci), ci, c, RESULT_VARS, name)
             for ci, c in enumerate(trig.on_result.commands)
@@ -349,7 +363,9 @@ def _compile_trigger(
     return CompiledTrigger(trig, flt, when, aggs, actions, on_result, fingerprint(trig))
 
 
-def _check_selectors(ck: _Checker, p: tuple[Any, ...], selectors: list[str], tf: TriggersFile, name: str | None) -> None:
+def _check_selectors(
+    ck: _Checker, p: tuple[Any, ...], selectors: list[str], tf: TriggersFile, name: str | None
+) -> None:
     for si, sel in enumerate(selectors):
         if not isinstance(sel, str):
             continue  # the schema check has said so
@@ -364,13 +380,21 @@ def _check_selectors(ck: _Checker, p: tuple[Any, ...], selectors: list[str], tf:
                 except TopicError:
                     bad = True
         if bad:
-            ck.add((*p, "on", si), f"invalid stream selector {sel!r}: write site/device/stream, "
-                   "each a name or '+', or end with '#' (e.g. bl1/+/counts, bl1/#)", name)
+            ck.add(
+                (*p, "on", si),
+                f"invalid stream selector {sel!r}: write site/device/stream, "
+                "each a name or '+', or end with '#' (e.g. bl1/+/counts, bl1/#)",
+                name,
+            )
         elif tf.streams is not None and not any(
             mqtt_match(sel, known) or mqtt_match(known, sel) for known in tf.streams
         ):
-            ck.add((*p, "on", si), f"unknown stream {sel!r}: it matches none of the streams "
-                   f"listed under 'streams' ({', '.join(tf.streams)})", name)
+            ck.add(
+                (*p, "on", si),
+                f"unknown stream {sel!r}: it matches none of the streams "
+                f"listed under 'streams' ({', '.join(tf.streams)})",
+                name,
+            )
 
 
 # agg.NAME or agg["NAME"] in a condition; a name no aggregate defines would fail at every evaluation.
@@ -391,8 +415,10 @@ def _check_agg_names(
         elif not defined:
             msg = f"unknown aggregate agg.{used}: the window defines none (add window.aggregates.{used})"
         else:
-            msg = (f"unknown aggregate agg.{used}{did_you_mean(used, defined)}; "
-                   f"the window defines: {', '.join(sorted(defined))}")
+            msg = (
+                f"unknown aggregate agg.{used}{did_you_mean(used, defined)}; "
+                f"the window defines: {', '.join(sorted(defined))}"
+            )
         ck.add(path, msg, trigger, line, col)
 
 
@@ -415,7 +441,9 @@ def _check_broken_trigger(ck: _Checker, ti: int, raw: dict[Any, Any], tf: Trigge
         _check_agg_names(ck, (*p, "when"), raw["when"], defined, name)
 
 
-def _args(ck: _Checker, path: tuple[Any, ...], args: dict[str, Any], variables: frozenset[str], trigger: str) -> ArgTemplate:
+def _args(
+    ck: _Checker, path: tuple[Any, ...], args: dict[str, Any], variables: frozenset[str], trigger: str
+) -> ArgTemplate:
     exprs: dict[str, Expr] = {}
     literals: dict[str, Any] = {}
     for k, v in args.items():
@@ -437,23 +465,38 @@ def _compile_task(
         resources = Resources.model_validate(task.resources)
     except ValidationError as exc:
         err = exc.errors()[0]
-        ck.add((*path, "resources", *err["loc"]), f"{err['msg']} (valid: cpus, gpus, gpu_model, memory_gb, walltime_s)", trigger)
+        ck.add(
+            (*path, "resources", *err["loc"]),
+            f"{err['msg']} (valid: cpus, gpus, gpu_model, memory_gb, walltime_s)",
+            trigger,
+        )
     chosen: str | None = None
     if not sites:
-        ck.add((*path, "app"), f"app {task.app!r} cannot be checked: list the HPC site files under "
-               "'sites:' at the top of the file", trigger)
+        ck.add(
+            (*path, "app"),
+            f"app {task.app!r} cannot be checked: list the HPC site files under 'sites:' at the top of the file",
+            trigger,
+        )
     else:
         wanted = [task.site] if isinstance(task.site, str) else (task.site or list(sites))
         unknown = [s for s in wanted if s not in sites]
         if unknown:
-            ck.add((*path, "site"), f"unknown site(s) {', '.join(unknown)}; known sites: {', '.join(sorted(sites))}", trigger)
+            ck.add(
+                (*path, "site"),
+                f"unknown site(s) {', '.join(unknown)}; known sites: {', '.join(sorted(sites))}",
+                trigger,
+            )
         else:
             having = [s for s in wanted if task.app in sites[s].apps]
             if having:
                 chosen = having[0]
             else:
                 known = "; ".join(f"{s}: {', '.join(sites[s].apps) or '(none)'}" for s in wanted)
-                ck.add((*path, "app"), f"unknown app {task.app!r} on site(s) {', '.join(wanted)}; known apps - {known}", trigger)
+                ck.add(
+                    (*path, "app"),
+                    f"unknown app {task.app!r} on site(s) {', '.join(wanted)}; known apps - {known}",
+                    trigger,
+                )
     return CompiledAction(index, task=task, site=chosen, resources=resources, args=args)
 
 
@@ -502,9 +545,16 @@ def _file_problems(text: str, source: str, base: Path) -> list[Problem]:
     problems: list[Problem] = []
     if not raw_triggers:
         line, col = places.key(("triggers",)) if "triggers" in data else (1, 1)
-        problems.append(Problem(source, line, col, "triggers",
-                                "no triggers: the file defines none, so nothing would ever fire "
-                                "(add a 'triggers:' list; docs/triggers.md has examples)"))
+        problems.append(
+            Problem(
+                source,
+                line,
+                col,
+                "triggers",
+                "no triggers: the file defines none, so nothing would ever fire "
+                "(add a 'triggers:' list; docs/triggers.md has examples)",
+            )
+        )
     sends = _sends_commands(raw_triggers)
     if sends is not None:
         where, trigger = sends
@@ -515,17 +565,38 @@ def _file_problems(text: str, source: str, base: Path) -> list[Problem]:
             path = Path(key_file) if Path(key_file).is_absolute() else base / key_file
             if not path.is_file():
                 kl, kc = places.key(("signing_key_file",))
-                problems.append(Problem(source, kl, kc, "signing_key_file",
-                                        f"no such key file {path}: create one with 'reflexarc keys generate'"))
+                problems.append(
+                    Problem(
+                        source,
+                        kl,
+                        kc,
+                        "signing_key_file",
+                        f"no such key file {path}: create one with 'reflexarc keys generate'",
+                    )
+                )
         elif env_key:
             if not Path(env_key).is_file():
-                problems.append(Problem(source, line, col, _describe(where, trigger),
-                                        f"RX_SIGNING_KEY names {env_key}, which is not a file"))
+                problems.append(
+                    Problem(
+                        source,
+                        line,
+                        col,
+                        _describe(where, trigger),
+                        f"RX_SIGNING_KEY names {env_key}, which is not a file",
+                    )
+                )
         else:
-            problems.append(Problem(source, line, col, _describe(where, trigger),
-                                    "triggers send commands, which must be signed, and no key is configured: "
-                                    "set 'signing_key_file' or RX_SIGNING_KEY (create a key with "
-                                    "'reflexarc keys generate')"))
+            problems.append(
+                Problem(
+                    source,
+                    line,
+                    col,
+                    _describe(where, trigger),
+                    "triggers send commands, which must be signed, and no key is configured: "
+                    "set 'signing_key_file' or RX_SIGNING_KEY (create a key with "
+                    "'reflexarc keys generate')",
+                )
+            )
     return problems
 
 

@@ -52,12 +52,30 @@ _PANE_MARGIN = 1e-6
 class Pane:
     """A window as the condition sees it: bounds, counts and aggregate values."""
 
-    __slots__ = ("count", "end", "first_event_id", "first_time", "last_event", "last_event_id", "last_time",
-                 "start", "values")
+    __slots__ = (
+        "count",
+        "end",
+        "first_event_id",
+        "first_time",
+        "last_event",
+        "last_event_id",
+        "last_time",
+        "start",
+        "values",
+    )
 
-    def __init__(self, start: float, end: float, count: int, first_time: float | None, last_time: float | None,
-                 values: dict[str, Any], last_event: dict[str, Any] | None = None,
-                 first_event_id: str | None = None, last_event_id: str | None = None) -> None:
+    def __init__(
+        self,
+        start: float,
+        end: float,
+        count: int,
+        first_time: float | None,
+        last_time: float | None,
+        values: dict[str, Any],
+        last_event: dict[str, Any] | None = None,
+        first_event_id: str | None = None,
+        last_event_id: str | None = None,
+    ) -> None:
         self.start = start
         self.end = end
         self.count = count
@@ -86,8 +104,7 @@ class Update:
 
     __slots__ = ("closed", "current", "late")
 
-    def __init__(self, current: list[Pane] | None = None, closed: list[Pane] | None = None,
-                 late: bool = False) -> None:
+    def __init__(self, current: list[Pane] | None = None, closed: list[Pane] | None = None, late: bool = False) -> None:
         self.current = [] if current is None else current
         self.closed = [] if closed is None else closed
         self.late = late
@@ -152,8 +169,14 @@ def _rate(times: list[float], col: list[Any]) -> Any:
 # time order), giving what _add over them gives: the C builtins fold in the same order (sum from 0.0
 # left to right; min/max keep the earliest of equals), without a Python loop per sample.
 _COLUMN_CODE = {
-    "count": "len(ts)", "sum": "sum({c}, 0.0)", "mean": "sum({c}, 0.0) / len(ts)", "min": "min({c})",
-    "max": "max({c})", "first": "{c}[0]", "last": "{c}[-1]", "rate": "_rate(ts, {c})",
+    "count": "len(ts)",
+    "sum": "sum({c}, 0.0)",
+    "mean": "sum({c}, 0.0) / len(ts)",
+    "min": "min({c})",
+    "max": "max({c})",
+    "first": "{c}[0]",
+    "last": "{c}[-1]",
+    "rate": "_rate(ts, {c})",
 }
 
 
@@ -180,8 +203,12 @@ def _numeric(op: str, name: str, v: Any) -> Any:
 _Slide = Callable[[dict[str, Any], float, list[Any], str, int], dict[str, Any] | None]
 
 
-def _sliding_code(ops: list[tuple[str, str]], size: float | None, n_max: int,
-                  prune: Callable[[dict[str, Any], dict[str, list[Any]]], None]) -> _Slide:
+def _sliding_code(
+    ops: list[tuple[str, str]],
+    size: float | None,
+    n_max: int,
+    prune: Callable[[dict[str, Any], dict[str, list[Any]]], None],
+) -> _Slide:
     """:meth:`WindowKeeper.slide` for one sliding window, as one generated function without loops.
 
     The steps and their order are those of :meth:`WindowKeeper.slide` (the
@@ -199,8 +226,10 @@ def _sliding_code(ops: list[tuple[str, str]], size: float | None, n_max: int,
     lines = ["def _slide(state, t, values, event_id, digest):", unpack_v]
     for i, (name, op) in enumerate(ops):
         if op in ("sum", "mean", "min", "max", "rate"):
-            lines += [f"    if not (type(v{i}) is int or (type(v{i}) is float and v{i} - v{i} == 0.0)):",
-                      f"        _numeric({op!r}, {name!r}, v{i})"]
+            lines += [
+                f"    if not (type(v{i}) is int or (type(v{i}) is float and v{i} - v{i} == 0.0)):",
+                f"        _numeric({op!r}, {name!r}, v{i})",
+            ]
     lines += [
         "    floor = state.get('floor')",
         "    if floor is not None and t < floor:",
@@ -247,11 +276,15 @@ def _sliding_code(ops: list[tuple[str, str]], size: float | None, n_max: int,
         "    if len(ids) >= state.get('idn', 64):",
         "        prune(state, ids)",
     ]
-    items = ", ".join(f"{name!r}: {_COLUMN_CODE[op].format(c=f'c{i}')}"
-                      for i, (name, op) in enumerate(ops))
+    items = ", ".join(f"{name!r}: {_COLUMN_CODE[op].format(c=f'c{i}')}" for i, (name, op) in enumerate(ops))
     lines.append(f"    return {{{items}}}")
-    namespace: dict[str, Any] = {"bisect_left": bisect.bisect_left, "bisect_right": bisect.bisect_right,
-                                 "_numeric": _numeric, "_rate": _rate, "prune": prune}
+    namespace: dict[str, Any] = {
+        "bisect_left": bisect.bisect_left,
+        "bisect_right": bisect.bisect_right,
+        "_numeric": _numeric,
+        "_rate": _rate,
+        "prune": prune,
+    }
     exec(compile("\n".join(lines) + "\n", "<sliding-window>", "exec"), namespace)
     slide: _Slide = namespace["_slide"]
     return slide
@@ -265,8 +298,11 @@ class WindowKeeper:
         self.spec = spec
         self.ops = {name: a.op for name, a in spec.aggregates.items()}
         # Aggregate inputs come as a list in this order; these positions must hold numbers.
-        self._numeric = [(i, op, name) for i, (name, op) in enumerate(self.ops.items())
-                         if op in ("sum", "mean", "min", "max", "rate")]
+        self._numeric = [
+            (i, op, name)
+            for i, (name, op) in enumerate(self.ops.items())
+            if op in ("sum", "mean", "min", "max", "rate")
+        ]
         self._names_ops = list(self.ops.items())
         self._aggregates: Callable[[list[float], list[list[Any]]], dict[str, Any] | None] = _column_aggregates(
             list(self.ops.items())
@@ -277,7 +313,8 @@ class WindowKeeper:
         # :meth:`slide` generated for this window's aggregates (see _sliding_code): the hot path of sliding windows.
         self.slide_fast: _Slide = (
             _sliding_code(list(self.ops.items()), self._size, self._n_max, self._prune)
-            if spec.type == "sliding" else self.slide
+            if spec.type == "sliding"
+            else self.slide
         )
         if spec.events is not None:
             self._apply = self._count_tumbling
@@ -329,8 +366,9 @@ class WindowKeeper:
     def _new_pane(self, start: float, end: float) -> dict[str, Any]:
         return {"s": start, "e": end, "n": 0, "acc": {k: _new_acc() for k in self.ops}}
 
-    def _add_to_pane(self, pane: dict[str, Any], t: float, values: list[Any], event_id: str,
-                     ev: dict[str, Any] | None) -> None:
+    def _add_to_pane(
+        self, pane: dict[str, Any], t: float, values: list[Any], event_id: str, ev: dict[str, Any] | None
+    ) -> None:
         pane["n"] += 1
         if pane.get("ft") is None or t < pane["ft"]:
             pane["ft"] = t
@@ -358,8 +396,15 @@ class WindowKeeper:
             last_event_id=pane.get("lid"),
         )
 
-    def add_event(self, state: dict[str, Any], t: float, values: list[Any], event_id: str, digest: int,
-                  ev: dict[str, Any] | None = None) -> Update:
+    def add_event(
+        self,
+        state: dict[str, Any],
+        t: float,
+        values: list[Any],
+        event_id: str,
+        digest: int,
+        ev: dict[str, Any] | None = None,
+    ) -> Update:
         """Apply one new event (:meth:`check` said :data:`NEW`) at event time ``t``.
 
         ``values`` are its aggregate inputs (in the order of the window's
@@ -396,8 +441,9 @@ class WindowKeeper:
         if len(ids) >= state.get("idn", 64):
             self._prune(state, ids)
 
-    def _time_panes(self, state: dict[str, Any], t: float, values: list[Any], event_id: str,
-                    ev: dict[str, Any] | None) -> Update:
+    def _time_panes(
+        self, state: dict[str, Any], t: float, values: list[Any], event_id: str, ev: dict[str, Any] | None
+    ) -> Update:
         size = float(self.spec.size or 0.0)
         hop = float(self.spec.hop or size)
         panes: list[dict[str, Any]] = state.setdefault("panes", [])
@@ -437,8 +483,9 @@ class WindowKeeper:
         up.current = [self._view(p) for p in hit]
         return up
 
-    def _count_tumbling(self, state: dict[str, Any], t: float, values: list[Any], event_id: str,
-                        ev: dict[str, Any] | None) -> Update:
+    def _count_tumbling(
+        self, state: dict[str, Any], t: float, values: list[Any], event_id: str, ev: dict[str, Any] | None
+    ) -> Update:
         n_max = int(self.spec.events or 1)
         lo = state.get("lo")
         if lo is not None and t < lo:
@@ -459,8 +506,9 @@ class WindowKeeper:
             up.closed = [view]
         return up
 
-    def slide(self, state: dict[str, Any], t: float, values: list[Any], event_id: str,
-              digest: int) -> dict[str, Any] | None:
+    def slide(
+        self, state: dict[str, Any], t: float, values: list[Any], event_id: str, digest: int
+    ) -> dict[str, Any] | None:
         """:meth:`add_event` for a sliding window: the aggregates after the event, or ``None`` if it is late.
 
         The engine's hot path (a sliding window is evaluated on every event), so

@@ -86,9 +86,9 @@ def load_key(cfg: CompiledConfig) -> Any:
 
 def needs_key(cfg: CompiledConfig) -> bool:
     """Whether any trigger can send a command (which must be signed)."""
-    return any(
-        a.command is not None for t in cfg.triggers for a in t.actions
-    ) or any(t.on_result is not None for t in cfg.triggers)
+    return any(a.command is not None for t in cfg.triggers for a in t.actions) or any(
+        t.on_result is not None for t in cfg.triggers
+    )
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
@@ -216,10 +216,12 @@ class TriggerWorker:
         # 1. Every request, command and dead letter durably in Kafka ...
         if out:
             send = self.producer.send
-            await asyncio.gather(*[
-                await send(topic, key=key, value=value, headers=headers, partition=part)
-                for topic, key, value, headers, part in out
-            ])
+            await asyncio.gather(
+                *[
+                    await send(topic, key=key, value=value, headers=headers, partition=part)
+                    for topic, key, value, headers, part in out
+                ]
+            )
         # 2. ... before the state that records these events as applied ...
         writes = []
         live = engine.trigger_names
@@ -236,8 +238,9 @@ class TriggerWorker:
         self._committable.update(done)
 
     @m.EVALUATION.time()
-    def _on_data(self, engine: TriggerEngine, records: list[Any], devices: dict[str, Any],
-                 dirty: dict[str, Any], out: list[_Out]) -> None:
+    def _on_data(
+        self, engine: TriggerEngine, records: list[Any], devices: dict[str, Any], dirty: dict[str, Any], out: list[_Out]
+    ) -> None:
         """Instrument events of one partition, in offset order, against their devices' state."""
         events = len(records)
         late = skipped = duplicates = 0
@@ -430,8 +433,10 @@ class TriggerWorker:
         await ensure_topics(self.kafka, [self.changelog], partitions)
         changelog_parts = await partition_count(self.kafka, self.changelog)
         if changelog_parts != partitions:
-            raise RuntimeError(f"{self.changelog} has {changelog_parts} partitions but {self.topics.kafka_data} "
-                               f"has {partitions}: they must match (state of partition p is in partition p)")
+            raise RuntimeError(
+                f"{self.changelog} has {changelog_parts} partitions but {self.topics.kafka_data} "
+                f"has {partitions}: they must match (state of partition p is in partition p)"
+            )
         # No linger: a batch's records are all sent at once and then awaited, so they batch anyway.
         self.producer = make_producer(self.kafka, linger_ms=0)
         await self.producer.start()
@@ -460,8 +465,13 @@ class TriggerWorker:
                 log.warning("stop requested while starting (group join or state recovery unfinished): not starting")
                 return
             m.ACTIVE.set(len(self.config.triggers))
-            log.info("trigger engine up: %d triggers on %s (%d partitions), group %s",
-                     len(self.config.triggers), self.topics.kafka_data, partitions, self.group)
+            log.info(
+                "trigger engine up: %d triggers on %s (%d partitions), group %s",
+                len(self.config.triggers),
+                self.topics.kafka_data,
+                partitions,
+                self.group,
+            )
             self.ready.set()
             notify_ready("triggers running")
             if w.reload:

@@ -103,7 +103,9 @@ def edge_requirements(wheel: Path) -> list[str]:
         elif req.marker.evaluate({"extra": EDGE_EXTRA}) and not req.marker.evaluate({"extra": ""}):
             reqs.append(f"{req.name}{extras}{req.specifier}")
     if not reqs:
-        raise ImageBuildError(f"{wheel.name} declares no '{EDGE_EXTRA}' extra: the edge agent's dependencies are unknown")
+        raise ImageBuildError(
+            f"{wheel.name} declares no '{EDGE_EXTRA}' extra: the edge agent's dependencies are unknown"
+        )
     return sorted(core + reqs)
 
 

@@ -49,20 +49,30 @@ def check(
     env_keys = [k.strip() for k in os.environ.get("RX_VERIFY_KEYS", "").split(",") if k.strip()]
     for i, key in enumerate(cfg.commands.verify_keys):
         if not cfg.resolve(key).is_file():
-            problem(("commands", "verify_keys", i), f"commands.verify_keys[{i}]", f"no such key file {cfg.resolve(key)}")
+            problem(
+                ("commands", "verify_keys", i), f"commands.verify_keys[{i}]", f"no such key file {cfg.resolve(key)}"
+            )
     for key in env_keys:
         if not Path(key).is_file():
             problem((), "RX_VERIFY_KEYS", f"no such key file {key}")
     if cfg.actuators and cfg.commands.require_signed and not (cfg.commands.verify_keys or env_keys):
-        problem(("actuators",), "commands.verify_keys",
-                "actuators accept only signed commands and no public key is configured, so every command "
-                "would be refused: list the pipeline's .pub under commands.verify_keys or set RX_VERIFY_KEYS")
+        problem(
+            ("actuators",),
+            "commands.verify_keys",
+            "actuators accept only signed commands and no public key is configured, so every command "
+            "would be refused: list the pipeline's .pub under commands.verify_keys or set RX_VERIFY_KEYS",
+        )
     tls = cfg.mqtt.tls
     for name in ("ca_file", "cert_file", "key_file"):
         value = getattr(tls, name) if tls else None
         if value and not cfg.resolve(value).is_file():
             problem(("mqtt", "tls", name), f"mqtt.tls.{name}", f"no such file {cfg.resolve(value)}")
-    finish(config, problems,
-           f"{config}: OK — device {cfg.site}/{cfg.device}, MQTT {cfg.mqtt.host}:{cfg.mqtt.port}, "
-           f"{len(cfg.sources)} source(s), {len(cfg.actuators)} actuator(s)", as_json,
-           site=cfg.site, device=cfg.device)
+    finish(
+        config,
+        problems,
+        f"{config}: OK — device {cfg.site}/{cfg.device}, MQTT {cfg.mqtt.host}:{cfg.mqtt.port}, "
+        f"{len(cfg.sources)} source(s), {len(cfg.actuators)} actuator(s)",
+        as_json,
+        site=cfg.site,
+        device=cfg.device,
+    )

@@ -83,13 +83,22 @@ class ClaimCheck:
         def produce(fh: Any) -> None:
             np.save(fh, array, allow_pickle=False)
 
-        ref = await self._with_retries(target, lambda store: write_object(
-            target, produce, store, content_type="application/x-npy", dtype=str(array.dtype), shape=list(array.shape),
-        ))
+        ref = await self._with_retries(
+            target,
+            lambda store: write_object(
+                target,
+                produce,
+                store,
+                content_type="application/x-npy",
+                dtype=str(array.dtype),
+                shape=list(array.shape),
+            ),
+        )
         return ref.to_data()
 
-    async def put_file_ref(self, name: str, source_path: str,
-                           content_type: str = "application/octet-stream") -> dict[str, Any]:
+    async def put_file_ref(
+        self, name: str, source_path: str, content_type: str = "application/octet-stream"
+    ) -> dict[str, Any]:
         """Stream a local file into the store (never whole in memory); return its reference."""
         target = self._target(name)
         ref = await self._with_retries(target, lambda store: put_file(target, source_path, store, content_type))

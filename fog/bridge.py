@@ -81,9 +81,7 @@ class FogBridge:
             self.metrics_port = serve_metrics(cfg.metrics.port, cfg.metrics.host)
         s = cfg.ingest
         self.producer = self._make_producer()
-        self.sender = KafkaSender(
-            self.producer, self.metrics, s.max_in_flight, s.retry_backoff_ms / 1000.0
-        )
+        self.sender = KafkaSender(self.producer, self.metrics, s.max_in_flight, s.retry_backoff_ms / 1000.0)
         self.sender.on_sent = self._on_sent
         self.sender.landed = self._reader = PartitionReader(cfg.kafka, max(5.0, s.request_timeout_ms / 1000.0))
         try:
@@ -94,8 +92,9 @@ class FogBridge:
                 b = s.buffer
                 self.buffer = DiskBuffer(cfg.buffer_path(), max_events=b.max_events, max_bytes=b.max_bytes, sync=b.sync)
                 await self.buffer.open()
-                self.spill = Spill(self.sender, self.buffer, b, self.metrics, self.dedupe, self.receipts,
-                                   ready=self._kafka_ready)
+                self.spill = Spill(
+                    self.sender, self.buffer, b, self.metrics, self.dedupe, self.receipts, ready=self._kafka_ready
+                )
                 if self.dedupe is not None and self.buffer.depth:
                     n = self.dedupe.seed(await self.buffer.recent_keys(s.dedupe.window_size), confirmed=False)
                     log.info("dedupe window: %d event ids of the disk buffer", n)
@@ -112,8 +111,13 @@ class FogBridge:
             on_ack = self.commands.on_ack if self.commands is not None else None
             if s.enabled:
                 self.ingest = Ingest(
-                    cfg, self.sender, self.metrics, on_command_ack=on_ack,
-                    dedupe=self.dedupe, outlet=self.spill, receipts=self.receipts,
+                    cfg,
+                    self.sender,
+                    self.metrics,
+                    on_command_ack=on_ack,
+                    dedupe=self.dedupe,
+                    outlet=self.spill,
+                    receipts=self.receipts,
                 )
                 await self.ingest.start()
             kafka_up = True
@@ -133,9 +137,13 @@ class FogBridge:
             raise
         log.info(
             "fog bridge %s running: MQTT %s:%d (v%s%s) <-> Kafka %s%s",
-            s.client_id, cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.protocol,
+            s.client_id,
+            cfg.mqtt.host,
+            cfg.mqtt.port,
+            cfg.mqtt.protocol,
             f", shared group {cfg.share_group()}" if cfg.share_group() else "",
-            cfg.kafka.bootstrap_servers, "" if kafka_up else " (not reachable yet: taking traffic into the disk buffer)",
+            cfg.kafka.bootstrap_servers,
+            "" if kafka_up else " (not reachable yet: taking traffic into the disk buffer)",
         )
         notify_ready("fog subscribed")
 
@@ -159,8 +167,11 @@ class FogBridge:
                     await ensure_topics(cfg.kafka, cfg.topics().kafka_core())
                 await self.producer.start()
         except (TimeoutError, KafkaError, OSError, RuntimeError) as exc:
-            log.warning("Kafka at %s is not answering (%s): MQTT traffic goes to the disk buffer until it does",
-                        cfg.kafka.bootstrap_servers, str(exc) or type(exc).__name__)
+            log.warning(
+                "Kafka at %s is not answering (%s): MQTT traffic goes to the disk buffer until it does",
+                cfg.kafka.bootstrap_servers,
+                str(exc) or type(exc).__name__,
+            )
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.producer.stop(), 5)
             # A producer whose start failed half way is not started again: a new one for the next attempt.
@@ -182,8 +193,11 @@ class FogBridge:
         d = self.config.ingest.dedupe
         if self.config.ingest.enabled and self.dedupe is not None and d.seed_from_kafka:
             keys = await recent_keys(
-                self.config.kafka, self.config.topics().kafka_data,
-                max_records=d.window_size, max_age_s=d.window_s, timeout_s=d.seed_timeout_s,
+                self.config.kafka,
+                self.config.topics().kafka_data,
+                max_records=d.window_size,
+                max_age_s=d.window_s,
+                timeout_s=d.seed_timeout_s,
             )
             self.dedupe.seed(keys, confirmed=True)
         # The drain may start now; commands join their consumer group meanwhile (seconds on small brokers).

@@ -150,8 +150,13 @@ class CheckReport:
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-ready dict for scripts."""
-        return {"check": self.check, "status": self.status, "exit_code": self.exit_code, "summary": self.summary,
-                **self.data}
+        return {
+            "check": self.check,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "summary": self.summary,
+            **self.data,
+        }
 
 
 def _payload(run: str, seq: int, size: int) -> bytes:
@@ -266,7 +271,10 @@ async def _subscribe_and_leave(
     # MQTT 5 keeps a clean-start session for its expiry interval; 3.1.1 has only "clean session",
     # which would discard the session at disconnect, so there it is off (the client id is new anyway).
     sub = MqttClient(
-        settings, client_id, clean_start=settings.protocol == "5", session_expiry=expiry,
+        settings,
+        client_id,
+        clean_start=settings.protocol == "5",
+        session_expiry=expiry,
         receive_maximum=_RECEIVE_MAXIMUM,
     )
     await sub.connect(_CONNECT_TIMEOUT_S)
@@ -300,9 +308,7 @@ async def _collect(
     settings: MqttSettings, client_id: str, run: str, n: int, expiry: int, settle_s: float
 ) -> tuple[bool, set[int], int]:
     """Resume the probe session and count the distinct probe messages the broker kept."""
-    sub = MqttClient(
-        settings, client_id, clean_start=False, session_expiry=expiry, receive_maximum=_RECEIVE_MAXIMUM
-    )
+    sub = MqttClient(settings, client_id, clean_start=False, session_expiry=expiry, receive_maximum=_RECEIVE_MAXIMUM)
     await sub.connect(_CONNECT_TIMEOUT_S)
     seen: set[int] = set()
     dups = 0
@@ -378,9 +384,7 @@ def report(probe: QueueProbe) -> CheckReport:
         ]
         status: Status = "ok"
     else:
-        summary = (
-            f"bounded: {where} kept {probe.kept} of {probe.accepted} queued QoS 1 messages for an offline session"
-        )
+        summary = f"bounded: {where} kept {probe.kept} of {probe.accepted} queued QoS 1 messages for an offline session"
         if not probe.session_kept:
             details.append(
                 "It did not keep the offline session at all: allow persistent sessions for the fog's client "

@@ -115,8 +115,14 @@ def _record(seq: int, topic: str, key: bytes | None, value: bytes, headers: byte
     if fields and fields[-1] == _NULL_VALUE:
         fields.pop()
         data = None
-    return Record(topic, bytes(key) if key is not None else None, data, fields,
-                  receipts=unpack_receipts(bytes(receipts)), seq=int(seq))
+    return Record(
+        topic,
+        bytes(key) if key is not None else None,
+        data,
+        fields,
+        receipts=unpack_receipts(bytes(receipts)),
+        seq=int(seq),
+    )
 
 
 def record_size(rec: Record) -> int:
@@ -142,7 +148,9 @@ class BufferStore:
             # The WAL is truncated back to this after checkpoints (it grows while a backlog is written).
             self.db.execute("PRAGMA journal_size_limit=67108864")
             self.db.executescript(SCHEMA)
-            row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) FROM records").fetchone()
+            row = self.db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(MAX(seq), 0) FROM records"
+            ).fetchone()
         except (OSError, sqlite3.Error) as exc:
             raise BufferFileError(
                 f"cannot open the fog's disk buffer {self.path}: {exc} (check ingest.buffer.path and permissions)"
@@ -166,8 +174,16 @@ class BufferStore:
         db = self.db
         now = time.time()
         rows = [
-            (r.seq, now, record_size(r), r.topic, r.key, b"" if r.value is None else r.value,
-             pack_headers(r.headers if r.value is not None else [*r.headers, _NULL_VALUE]), pack_receipts(r.receipts))
+            (
+                r.seq,
+                now,
+                record_size(r),
+                r.topic,
+                r.key,
+                b"" if r.value is None else r.value,
+                pack_headers(r.headers if r.value is not None else [*r.headers, _NULL_VALUE]),
+                pack_receipts(r.receipts),
+            )
             for r in inserts
         ]
         db.execute("BEGIN IMMEDIATE")
@@ -215,9 +231,7 @@ class BufferStore:
     def recent_keys(self, limit: int) -> list[tuple[str, float]]:
         """Dedupe keys of the newest ``limit`` rows with their age in seconds, oldest first."""
         now = time.time()
-        rows = self.db.execute(
-            "SELECT receipts, created FROM records ORDER BY seq DESC LIMIT ?", (limit,)
-        ).fetchall()
+        rows = self.db.execute("SELECT receipts, created FROM records ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         out: list[tuple[str, float]] = []
         for blob, created in reversed(rows):
             for _site, _device, _eid, key in unpack_receipts(bytes(blob)):

@@ -27,7 +27,9 @@ def _load(config: Path | None) -> FogConfig:
 @app.command()
 def run(
     config: Path | None = typer.Argument(None, metavar="FILE", help="fog.yaml (omit for defaults from RX_* variables)"),
-    log_level: str | None = typer.Option(None, "--log-level", help="DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)"),
+    log_level: str | None = typer.Option(
+        None, "--log-level", help="DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)"
+    ),
 ) -> None:
     """Run a fog bridge until SIGTERM/SIGINT."""
     from reflexarc.aio import run_service
@@ -47,7 +49,9 @@ def run(
 @app.command()
 def check(
     config: Path | None = typer.Argument(
-        None, metavar="FILE", help="fog.yaml (with --broker it may be omitted: the broker then comes from RX_MQTT_* variables)"
+        None,
+        metavar="FILE",
+        help="fog.yaml (with --broker it may be omitted: the broker then comes from RX_MQTT_* variables)",
     ),
     broker: bool = typer.Option(
         False, "--broker", help="probe the configured MQTT broker for a bounded session queue (publishes test messages)"
@@ -69,7 +73,9 @@ def check(
         _check_broker(config, messages, payload_bytes, timeout, as_json)
         return
     if config is None:
-        raise typer.BadParameter("give the fog.yaml to validate, or --broker to probe the MQTT broker", param_hint="CONFIG")
+        raise typer.BadParameter(
+            "give the fog.yaml to validate, or --broker to probe the MQTT broker", param_hint="CONFIG"
+        )
     _check_file(config, as_json)
 
 
@@ -89,9 +95,11 @@ def _check_file(config: Path, as_json: bool) -> None:
             problems.append(problem_at(config, marks, ("streams", i), f"streams[{i}]", str(exc).splitlines()[0]))
     share = cfg.share_group() or "off"
     finish(
-        config, problems,
+        config,
+        problems,
         f"{config}: ok — MQTT {cfg.mqtt.host}:{cfg.mqtt.port} v{cfg.mqtt.protocol} (shared group: {share}), "
-        f"Kafka {cfg.kafka.bootstrap_servers}, {len(cfg.streams)} stream rule(s)", as_json,
+        f"Kafka {cfg.kafka.bootstrap_servers}, {len(cfg.streams)} stream rule(s)",
+        as_json,
         streams=len(cfg.streams),
     )
 

@@ -103,8 +103,11 @@ class CommandDelivery:
         # A persistent session: publishes not yet acknowledged by the broker are
         # re-sent by the client after a reconnect.
         self.client = MqttClient(
-            self.config.mqtt, client_id, clean_start=False,
-            session_expiry=self.config.ingest.session_expiry_s, max_inflight=1000,
+            self.config.mqtt,
+            client_id,
+            clean_start=False,
+            session_expiry=self.config.ingest.session_expiry_s,
+            max_inflight=1000,
         )
         await self.client.connect()
         await self._start_ack_consumer()
@@ -254,8 +257,12 @@ class CommandDelivery:
             p, status, reason = await self._finish_q.get()
             cmd = p.cmd
             st = CommandStatus(
-                command_id=cmd.command_id, site=cmd.site, device=cmd.device,
-                status=status, reason=reason, attempts=p.attempts,  # type: ignore[arg-type]  # one of CommandStatus's literals
+                command_id=cmd.command_id,
+                site=cmd.site,
+                device=cmd.device,
+                status=status,  # type: ignore[arg-type]  # one of CommandStatus's literals
+                reason=reason,
+                attempts=p.attempts,
             )
             key, value, headers = st.to_envelope().to_kafka()
             await self.sender.send_and_wait(self.topics.kafka_acks, key, value, headers)
@@ -270,8 +277,9 @@ class CommandDelivery:
             now, mono = time.time(), time.monotonic()
             for p in list(self.pending.values()):
                 if now >= p.deadline:
-                    self._finish(p, "expired", f"no answer from the device after {p.attempts} publish(es) "
-                                 "by the deadline")
+                    self._finish(
+                        p, "expired", f"no answer from the device after {p.attempts} publish(es) by the deadline"
+                    )
                 elif mono >= p.next_retry:
                     p.next_retry = mono + self.settings.retry_interval_s
                     await self._publish(p)

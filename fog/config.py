@@ -239,9 +239,7 @@ class CommandSettings(StrictModel):
     group_id: Name = Field("rx-fog-commands", description="Kafka consumer group of the commands topic")
     client_id: Name | None = Field(None, description="MQTT client id of the publisher (default: ingest id + '-cmd')")
     retry_interval_s: float = Field(30.0, gt=0, description="re-publish when the device has not answered")
-    default_deadline_s: float = Field(
-        600.0, gt=0, description="how long a command without a deadline is tracked"
-    )
+    default_deadline_s: float = Field(600.0, gt=0, description="how long a command without a deadline is tracked")
     max_pending: int = Field(10_000, ge=1, description="commands tracked at once (then consumption pauses)")
     session_timeout_ms: int = Field(10_000, ge=1000, description="Kafka consumer group session timeout")
 
@@ -259,8 +257,11 @@ class FogConfig(PipelineSettings):
     @model_validator(mode="after")
     def _fits_kafka(self) -> FogConfig:
         limits = [("ingest.max_payload_bytes", self.ingest.max_payload_bytes)]
-        limits += [(f"streams[{i}].max_payload_bytes", s.max_payload_bytes)
-                   for i, s in enumerate(self.streams) if s.max_payload_bytes is not None]
+        limits += [
+            (f"streams[{i}].max_payload_bytes", s.max_payload_bytes)
+            for i, s in enumerate(self.streams)
+            if s.max_payload_bytes is not None
+        ]
         for where, n in limits:
             if n > KAFKA_RECORD_LIMIT:
                 raise ValueError(

@@ -254,7 +254,9 @@ class Ingest:
         if size > st.max_bytes:
             ticket.receipt = _receipt_of_properties(msg, mt)
             return self._dead(
-                msg, ticket, "size",
+                msg,
+                ticket,
+                "size",
                 f"payload of {size} bytes exceeds the limit of {st.max_bytes} bytes for stream "
                 f"{mt.stream!r} (raise max_payload_bytes in fog.yaml, or send large data by reference)",
             )
@@ -291,8 +293,9 @@ class Ingest:
         self.metrics.in_ack.inc()
         size = len(msg.payload)
         if size > self.settings.max_payload_bytes:
-            await self._dead(msg, ticket, "size", f"ack payload of {size} bytes exceeds "
-                             f"{self.settings.max_payload_bytes} bytes")
+            await self._dead(
+                msg, ticket, "size", f"ack payload of {size} bytes exceeds {self.settings.max_payload_bytes} bytes"
+            )
             return
         try:
             env = Envelope.from_mqtt(msg.payload, msg.user_properties, msg.content_type, mt)
@@ -301,8 +304,9 @@ class Ingest:
             await self._dead(msg, ticket, "parse", f"not a command ack: {exc}")
             return
         if ack.site != mt.site or ack.device != mt.device:
-            await self._dead(msg, ticket, "validate",
-                             f"ack names {ack.site}/{ack.device} but came from {mt.site}/{mt.device}")
+            await self._dead(
+                msg, ticket, "validate", f"ack names {ack.site}/{ack.device} but came from {mt.site}/{mt.device}"
+            )
             return
         entry = self._new(mt, env.source, env.id)
         if entry is None:

@@ -37,24 +37,17 @@ class _FlushAtScrape:
 
 REGISTRY.register(_FlushAtScrape())
 
-MESSAGES_IN = Counter(
-    "rx_fog_messages_in", "MQTT messages taken by the fog bridge", ["bridge", "kind"]
-)
-RECORDS_OUT = Counter(
-    "rx_fog_records_out", "Kafka records the cluster acknowledged", ["bridge", "topic"]
-)
-DEADLETTERED = Counter(
-    "rx_fog_deadlettered", "messages sent to the dead-letter topic", ["bridge", "stage"]
-)
+MESSAGES_IN = Counter("rx_fog_messages_in", "MQTT messages taken by the fog bridge", ["bridge", "kind"])
+RECORDS_OUT = Counter("rx_fog_records_out", "Kafka records the cluster acknowledged", ["bridge", "topic"])
+DEADLETTERED = Counter("rx_fog_deadlettered", "messages sent to the dead-letter topic", ["bridge", "stage"])
 DUPLICATES = Counter("rx_fog_duplicates", "events dropped as duplicates (same id in window)", ["bridge"])
 DOWNSAMPLED = Counter("rx_fog_downsampled", "events dropped by downsampling", ["bridge"])
 KAFKA_RETRIES = Counter("rx_fog_kafka_retries", "Kafka records re-sent after a failure", ["bridge"])
 KAFKA_INFLIGHT = Gauge("rx_fog_kafka_inflight", "Kafka records sent and not yet acknowledged", ["bridge"])
-MQTT_UNACKED = Gauge(
-    "rx_fog_mqtt_unacked", "MQTT messages received and not yet acknowledged (ingest lag)", ["bridge"]
-)
+MQTT_UNACKED = Gauge("rx_fog_mqtt_unacked", "MQTT messages received and not yet acknowledged (ingest lag)", ["bridge"])
 BACKPRESSURE = Gauge(
-    "rx_fog_backpressure", "1 while Kafka does not take records (the intake waits, or the disk buffer takes them)",
+    "rx_fog_backpressure",
+    "1 while Kafka does not take records (the intake waits, or the disk buffer takes them)",
     ["bridge"],
 )
 COMMANDS = Counter("rx_fog_commands", "commands by outcome", ["bridge", "status"])
@@ -78,8 +71,9 @@ KAFKA_LATENCY = Histogram(
     ["bridge"],
     buckets=HOP_BUCKETS,
 )
-BUFFER_ENGAGEMENTS = Counter("rx_fog_buffer_engagements", "times the disk buffer took over from the direct path",
-                             ["bridge"])
+BUFFER_ENGAGEMENTS = Counter(
+    "rx_fog_buffer_engagements", "times the disk buffer took over from the direct path", ["bridge"]
+)
 
 
 class BridgeMetrics:

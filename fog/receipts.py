@@ -179,8 +179,8 @@ class Receipts:
                     self._topics[(site, device)] = topic
             for i in range(0, len(ids), step):
                 chunk = ids[i : i + step]
-                payload, props, ctype = Receipt(site=site, device=device, ids=chunk).to_envelope().to_mqtt(
-                    binary=client.v5
+                payload, props, ctype = (
+                    Receipt(site=site, device=device, ids=chunk).to_envelope().to_mqtt(binary=client.v5)
                 )
                 try:
                     # Waits only for room in the client's in-flight window, not for the broker's PUBACK.

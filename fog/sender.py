@@ -538,8 +538,12 @@ class KafkaSender:
         q.pending.clear()
         q.pending.extend(keep)
         if gone:
-            log.warning("%d records Kafka did not acknowledge were written to %s[%d] after all: not sent again",
-                        len(gone), q.topic, q.partition)
+            log.warning(
+                "%d records Kafka did not acknowledge were written to %s[%d] after all: not sent again",
+                len(gone),
+                q.topic,
+                q.partition,
+            )
             self._batch_sent(q, gone)
 
     def _batch_failed(self, q: _PartitionQueue, recs: list[Record], exc: BaseException) -> None:
@@ -552,11 +556,20 @@ class KafkaSender:
             if isinstance(exc, KafkaError) and not exc.retriable:
                 # Kafka will keep refusing (e.g. a record above the broker's limit): it holds
                 # the intake until an operator fixes the cause, so say so loudly.
-                log.error("Kafka refused a batch of %d records for %s[%d]: %r; retrying, intake held",
-                          len(recs), q.topic, q.partition, exc)
+                log.error(
+                    "Kafka refused a batch of %d records for %s[%d]: %r; retrying, intake held",
+                    len(recs),
+                    q.topic,
+                    q.partition,
+                    exc,
+                )
             else:
-                log.warning("Kafka did not take a batch for %s[%d] (%s); holding the intake and retrying",
-                            q.topic, q.partition, exc)
+                log.warning(
+                    "Kafka did not take a batch for %s[%d] (%s); holding the intake and retrying",
+                    q.topic,
+                    q.partition,
+                    exc,
+                )
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no record is queued or in flight; False on timeout."""

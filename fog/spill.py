@@ -116,8 +116,11 @@ class Spill:
     def start(self, buffered: bool = False) -> None:
         """Start watching Kafka (draining first what a previous run left); ``buffered``: start engaged."""
         if self.buffer.depth:
-            log.warning("the disk buffer %s holds %d records from before: sending them first",
-                        self.buffer.path, self.buffer.depth)
+            log.warning(
+                "the disk buffer %s holds %d records from before: sending them first",
+                self.buffer.path,
+                self.buffer.depth,
+            )
         if self.buffer.depth or buffered:
             # Not counted as an engagement: the drain finds nothing to send and goes direct at once.
             self._set_mode(Mode.BUFFERED)
@@ -245,8 +248,13 @@ class Spill:
         for r in held:
             self._skip.add(put(r))
         self._with_rows += len(held)
-        log.warning("Kafka is not keeping up (%s): taking MQTT traffic into the disk buffer %s "
-                    "(%d records were waiting for Kafka)", why, self.buffer.path, len(held))
+        log.warning(
+            "Kafka is not keeping up (%s): taking MQTT traffic into the disk buffer %s "
+            "(%d records were waiting for Kafka)",
+            why,
+            self.buffer.path,
+            len(held),
+        )
 
     async def _drain(self) -> None:
         """Hand rows to the sender in order; back to direct once every row is handed over."""
@@ -320,6 +328,7 @@ class Spill:
             self.sender.enqueue(r)
         self._skip.clear()
         self._set_mode(Mode.DIRECT)
-        log.warning("the disk buffer is drained: Kafka takes records directly again (%d handed over from memory)",
-                    len(recs))
+        log.warning(
+            "the disk buffer is drained: Kafka takes records directly again (%d handed over from memory)", len(recs)
+        )
         return True

@@ -69,8 +69,12 @@ async def recent_keys(
             await consumer.start()
             await _read_tail(consumer, topic, max_records, max_age_s, found)
     except TimeoutError:
-        log.warning("read %d records of the tail of %s in %.0f s, not all of it: the dedupe window starts with those",
-                    len(found), topic, timeout_s)
+        log.warning(
+            "read %d records of the tail of %s in %.0f s, not all of it: the dedupe window starts with those",
+            len(found),
+            topic,
+            timeout_s,
+        )
     finally:
         await consumer.stop()
     found.sort()  # newest first
@@ -80,8 +84,9 @@ async def recent_keys(
     return keys
 
 
-async def _read_tail(consumer: Any, topic: str, max_records: int, max_age_s: float,
-                     found: list[tuple[float, str]]) -> None:
+async def _read_tail(
+    consumer: Any, topic: str, max_records: int, max_age_s: float, found: list[tuple[float, str]]
+) -> None:
     await consumer.topics()
     parts = consumer.partitions_for_topic(topic)
     if not parts:

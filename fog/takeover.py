@@ -140,8 +140,15 @@ class Takeover:
 
     async def _take(self, peer: str) -> None:
         ing = Ingest(
-            self.config, self.sender, self.metrics, self.on_command_ack,
-            client_id=peer, takeover=True, dedupe=self.dedupe, outlet=self.outlet, receipts=self.receipts,
+            self.config,
+            self.sender,
+            self.metrics,
+            self.on_command_ack,
+            client_id=peer,
+            takeover=True,
+            dedupe=self.dedupe,
+            outlet=self.outlet,
+            receipts=self.receipts,
         )
         try:
             await ing.start()

@@ -86,8 +86,10 @@ class SiteAgent:
         jobs: AsyncJobStore | None = None
         producer: Any = None
         try:
-            await ensure_topics(self.kafka, [self.tasks_topic, self.topics.kafka_results, self.topics.kafka_jobs,
-                                             self.topics.kafka_deadletter])
+            await ensure_topics(
+                self.kafka,
+                [self.tasks_topic, self.topics.kafka_results, self.topics.kafka_jobs, self.topics.kafka_deadletter],
+            )
             jobs = await AsyncJobStore.open(cfg.database_url, cfg.site, self.topics)
             # No linger: every send (an outbox page, a fetch's dead letters) sends all its records and
             # then awaits them, so they travel as one batch anyway; a linger only delayed each page.
@@ -103,8 +105,9 @@ class SiteAgent:
             if jobs is not None:
                 await jobs.close()
 
-    async def _serve(self, stop: asyncio.Event, jobs: AsyncJobStore, producer: Any,
-                     machines: ComposedMachines | None) -> None:
+    async def _serve(
+        self, stop: asyncio.Event, jobs: AsyncJobStore, producer: Any, machines: ComposedMachines | None
+    ) -> None:
         """Start the engine and the loops; on stop (or a loop's failure) stop them in order."""
         cfg = self.cfg
         runner = self._runner = Runner(cfg, self.apps, self.engine, jobs, machines)
@@ -112,10 +115,10 @@ class SiteAgent:
         runner.on_queued = scheduler.wake
         outbox = OutboxPublisher(jobs, producer, self.kafka, cfg.site)
         jobs.on_written = outbox.offer
-        consumer = make_consumer(self.kafka, self.tasks_topic, group_id=f"rx-site-{cfg.site}",
-                                 session_timeout_ms=6000)
-        intake = Intake(cfg.site, self.apps, jobs, consumer, producer, self.topics.kafka_deadletter,
-                        cfg.max_backlog, scheduler.wake)
+        consumer = make_consumer(self.kafka, self.tasks_topic, group_id=f"rx-site-{cfg.site}", session_timeout_ms=6000)
+        intake = Intake(
+            cfg.site, self.apps, jobs, consumer, producer, self.topics.kafka_deadletter, cfg.max_backlog, scheduler.wake
+        )
         presence = Presence(cfg, self.apps, self.engine, jobs, producer) if cfg.presence.enabled else None
         loops: list[asyncio.Task[None]] = []
         consuming: asyncio.Task[None] | None = None
@@ -141,7 +144,10 @@ class SiteAgent:
                 starting.result()
                 log.info(
                     "site %s: taking tasks from %s with the %s engine (%d slots); apps: %s",
-                    cfg.site, self.tasks_topic, self.engine.name, self.engine.capacity,
+                    cfg.site,
+                    self.tasks_topic,
+                    self.engine.name,
+                    self.engine.capacity,
                     ", ".join(sorted(self.apps)) or "none",
                 )
                 notify_ready("site consuming")

@@ -209,8 +209,13 @@ class Allocation:
         nodes = [lead, *others[: need.nodes - 1]]
         worker = min(idle[lead], key=lambda w: (load.get(w.name, 0), w.name))
         return Placement(
-            key=need.key, allocation=self.name, job_id=self.job_id or "", worker=worker.name, node=lead,
-            slots=tuple((n, need.slots_per_node) for n in nodes), gpu_indices=gpu_indices,
+            key=need.key,
+            allocation=self.name,
+            job_id=self.job_id or "",
+            worker=worker.name,
+            node=lead,
+            slots=tuple((n, need.slots_per_node) for n in nodes),
+            gpu_indices=gpu_indices,
         )
 
     def fit_behind(self, need: Need, now: float, margin_s: float, per_slot: int) -> Placement | None:
@@ -220,8 +225,14 @@ class Allocation:
         it starts when any task of the worker ends, at the latest when the
         longest remaining timeout ahead of it runs out.
         """
-        if (per_slot <= 0 or need.nodes != 1 or need.slots_per_node != 1 or need.gpus or need.timeout_s is None
-                or self.end_at is None):
+        if (
+            per_slot <= 0
+            or need.nodes != 1
+            or need.slots_per_node != 1
+            or need.gpus
+            or need.timeout_s is None
+            or self.end_at is None
+        ):
             return None
         ahead: dict[str, list[Placement]] = {}
         for p in self.placements.values():
@@ -232,9 +243,12 @@ class Allocation:
         best: tuple[float, str] | None = None
         for w in self.workers.values():
             running = ahead.get(w.name)
-            if (not running or waiting.get(w.name, 0) >= per_slot * w.slots
-                    or self.quarantine.get(w.name) == w.incarnation
-                    or any(p.timeout_s is None or p.slots != ((w.node, 1),) or p.gpu_indices for p in running)):
+            if (
+                not running
+                or waiting.get(w.name, 0) >= per_slot * w.slots
+                or self.quarantine.get(w.name) == w.incarnation
+                or any(p.timeout_s is None or p.slots != ((w.node, 1),) or p.gpu_indices for p in running)
+            ):
                 continue
             # Worst case: it starts when the task ahead with the longest remaining timeout ends.
             starts = now + max(0.0, max(p.since + (p.timeout_s or 0.0) - now for p in running))
@@ -245,21 +259,40 @@ class Allocation:
         if best is None:
             return None
         w = self.workers[best[1]]
-        return Placement(key=need.key, allocation=self.name, job_id=self.job_id or "", worker=w.name, node=w.node,
-                         slots=((w.node, 1),), timeout_s=need.timeout_s, since=now, queued=True,
-                         start_by=self.end_at - need.timeout_s - margin_s)
+        return Placement(
+            key=need.key,
+            allocation=self.name,
+            job_id=self.job_id or "",
+            worker=w.name,
+            node=w.node,
+            slots=((w.node, 1),),
+            timeout_s=need.timeout_s,
+            since=now,
+            queued=True,
+            start_by=self.end_at - need.timeout_s - margin_s,
+        )
 
     def to_dict(self, now: float) -> dict[str, Any]:
         """The allocation as ``site status`` shows it."""
         left = self.remaining(now)
         return {
-            "name": self.name, "number": self.number, "state": self.state.value, "job_id": self.job_id,
-            "nodes": self.nodes, "node_list": self.node_list,
-            "requested_at": self.requested_at, "started_at": self.started_at, "end_at": self.end_at,
+            "name": self.name,
+            "number": self.number,
+            "state": self.state.value,
+            "job_id": self.job_id,
+            "nodes": self.nodes,
+            "node_list": self.node_list,
+            "requested_at": self.requested_at,
+            "started_at": self.started_at,
+            "end_at": self.end_at,
             "walltime_left_s": None if left is None or self.state is AllocationState.RELEASED else max(0.0, left),
-            "workers": len(self.workers), "slots": sum(w.slots for w in self.workers.values()),
-            "tasks_running": len(self.placements), "tasks_queued": len(self.queued),
-            "pending_reason": self.pending_reason, "reason": self.reason, "released_at": self.released_at,
+            "workers": len(self.workers),
+            "slots": sum(w.slots for w in self.workers.values()),
+            "tasks_running": len(self.placements),
+            "tasks_queued": len(self.queued),
+            "pending_reason": self.pending_reason,
+            "reason": self.reason,
+            "released_at": self.released_at,
         }
 
 
@@ -385,23 +418,27 @@ class AllocationManager:
         """Why no allocation of these settings could ever hold ``need`` (``None``: it can)."""
         s = self.s
         if need.slots_per_node > s.slots_per_node:
-            return (f"the task needs {need.slots_per_node} slot(s) on one node; {self.field}.cores_per_node gives "
-                    f"{s.slots_per_node}")
+            return (
+                f"the task needs {need.slots_per_node} slot(s) on one node; {self.field}.cores_per_node gives "
+                f"{s.slots_per_node}"
+            )
         if need.nodes > s.nodes_per_allocation:
-            return (f"the task needs {need.nodes} node(s); {self.field}.nodes_per_allocation is "
-                    f"{s.nodes_per_allocation}")
+            return f"the task needs {need.nodes} node(s); {self.field}.nodes_per_allocation is {s.nodes_per_allocation}"
         if need.gpus > s.gpus_per_node:
             return f"the task needs {need.gpus} GPU(s); {self.field}.gpus_per_node is {s.gpus_per_node}"
         if (need.timeout_s or 0) + s.walltime_margin_s > s.walltime_s:
-            return (f"its timeout of {need.timeout_s:g}s plus walltime_margin_s {s.walltime_margin_s:g}s is longer "
-                    f"than {self.field}.walltime {s.walltime}: no allocation could hold it")
+            return (
+                f"its timeout of {need.timeout_s:g}s plus walltime_margin_s {s.walltime_margin_s:g}s is longer "
+                f"than {self.field}.walltime {s.walltime}: no allocation could hold it"
+            )
         return None
 
     def try_place(self, need: Need) -> Placement | None:
         """Reserve a slot for ``need`` now if one is free, else queue it at a busy worker (``None``: it waits)."""
         now = self.clock()
-        eligible = [a for a in self.allocations.values()
-                    if a.state is AllocationState.RUNNING and self._holds(a, need, now)]
+        eligible = [
+            a for a in self.allocations.values() if a.state is AllocationState.RUNNING and self._holds(a, need, now)
+        ]
         eligible.sort(key=lambda a: a.remaining(now) or 0.0)  # soonest-ending first
         for alloc in eligible:
             p = alloc.fit(need)
@@ -481,16 +518,25 @@ class AllocationManager:
             alloc.quarantine[w.name] = w.incarnation
         self.take_back(alloc, placement.worker)
 
-    def take_back(self, alloc: Allocation, worker: str | None = None, limit: int | None = None,
-                  routine: bool = False, only: set[str] | None = None) -> int:
+    def take_back(
+        self,
+        alloc: Allocation,
+        worker: str | None = None,
+        limit: int | None = None,
+        routine: bool = False,
+        only: set[str] | None = None,
+    ) -> int:
         """Hand tasks queued at ``worker`` (every worker: ``None``) of ``alloc`` back to be placed again.
 
         Newest first, at most ``limit``. One its worker started meanwhile stays, now holding its slot.
         Returns how many were taken back. ``routine`` (moving to a free slot) is logged at debug
         level, not kept as a decision.
         """
-        back = [q for q in reversed(alloc.queued.values())
-                if (worker is None or q.worker == worker) and (only is None or q.key in only)][:limit]
+        back = [
+            q
+            for q in reversed(alloc.queued.values())
+            if (worker is None or q.worker == worker) and (only is None or q.key in only)
+        ][:limit]
         taken = 0
         for q in back:
             del alloc.queued[q.key]
@@ -501,8 +547,10 @@ class AllocationManager:
         if back:
             self._dirty = True
             where = "its workers" if worker is None else f"worker {worker}"
-            text = (f"allocation {alloc.name}: {taken} task(s) queued at {where} taken back to be placed "
-                    f"again{f' ({len(back) - taken} had started)' if taken < len(back) else ''}")
+            text = (
+                f"allocation {alloc.name}: {taken} task(s) queued at {where} taken back to be placed "
+                f"again{f' ({len(back) - taken} had started)' if taken < len(back) else ''}"
+            )
             if routine:
                 log.debug("%s (%s pilots): %s, to free slots", self.label, self.kind, text)
             else:
@@ -540,16 +588,31 @@ class AllocationManager:
         now = self.clock()
         live = [a.to_dict(now) for a in sorted(self.allocations.values(), key=lambda a: a.number)]
         gone = [a.to_dict(now) for a in self.released]
-        free = sum(max(0, s) for a in self.allocations.values() if a.state is AllocationState.RUNNING
-                   for s, _ in a.node_capacity().values())
+        free = sum(
+            max(0, s)
+            for a in self.allocations.values()
+            if a.state is AllocationState.RUNNING
+            for s, _ in a.node_capacity().values()
+        )
         return {
-            "site": self.label, "engine": self.kind, "prefix": self.prefix, "next_number": self._next,
-            "updated": now, "pid": os.getpid(),
-            "settings": {"min_allocations": self.s.min_allocations, "max_allocations": self.s.max_allocations,
-                         "nodes_per_allocation": self.s.nodes_per_allocation, "walltime": self.s.walltime,
-                         "idle_timeout_s": self.s.idle_timeout_s, "slots_per_allocation": self.s.slots_per_allocation},
-            "waiting_tasks": len(self._waiting), "free_slots": free,
-            "allocations": live + gone, "decisions": list(self.decisions)[-20:],
+            "site": self.label,
+            "engine": self.kind,
+            "prefix": self.prefix,
+            "next_number": self._next,
+            "updated": now,
+            "pid": os.getpid(),
+            "settings": {
+                "min_allocations": self.s.min_allocations,
+                "max_allocations": self.s.max_allocations,
+                "nodes_per_allocation": self.s.nodes_per_allocation,
+                "walltime": self.s.walltime,
+                "idle_timeout_s": self.s.idle_timeout_s,
+                "slots_per_allocation": self.s.slots_per_allocation,
+            },
+            "waiting_tasks": len(self._waiting),
+            "free_slots": free,
+            "allocations": live + gone,
+            "decisions": list(self.decisions)[-20:],
         }
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -570,8 +633,9 @@ class AllocationManager:
         """One round: refresh what workers and the scheduler say, place waiting tasks, scale."""
         now = self.clock()
         await self._refresh_workers(now)
-        if now >= self._queue_due or any(a.state is AllocationState.RUNNING and a.end_at is None
-                                         for a in self.allocations.values()):
+        if now >= self._queue_due or any(
+            a.state is AllocationState.RUNNING and a.end_at is None for a in self.allocations.values()
+        ):
             await self._refresh_queue(now)
         self._assign()
         await self._scale(self.clock())
@@ -588,13 +652,17 @@ class AllocationManager:
                 self._dirty = True
             alloc.workers = seen
             # A quarantined worker is usable again once it is gone or came back as a new process.
-            alloc.quarantine = {n: inc for n, inc in alloc.quarantine.items() if n in seen and seen[n].incarnation == inc}
+            alloc.quarantine = {
+                n: inc for n, inc in alloc.quarantine.items() if n in seen and seen[n].incarnation == inc
+            }
             if alloc.state is AllocationState.QUEUED and seen:
                 alloc.state = AllocationState.RUNNING
                 alloc.started_at = now
                 alloc.idle_since = now if not alloc.placements else None
-                self._decide(f"allocation {alloc.name} (job {alloc.job_id}) is running: {len(seen)} worker(s), "
-                             f"{sum(w.slots for w in seen.values())} slot(s) connected")
+                self._decide(
+                    f"allocation {alloc.name} (job {alloc.job_id}) is running: {len(seen)} worker(s), "
+                    f"{sum(w.slots for w in seen.values())} slot(s) connected"
+                )
 
     async def _refresh_queue(self, now: float) -> None:
         self._queue_due = now + self.s.queue_poll_s
@@ -606,8 +674,11 @@ class AllocationManager:
             e = entries.get(alloc.job_id or "")
             if e is None:
                 if now - alloc.requested_at > 2.0:  # sbatch returned, so squeue has had time to list it
-                    await self._release(alloc, f"its Slurm job {alloc.job_id} ended (time limit, node failure or "
-                                               "scancel outside the site)", cancel=False)
+                    await self._release(
+                        alloc,
+                        f"its Slurm job {alloc.job_id} ended (time limit, node failure or scancel outside the site)",
+                        cancel=False,
+                    )
                 continue
             alloc.node_list = e.node_list or alloc.node_list
             if e.running:
@@ -623,12 +694,17 @@ class AllocationManager:
                 if e.reason != alloc.pending_reason:
                     alloc.pending_reason = e.reason
                     self._dirty = True
-            if (alloc.state is AllocationState.QUEUED and alloc.slurm_running_at is not None
-                    and now - alloc.slurm_running_at > self.s.connect_timeout_s):
+            if (
+                alloc.state is AllocationState.QUEUED
+                and alloc.slurm_running_at is not None
+                and now - alloc.slurm_running_at > self.s.connect_timeout_s
+            ):
                 await self._release(
-                    alloc, f"its job has run for {now - alloc.slurm_running_at:.0f}s but no worker connected "
-                           f"(connect_timeout_s {self.s.connect_timeout_s:g}); check {self.field}.address/interface, "
-                           "the firewall and the job's output")
+                    alloc,
+                    f"its job has run for {now - alloc.slurm_running_at:.0f}s but no worker connected "
+                    f"(connect_timeout_s {self.s.connect_timeout_s:g}); check {self.field}.address/interface, "
+                    "the firewall and the job's output",
+                )
 
     def _holds(self, alloc: Allocation, need: Need, now: float) -> bool:
         left = alloc.remaining(now)
@@ -640,12 +716,15 @@ class AllocationManager:
             if a.state is not AllocationState.RUNNING:
                 continue
             if self.prefetch_per_slot and len(a.queued) < self.prefetch_per_slot * sum(
-                    w.slots for w in a.workers.values()):
+                w.slots for w in a.workers.values()
+            ):
                 return True
             load = a.worker_load()
             free_nodes = {n for n, (slots, _g) in a.node_capacity().items() if slots > 0}
-            if any(w.node in free_nodes and load.get(w.name, 0) < w.slots
-                   and a.quarantine.get(w.name) != w.incarnation for w in a.workers.values()):
+            if any(
+                w.node in free_nodes and load.get(w.name, 0) < w.slots and a.quarantine.get(w.name) != w.incarnation
+                for w in a.workers.values()
+            ):
                 return True
         return False
 
@@ -681,21 +760,27 @@ class AllocationManager:
         for a in self.allocations.values():
             if a.state is AllocationState.RUNNING and a.end_at is not None:
                 load = a.worker_load()
-                idle = sum(w.slots - load.get(w.name, 0) for w in a.workers.values()
-                           if load.get(w.name, 0) < w.slots and a.quarantine.get(w.name) != w.incarnation)
+                idle = sum(
+                    w.slots - load.get(w.name, 0)
+                    for w in a.workers.values()
+                    if load.get(w.name, 0) < w.slots and a.quarantine.get(w.name) != w.incarnation
+                )
                 free += min(idle, sum(max(0, s) for s, _g in a.node_capacity().values()))
         for alloc in queued:
             if free <= 0:
                 return
-            movable = {q.key for q in alloc.queued.values()
-                       if self._fits_now(Need(key=q.key, timeout_s=q.timeout_s), now)}
+            movable = {
+                q.key for q in alloc.queued.values() if self._fits_now(Need(key=q.key, timeout_s=q.timeout_s), now)
+            }
             if movable:
                 free -= self.take_back(alloc, None, min(free, len(movable)), routine=True, only=movable)
 
     def _fits_now(self, need: Need, now: float) -> bool:
         """Whether a free slot (not a worker's queue) could take ``need`` now."""
-        return any(a.state is AllocationState.RUNNING and self._holds(a, need, now) and a.fit(need) is not None
-                   for a in self.allocations.values())
+        return any(
+            a.state is AllocationState.RUNNING and self._holds(a, need, now) and a.fit(need) is not None
+            for a in self.allocations.values()
+        )
 
     async def _scale(self, now: float) -> None:
         s = self.s
@@ -704,24 +789,30 @@ class AllocationManager:
             left = alloc.remaining(now)
             if alloc.state is AllocationState.RUNNING and left is not None and left < s.drain_s:
                 alloc.state = AllocationState.DRAINING
-                self._decide(f"allocation {alloc.name}: {left:.0f}s of wall time left < drain_s {s.drain_s:g}: "
-                             f"draining ({len(alloc.placements)} task(s) finishing, no new ones)")
+                self._decide(
+                    f"allocation {alloc.name}: {left:.0f}s of wall time left < drain_s {s.drain_s:g}: "
+                    f"draining ({len(alloc.placements)} task(s) finishing, no new ones)"
+                )
         for alloc in list(self.allocations.values()):
             if alloc.state is AllocationState.DRAINING and not alloc.placements:
                 await self._release(alloc, "drained: its tasks ended")
 
         waiting = [w for w in self._waiting.values() if not w.future.done()]
-        active = [a for a in self.allocations.values()
-                  if a.state in (AllocationState.QUEUED, AllocationState.RUNNING)]
+        active = [a for a in self.allocations.values() if a.state in (AllocationState.QUEUED, AllocationState.RUNNING)]
         # Slots the active allocations have or will have once all their workers connected.
-        free_now = sum(max(0, c) for a in active if a.state is AllocationState.RUNNING
-                       for c, _ in a.node_capacity().values())
+        free_now = sum(
+            max(0, c) for a in active if a.state is AllocationState.RUNNING for c, _ in a.node_capacity().values()
+        )
         coming = sum(max(0, s.slots_per_allocation - sum(w.slots for w in a.workers.values())) for a in active)
         # Tasks no running allocation could ever hold (wall time left) need a new one whatever the free slots.
         running = [a for a in active if a.state is AllocationState.RUNNING]
-        stranded = [w for w in waiting
-                    if running and not any(self._holds(a, w.need, now) for a in running)
-                    and not any(a.state is AllocationState.QUEUED for a in active)]
+        stranded = [
+            w
+            for w in waiting
+            if running
+            and not any(self._holds(a, w.need, now) for a in running)
+            and not any(a.state is AllocationState.QUEUED for a in active)
+        ]
         # Tasks queued at busy workers wait for a slot too (they move to a new allocation's free slots).
         queued = sum(len(a.queued) for a in active)
         backlog_slots = sum(w.need.slots for w in waiting) + queued
@@ -729,56 +820,74 @@ class AllocationManager:
         why = ""
         if stranded:
             want = max(1, math.ceil(sum(w.need.slots for w in stranded) / s.slots_per_allocation))
-            why = (f"{len(stranded)} task(s) need more wall time than any running allocation has left "
-                   f"(timeout {stranded[0].need.timeout_s or 0:g}s + margin {s.walltime_margin_s:g}s)")
+            why = (
+                f"{len(stranded)} task(s) need more wall time than any running allocation has left "
+                f"(timeout {stranded[0].need.timeout_s or 0:g}s + margin {s.walltime_margin_s:g}s)"
+            )
         elif (waiting or queued) and backlog_slots > free_now + coming:
             want = math.ceil((backlog_slots - free_now - coming) / s.slots_per_allocation)
             behind = f", {queued} of them queued at busy workers" if queued else ""
-            why = (f"backlog {len(waiting) + queued} task(s) ({backlog_slots} slots{behind}) > {free_now + coming} "
-                   "free slot(s)")
+            why = (
+                f"backlog {len(waiting) + queued} task(s) ({backlog_slots} slots{behind}) > {free_now + coming} "
+                "free slot(s)"
+            )
         if len(active) + want < s.min_allocations:
             want = s.min_allocations - len(active)
             why = f"{len(active)} allocation(s) < min_allocations {s.min_allocations}"
         room = s.max_allocations - len(active)
         if want > room and stranded:
             # At the maximum: drain the allocation ending soonest among those that cannot hold the task.
-            victims = sorted((a for a in active if a.state is AllocationState.RUNNING
-                              and not self._holds(a, stranded[0].need, now)),
-                             key=lambda a: a.remaining(now) or 0.0)
+            victims = sorted(
+                (a for a in active if a.state is AllocationState.RUNNING and not self._holds(a, stranded[0].need, now)),
+                key=lambda a: a.remaining(now) or 0.0,
+            )
             if victims and room <= 0:
                 v = victims[0]
                 v.state = AllocationState.DRAINING
-                self._decide(f"allocation {v.name}: {v.remaining(now) or 0:.0f}s left cannot hold a waiting task's "
-                             f"{stranded[0].need.timeout_s or 0:g}s timeout and the site is at max_allocations "
-                             f"{s.max_allocations}: draining it to make room")
+                self._decide(
+                    f"allocation {v.name}: {v.remaining(now) or 0:.0f}s left cannot hold a waiting task's "
+                    f"{stranded[0].need.timeout_s or 0:g}s timeout and the site is at max_allocations "
+                    f"{s.max_allocations}: draining it to make room"
+                )
                 room += 1
                 if not v.placements:
                     await self._release(v, "drained to make room for a longer task")
         want = min(want, room)
         if want > 0 and now >= self._launch_backoff_until:
             for _ in range(want):
-                n = len([a for a in self.allocations.values()
-                         if a.state in (AllocationState.QUEUED, AllocationState.RUNNING)]) + 1
+                n = (
+                    len(
+                        [
+                            a
+                            for a in self.allocations.values()
+                            if a.state in (AllocationState.QUEUED, AllocationState.RUNNING)
+                        ]
+                    )
+                    + 1
+                )
                 await self._request(f"{why}: requesting allocation {n} of {s.max_allocations}")
         # Release what has been idle too long, down to min_allocations.
         for alloc in sorted(self.allocations.values(), key=lambda a: a.remaining(now) or 0.0):
-            active_n = len([a for a in self.allocations.values()
-                            if a.state in (AllocationState.QUEUED, AllocationState.RUNNING)])
+            active_n = len(
+                [a for a in self.allocations.values() if a.state in (AllocationState.QUEUED, AllocationState.RUNNING)]
+            )
             if active_n <= s.min_allocations or alloc.state not in (AllocationState.QUEUED, AllocationState.RUNNING):
                 continue
             since = alloc.idle_since if alloc.state is AllocationState.RUNNING else alloc.requested_at
             if alloc.placements or since is None or now - since < s.idle_timeout_s:
                 continue
-            if waiting and (alloc.state is AllocationState.QUEUED
-                            or any(self._holds(alloc, w.need, now) for w in waiting)):
+            if waiting and (
+                alloc.state is AllocationState.QUEUED or any(self._holds(alloc, w.need, now) for w in waiting)
+            ):
                 continue  # it may yet serve a waiting task
             await self._release(alloc, f"idle for {now - since:.0f}s >= idle_timeout_s {s.idle_timeout_s:g}")
 
     async def _request(self, why: str) -> None:
         number = self._next
         self._next += 1
-        alloc = Allocation(name=f"{self.prefix}a{number}", number=number, nodes=self.s.nodes_per_allocation,
-                           requested_at=self.clock())
+        alloc = Allocation(
+            name=f"{self.prefix}a{number}", number=number, nodes=self.s.nodes_per_allocation, requested_at=self.clock()
+        )
         self.allocations[alloc.name] = alloc
         self._decide(why)
         self._write_status()  # recorded before the job exists: a crash in between is found by name
@@ -817,8 +926,11 @@ class AllocationManager:
         """Cancel allocations a previous agent process left: recorded ones, and any job with our prefix."""
         previous = read_status(self.path.parent.parent) or {}
         self._next = max(self._next, int(previous.get("next_number", 1)))
-        recorded = {a["job_id"]: a for a in previous.get("allocations", [])
-                    if a.get("job_id") and a.get("state") != AllocationState.RELEASED.value}
+        recorded = {
+            a["job_id"]: a
+            for a in previous.get("allocations", [])
+            if a.get("job_id") and a.get("state") != AllocationState.RELEASED.value
+        }
         # Every job of ours carries the prefix in its name, recorded or not (a crash right after sbatch).
         found = {e.job_id: e for e in await self.queue.named(self.prefix)}
         ids = sorted(found)
@@ -830,16 +942,20 @@ class AllocationManager:
                 # Its workers lost their scheduler/interchange with the previous process and left.
                 a = _from_dict(d)
                 a.state, a.released_at = AllocationState.RELEASED, self.clock()
-                a.reason = (f"ended while no agent held it (the previous agent process, pid "
-                            f"{previous.get('pid', '?')}, had stopped)")
+                a.reason = (
+                    f"ended while no agent held it (the previous agent process, pid "
+                    f"{previous.get('pid', '?')}, had stopped)"
+                )
                 self.released.append(a)
                 self._dirty = True
         if not ids:
             self._write_status()
             return
         await self.queue.cancel(ids)
-        why = (f"left by a previous agent process (pid {previous.get('pid', '?')}): its workers served that "
-               f"process's {'scheduler' if self.kind == 'dask' else 'interchange'}; cancelled by job id")
+        why = (
+            f"left by a previous agent process (pid {previous.get('pid', '?')}): its workers served that "
+            f"process's {'scheduler' if self.kind == 'dask' else 'interchange'}; cancelled by job id"
+        )
         for job_id in ids:
             a = _from_dict(recorded.get(job_id) or {"name": found[job_id].name, "job_id": job_id})
             a.state, a.reason, a.released_at = AllocationState.RELEASED, why, self.clock()
@@ -861,8 +977,12 @@ class AllocationManager:
         counts[AllocationState.RELEASED] = len(self.released)
         for st, n in counts.items():
             ALLOCATIONS.labels(self.label, st.value).set(n)
-        snap_free = sum(max(0, s) for a in self.allocations.values() if a.state is AllocationState.RUNNING
-                        for s, _ in a.node_capacity().values())
+        snap_free = sum(
+            max(0, s)
+            for a in self.allocations.values()
+            if a.state is AllocationState.RUNNING
+            for s, _ in a.node_capacity().values()
+        )
         FREE_SLOTS.labels(self.label).set(snap_free)
         WAITING.labels(self.label).set(len(self._waiting))
 
@@ -877,8 +997,13 @@ class AllocationManager:
 
 
 def _from_dict(d: dict[str, Any]) -> Allocation:
-    a = Allocation(name=str(d.get("name", "?")), number=int(d.get("number") or 0), nodes=int(d.get("nodes") or 0),
-                   requested_at=float(d.get("requested_at") or 0.0), job_id=d.get("job_id"))
+    a = Allocation(
+        name=str(d.get("name", "?")),
+        number=int(d.get("number") or 0),
+        nodes=int(d.get("nodes") or 0),
+        requested_at=float(d.get("requested_at") or 0.0),
+        job_id=d.get("job_id"),
+    )
     a.state = AllocationState(d.get("state", AllocationState.RELEASED.value))
     a.reason = str(d.get("reason", ""))
     a.released_at = d.get("released_at")

@@ -280,9 +280,7 @@ def implement(
 
     def wrap(f: F) -> F:
         spec.implementations.append(
-            Implementation(
-                function=reference_of(f), gpus=gpus, gpu_model=gpu_model, cpus=cpus, memory_gb=memory_gb
-            )
+            Implementation(function=reference_of(f), gpus=gpus, gpu_model=gpu_model, cpus=cpus, memory_gb=memory_gb)
         )
         return f
 
@@ -318,8 +316,11 @@ def choose_implementation(name: str, spec: AppSpec, offer: SiteResources) -> Imp
     one asking for the most GPUs that the site can give wins.
     """
     main = Implementation.model_construct(
-        function=spec.function or "", cpus=spec.cpus, gpus=spec.gpus,
-        gpu_model=spec.gpu_model, memory_gb=spec.memory_gb,
+        function=spec.function or "",
+        cpus=spec.cpus,
+        gpus=spec.gpus,
+        gpu_model=spec.gpu_model,
+        memory_gb=spec.memory_gb,
     )
     candidates = sorted([main, *spec.implementations], key=lambda i: -i.gpus)
     refused = []

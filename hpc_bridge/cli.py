@@ -19,7 +19,8 @@ env_app = typer.Typer(help="Pack and list app environments.", no_args_is_help=Tr
 
 SiteFile = Annotated[Path, typer.Argument(metavar="FILE", help="the site's YAML file (site.yaml)")]
 SiteOpt = Annotated[
-    Path, typer.Option("--site-file", "--site", "-s", metavar="FILE", help="the site's YAML file", envvar="RX_SITE_FILE")
+    Path,
+    typer.Option("--site-file", "--site", "-s", metavar="FILE", help="the site's YAML file", envvar="RX_SITE_FILE"),
 ]
 TaskArg = Annotated[str, typer.Argument(metavar="TASK", help="the task id")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON for scripts")]
@@ -143,13 +144,22 @@ def site_check(
         try:
             address = asyncio.run(engine.preflight())
             p = cfg.engine.pilot
-            pilots = (f"pilots: {p.min_allocations}..{p.max_allocations} allocation(s) of {p.nodes_per_allocation} "
-                      f"node(s) x {p.slots_per_node} slot(s), walltime {p.walltime}; workers connect to {address}\n")
+            pilots = (
+                f"pilots: {p.min_allocations}..{p.max_allocations} allocation(s) of {p.nodes_per_allocation} "
+                f"node(s) x {p.slots_per_node} slot(s), walltime {p.walltime}; workers connect to {address}\n"
+            )
         except EngineError as exc:
             problem(("engine", "pilot"), "engine.pilot", str(exc))
     listing = "".join(f"{n}: {d}\n" for n, d in described.items())
-    finish(file, problems, f"{listing}{pilots}{file}: site {cfg.site!r} OK, {len(apps)} app(s), engine {cfg.engine.kind}",
-           as_json, site=cfg.site, apps=described, engine=cfg.engine.kind)
+    finish(
+        file,
+        problems,
+        f"{listing}{pilots}{file}: site {cfg.site!r} OK, {len(apps)} app(s), engine {cfg.engine.kind}",
+        as_json,
+        site=cfg.site,
+        apps=described,
+        engine=cfg.engine.kind,
+    )
 
 
 @site_app.command("status")
@@ -194,13 +204,22 @@ def site_status(
     table = Table("allocation", "state", "job", "nodes", "left", "workers", "tasks", "reason", box=None)
     for a in data["allocations"]:
         left = a.get("walltime_left_s")
-        table.add_row(a["name"], a["state"], str(a.get("job_id") or "-"), a.get("node_list") or str(a.get("nodes")),
-                      "-" if left is None else f"{left:.0f}s", str(a.get("workers", 0)),
-                      str(a.get("tasks_running", 0)), a.get("pending_reason") or a.get("reason") or "")
+        table.add_row(
+            a["name"],
+            a["state"],
+            str(a.get("job_id") or "-"),
+            a.get("node_list") or str(a.get("nodes")),
+            "-" if left is None else f"{left:.0f}s",
+            str(a.get("workers", 0)),
+            str(a.get("tasks_running", 0)),
+            a.get("pending_reason") or a.get("reason") or "",
+        )
     Console(width=200).print(table)
     age = now - float(data.get("updated") or now)
-    typer.echo(f"{data.get('waiting_tasks', 0)} task(s) waiting, {data.get('free_slots', 0)} free slot(s); "
-               f"as of {age:.0f}s ago" + ("" if alive else " (the site agent is not running)"))
+    typer.echo(
+        f"{data.get('waiting_tasks', 0)} task(s) waiting, {data.get('free_slots', 0)} free slot(s); "
+        f"as of {age:.0f}s ago" + ("" if alive else " (the site agent is not running)")
+    )
 
 
 @jobs_app.command("list")
@@ -228,18 +247,33 @@ def jobs_list(
         return
     table = Table("task", "app", "state", "attempt", "updated", "reason", box=None)
     for j in jobs:
-        table.add_row(j.task_id, j.app, j.status.value, f"{j.attempt}/{j.max_retries + 1}",
-                      j.updated_at.strftime("%H:%M:%S"), j.reason)
+        table.add_row(
+            j.task_id,
+            j.app,
+            j.status.value,
+            f"{j.attempt}/{j.max_retries + 1}",
+            j.updated_at.strftime("%H:%M:%S"),
+            j.reason,
+        )
     Console(width=200).print(table)
     typer.echo("  ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "no jobs")
 
 
 def _job_json(job: Any) -> dict[str, Any]:
     return {
-        "task_id": job.task_id, "app": job.app, "state": job.status.value, "reason": job.reason,
-        "attempt": job.attempt, "max_attempts": job.max_retries + 1, "on_failure": job.on_failure.value,
-        "updated_at": job.updated_at.isoformat(), "engine": job.engine, "native_id": job.native_id,
-        "machine": job.machine, "depends_on": list(job.depends_on or []), "error": job.error,
+        "task_id": job.task_id,
+        "app": job.app,
+        "state": job.status.value,
+        "reason": job.reason,
+        "attempt": job.attempt,
+        "max_attempts": job.max_retries + 1,
+        "on_failure": job.on_failure.value,
+        "updated_at": job.updated_at.isoformat(),
+        "engine": job.engine,
+        "native_id": job.native_id,
+        "machine": job.machine,
+        "depends_on": list(job.depends_on or []),
+        "error": job.error,
         "workdir": job.workdir,
     }
 
@@ -261,12 +295,27 @@ def jobs_show(task_id: TaskArg, site: SiteOpt = Path("site.yaml"), as_json: Json
     log = Path(job.workdir) / "task.log" if job.workdir else None
     tail = log.read_text(errors="replace").splitlines()[-20:] if log is not None and log.exists() else []
     if as_json:
-        typer.echo(json.dumps({
-            **_job_json(job), "args": job.request.args,
-            "transitions": [{"seq": t.seq, "previous": t.previous, "state": t.state, "attempt": t.attempt,
-                             "reason": t.reason, "at": t.at.isoformat()} for t in transitions],
-            "output_tail": tail,
-        }, default=str))
+        typer.echo(
+            json.dumps(
+                {
+                    **_job_json(job),
+                    "args": job.request.args,
+                    "transitions": [
+                        {
+                            "seq": t.seq,
+                            "previous": t.previous,
+                            "state": t.state,
+                            "attempt": t.attempt,
+                            "reason": t.reason,
+                            "at": t.at.isoformat(),
+                        }
+                        for t in transitions
+                    ],
+                    "output_tail": tail,
+                },
+                default=str,
+            )
+        )
         return
     typer.echo(f"task      {job.task_id}\napp       {job.app}\nstate     {job.status.value}: {job.reason}")
     typer.echo(f"attempt   {job.attempt} of at most {job.max_retries + 1} (on_failure={job.on_failure.value})")
@@ -278,8 +327,10 @@ def jobs_show(task_id: TaskArg, site: SiteOpt = Path("site.yaml"), as_json: Json
     typer.echo(f"args      {job.request.args}")
     typer.echo("history:")
     for t in transitions:
-        typer.echo(f"  {t.at:%Y-%m-%d %H:%M:%S}  #{t.seq} {t.previous or '-':>9} -> {t.state:<9} "
-                   f"(attempt {t.attempt}) {t.reason}")
+        typer.echo(
+            f"  {t.at:%Y-%m-%d %H:%M:%S}  #{t.seq} {t.previous or '-':>9} -> {t.state:<9} "
+            f"(attempt {t.attempt}) {t.reason}"
+        )
     if tail:
         typer.echo(f"output ({log}):")
         for line in tail:
@@ -345,15 +396,26 @@ def env_pack(
             raise typer.Exit(1)
         mgr = EnvManager(cfg.env_cache_path)
         t0 = time.monotonic()
-        packed = _with_progress(f"packing {app_name} (creating the environment, installing, archiving)",
-                                lambda: mgr.pack(app_name, apps[app_name]), quiet=as_json)
+        packed = _with_progress(
+            f"packing {app_name} (creating the environment, installing, archiving)",
+            lambda: mgr.pack(app_name, apps[app_name]),
+            quiet=as_json,
+        )
     except (AppError, EnvError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     if as_json:
-        typer.echo(json.dumps({"app": app_name, "tarball": str(packed.tarball), "cached": packed.cached,
-                               "seconds": round(time.monotonic() - t0, 3),
-                               "requirements": list(packed.spec.requirements)}))
+        typer.echo(
+            json.dumps(
+                {
+                    "app": app_name,
+                    "tarball": str(packed.tarball),
+                    "cached": packed.cached,
+                    "seconds": round(time.monotonic() - t0, 3),
+                    "requirements": list(packed.spec.requirements),
+                }
+            )
+        )
         return
     how = "reused cached" if packed.cached else "built"
     typer.echo(f"{how} {packed.tarball} in {time.monotonic() - t0:.2f}s")
@@ -368,8 +430,13 @@ def _with_progress(what: str, work: Any, quiet: bool = False) -> Any:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
         progress.add_task(what, total=None)
         return work()
 
@@ -382,14 +449,28 @@ def env_list(site: SiteOpt = Path("site.yaml"), as_json: JsonOpt = False) -> Non
     cfg = _load(site)
     envs = EnvManager(cfg.env_cache_path).list()
     if as_json:
-        typer.echo(json.dumps([{"hash": e.hash, "size_bytes": e.size, "created": e.created.isoformat(),
-                                "apps": list(e.apps), "requirements": list(e.requirements)} for e in envs]))
+        typer.echo(
+            json.dumps(
+                [
+                    {
+                        "hash": e.hash,
+                        "size_bytes": e.size,
+                        "created": e.created.isoformat(),
+                        "apps": list(e.apps),
+                        "requirements": list(e.requirements),
+                    }
+                    for e in envs
+                ]
+            )
+        )
         return
     if not envs:
         typer.echo(f"no packed environments in {cfg.env_cache_path}")
     for e in envs:
-        typer.echo(f"{e.hash[:16]}  {e.size / 1e6:7.1f} MB  {e.created:%Y-%m-%d %H:%M}  "
-                   f"{', '.join(e.apps) or '-'}  {' '.join(e.requirements)}")
+        typer.echo(
+            f"{e.hash[:16]}  {e.size / 1e6:7.1f} MB  {e.created:%Y-%m-%d %H:%M}  "
+            f"{', '.join(e.apps) or '-'}  {' '.join(e.requirements)}"
+        )
 
 
 def main() -> None:

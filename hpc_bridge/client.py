@@ -101,8 +101,11 @@ class SiteClient:
         await ensure_topics(self.settings, {self.topics.kafka_tasks(r.site) for r in reqs})
         futs = []
         for req in reqs:
-            futs.append(await send_event(self._producer, self.topics.kafka_tasks(req.site), req.to_envelope(),
-                                         key=req.task_id.encode()))
+            futs.append(
+                await send_event(
+                    self._producer, self.topics.kafka_tasks(req.site), req.to_envelope(), key=req.task_id.encode()
+                )
+            )
         await asyncio.gather(*futs)
 
     async def send_raw(self, site: str, value: bytes) -> None:

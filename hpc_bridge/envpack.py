@@ -249,8 +249,12 @@ class EnvManager:
             (site / "rx-code.pth").write_text("\n".join(lines) + "\n")
             if env.modules:
                 check = "import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)"
-                out = subprocess.run([str(venv / "bin" / "python"), "-c", check, *env.modules],
-                                     capture_output=True, text=True, check=False)
+                out = subprocess.run(
+                    [str(venv / "bin" / "python"), "-c", check, *env.modules],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 if out.returncode != 0:
                     raise EnvError(
                         f"the packed environment cannot import the app: {out.stderr.strip().splitlines()[-1:]}"
@@ -289,6 +293,14 @@ class EnvManager:
             tarball = meta_path.with_name(meta_path.name.replace(".json", ".tar.gz"))
             if not tarball.exists():
                 continue
-            out.append(EnvInfo(meta["hash"], tarball, tarball.stat().st_size,
-                               datetime.fromisoformat(meta["created"]), meta["apps"], meta["requirements"]))
+            out.append(
+                EnvInfo(
+                    meta["hash"],
+                    tarball,
+                    tarball.stat().st_size,
+                    datetime.fromisoformat(meta["created"]),
+                    meta["apps"],
+                    meta["requirements"],
+                )
+            )
         return sorted(out, key=lambda e: e.created, reverse=True)

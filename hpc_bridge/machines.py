@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class MachinesError(RuntimeError):
     """The ``compose:`` section cannot be used (no token, unreadable pools file); the text says what to fix."""
 
@@ -241,14 +242,21 @@ class MachinePool:
         idle timeout); ones a crash left half-composed or half-freed are freed.
         """
         ours = [
-            m for m in await asyncio.to_thread(self.composer.list)
+            m
+            for m in await asyncio.to_thread(self.composer.list)
             if m.owner == self.identity.user and (m.name or "").startswith(self.prefix)
         ]
         adopted: list[Machine] = []
         for m in ours:
             if m.driver != self.driver:
-                log.warning("machine %s was composed with the %s driver, this site now uses %s: free it with "
-                            "`reflexarc compose free %s` and that driver", m.id, m.driver, self.driver, m.id)
+                log.warning(
+                    "machine %s was composed with the %s driver, this site now uses %s: free it with "
+                    "`reflexarc compose free %s` and that driver",
+                    m.id,
+                    m.driver,
+                    self.driver,
+                    m.id,
+                )
                 continue
             if m.state is MachineState.COMPOSED:
                 self._slots[m.id] = Slot(m, None, self.clock())
@@ -260,8 +268,11 @@ class MachinePool:
             except Exception as exc:
                 log.warning("cannot free machine %s left %s: %s", m.id, m.state.value, exc)
         if adopted:
-            log.info("adopted %d composed machine(s) from before the restart: %s",
-                     len(adopted), ", ".join(m.id for m in adopted))
+            log.info(
+                "adopted %d composed machine(s) from before the restart: %s",
+                len(adopted),
+                ", ".join(m.id for m in adopted),
+            )
         return adopted
 
     def bind(self, task_id: str, machine_id: str) -> bool:
@@ -308,9 +319,11 @@ class MachinePool:
                     async with self._cond:
                         self._reserved += 1
                     break
-            if d.action == "evict" and await asyncio.to_thread(
-                self._misfit_after_freeing, spec, [s for s in held if s.task is None]
-            ) is None:
+            if (
+                d.action == "evict"
+                and await asyncio.to_thread(self._misfit_after_freeing, spec, [s for s in held if s.task is None])
+                is None
+            ):
                 assert d.slot is not None
                 async with self._cond:
                     slot = self._slots.get(d.slot.machine.id)
@@ -338,8 +351,9 @@ class MachinePool:
             except PlacementError as exc:
                 if impossible is not None and held:
                     # The composer speaks of what is busy now; say also that waiting would not help.
-                    raise PlacementError(f"{exc}; even if this site freed its {len(held)} machine(s): "
-                                         f"{impossible}") from None
+                    raise PlacementError(
+                        f"{exc}; even if this site freed its {len(held)} machine(s): {impossible}"
+                    ) from None
                 raise
         except BaseException:
             async with self._cond:
@@ -350,8 +364,9 @@ class MachinePool:
             self._reserved -= 1
             self._slots[machine.id] = Slot(machine, task_id)
             self._notify()  # waiting tasks decide again, now knowing this machine's devices
-        log.info("task %s: composed machine %s (%s): %s", task_id, machine.id, spec.describe(),
-                 ", ".join(machine.device_ids))
+        log.info(
+            "task %s: composed machine %s (%s): %s", task_id, machine.id, spec.describe(), ", ".join(machine.device_ids)
+        )
         return machine
 
     async def _compose(self, spec: CompositionSpec) -> Machine:

@@ -14,16 +14,22 @@ TASKS_RUNNING = Gauge("rx_site_tasks_running", "Tasks handed to the engine", ["s
 DEAD_LETTERS = Counter("rx_site_deadletters_total", "Requests that could not be read", ["site"])
 EVENTS_PUBLISHED = Counter("rx_site_events_published_total", "Outbox events Kafka acknowledged", ["site"])
 DB_BATCH = Histogram(
-    "rx_site_db_batch_operations", "Job-store operations committed together in one transaction", ["site"],
+    "rx_site_db_batch_operations",
+    "Job-store operations committed together in one transaction",
+    ["site"],
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
 )
 TASK_QUEUE = Histogram(
-    "rx_site_task_queue_seconds", "A task's wait: recorded as queued at the site -> started by the engine",
-    ["site", "app"], buckets=TASK_BUCKETS,
+    "rx_site_task_queue_seconds",
+    "A task's wait: recorded as queued at the site -> started by the engine",
+    ["site", "app"],
+    buckets=TASK_BUCKETS,
 )
 TASK_RUN = Histogram(
-    "rx_site_task_run_seconds", "A task's last attempt: started by the engine -> finished",
-    ["site", "app"], buckets=TASK_BUCKETS,
+    "rx_site_task_run_seconds",
+    "A task's last attempt: started by the engine -> finished",
+    ["site", "app"],
+    buckets=TASK_BUCKETS,
 )
 
 
@@ -31,8 +37,9 @@ def _utc(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
-def observe_task(site: str, app: str, queued_at: datetime, started_at: datetime | None,
-                 finished_at: datetime | None) -> None:
+def observe_task(
+    site: str, app: str, queued_at: datetime, started_at: datetime | None, finished_at: datetime | None
+) -> None:
     """Observe a finished task's queue and run durations (a task that never started has neither)."""
     if started_at is None:
         return

@@ -31,8 +31,11 @@ def mpi_layout_problem(
     if per_node < 1:
         return "ranks", f"one rank needs {cpus_per_rank} core(s), more than the {pilot.slots_per_node} of one node"
     if ranks_per_node is not None and ranks_per_node > per_node:
-        return ("ranks_per_node", f"{ranks_per_node} ranks x {cpus_per_rank} core(s) is more than the "
-                f"{pilot.slots_per_node} slot(s) of one node")
+        return (
+            "ranks_per_node",
+            f"{ranks_per_node} ranks x {cpus_per_rank} core(s) is more than the "
+            f"{pilot.slots_per_node} slot(s) of one node",
+        )
     rpn = ranks_per_node or per_node
     nodes = -(-ranks // rpn)
     if nodes > pilot.nodes_per_allocation:
@@ -150,8 +153,12 @@ class PilotSettings(StrictModel):
 
 
 # dask-jobqueue's own names for the fields of a jobqueue cluster, accepted as aliases.
-_JOBQUEUE_ALIASES = {"cores": "cores_per_node", "queue": "partition", "memory": "memory_per_node",
-                     "job_extra_directives": "job_directives"}
+_JOBQUEUE_ALIASES = {
+    "cores": "cores_per_node",
+    "queue": "partition",
+    "memory": "memory_per_node",
+    "job_extra_directives": "job_directives",
+}
 
 
 class JobqueueSettings(PilotSettings):
@@ -177,7 +184,9 @@ class JobqueueSettings(PilotSettings):
     @model_validator(mode="after")
     def _processes(self) -> JobqueueSettings:
         if self.processes is not None and self.cores_per_node % self.processes:
-            raise ValueError(f"cores_per_node ({self.cores_per_node}) is not a multiple of processes ({self.processes})")
+            raise ValueError(
+                f"cores_per_node ({self.cores_per_node}) is not a multiple of processes ({self.processes})"
+            )
         return self
 
 
@@ -287,9 +296,7 @@ _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 class ComposeSlurmSettings(StrictModel):
     """How the ``slurm`` compose driver reaches the scheduler."""
 
-    env: dict[str, str] = Field(
-        default_factory=dict, description="environment for Slurm commands (e.g. SLURM_CONF)"
-    )
+    env: dict[str, str] = Field(default_factory=dict, description="environment for Slurm commands (e.g. SLURM_CONF)")
     partition: str | None = None
     account: str | None = None
     start_timeout_s: float = Field(60.0, gt=0, description="give up on a holder job not running after this")
@@ -305,9 +312,7 @@ class ComposeSettings(StrictModel):
     driver: Literal["inventory", "slurm"] = Field(
         "inventory", description="inventory: logical, tasks run on the site engine; slurm: inside the allocation"
     )
-    token_env: str = Field(
-        "RX_COMPOSE_TOKEN", description="environment variable holding the agent's compose token"
-    )
+    token_env: str = Field("RX_COMPOSE_TOKEN", description="environment variable holding the agent's compose token")
     idle_timeout_s: float = Field(300.0, gt=0, description="free a composed machine idle this long")
     max_machines: int = Field(4, ge=1, description="composed machines this site holds at once")
     rack: str | None = Field(None, description="preferred rack for placement")
@@ -334,9 +339,7 @@ class SiteConfig(HasMetrics):
 
     site: str = Field(description="the site's name; tasks arrive on rx.tasks.<site>")
     apps: dict[str, AppSpec] = Field(default_factory=dict)
-    modules: list[str] = Field(
-        default_factory=list, description="Python modules whose @app functions become apps"
-    )
+    modules: list[str] = Field(default_factory=list, description="Python modules whose @app functions become apps")
     namespace: str = Field(default_factory=_default_namespace)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings.from_env)
@@ -395,8 +398,10 @@ class SiteConfig(HasMetrics):
             problem = mpi_layout_problem(spec.mpi.ranks, spec.mpi.ranks_per_node, spec.cpus, pilot)
             if problem:
                 field, why = problem
-                raise ValueError(f"apps.{name}.mpi.{field}: {why} ({where}: {pilot.nodes_per_allocation} "
-                                 f"node(s) x {pilot.slots_per_node} slot(s) per allocation)")
+                raise ValueError(
+                    f"apps.{name}.mpi.{field}: {why} ({where}: {pilot.nodes_per_allocation} "
+                    f"node(s) x {pilot.slots_per_node} slot(s) per allocation)"
+                )
         return self
 
     def path(self, value: str | None, default: str) -> Path:
@@ -425,7 +430,6 @@ class SiteConfig(HasMetrics):
     def env_cache_path(self) -> Path:
         """Where packed environments are cached."""
         return self.path(self.env_cache, str(self.state_path / "envs"))
-
 
     @property
     def compose_pools_path(self) -> Path | None:

@@ -59,8 +59,9 @@ def _ref(name: str, value: object) -> ObjectRef:
         raise StageInError(f"stage-in: argument {name!r} is not a reference: {exc.errors()[0]['msg']}") from None
 
 
-def _stage_one(name: str, index: int | None, value: object, decl: RefArg, workdir: str,
-               settings: ObjectStoreSettings | None) -> str:
+def _stage_one(
+    name: str, index: int | None, value: object, decl: RefArg, workdir: str, settings: ObjectStoreSettings | None
+) -> str:
     """Stage one reference (blocking: runs in a thread); returns the argument's new value."""
     ref = _ref(name, value)
     if decl.stage == "pass":

@@ -182,14 +182,28 @@ class JobView:
     def of(cls, row: JobRow | _Job, request: TaskRequest | None = None) -> JobView:
         """Snapshot of a row (an ORM row or a batch's working copy); ``request``: the row's, already read."""
         return cls(
-            task_id=row.task_id, app=row.app, status=JobStatus(row.status), reason=row.reason,
-            attempt=row.attempt, max_retries=row.max_retries, on_failure=OnFailure(row.on_failure),
-            priority=row.priority, timeout_s=row.timeout_s,
-            request=request or TaskRequest.model_validate_json(row.request), depends_on=json.loads(row.depends_on),
-            dispatched=row.dispatched, native_id=row.native_id, engine=row.engine, machine=row.machine,
-            workdir=row.workdir, cancel_requested=row.cancel_requested, error=row.error,
-            created_at=utc(row.created_at), updated_at=utc(row.updated_at),
-            started_at=aware(row.started_at), finished_at=aware(row.finished_at),
+            task_id=row.task_id,
+            app=row.app,
+            status=JobStatus(row.status),
+            reason=row.reason,
+            attempt=row.attempt,
+            max_retries=row.max_retries,
+            on_failure=OnFailure(row.on_failure),
+            priority=row.priority,
+            timeout_s=row.timeout_s,
+            request=request or TaskRequest.model_validate_json(row.request),
+            depends_on=json.loads(row.depends_on),
+            dispatched=row.dispatched,
+            native_id=row.native_id,
+            engine=row.engine,
+            machine=row.machine,
+            workdir=row.workdir,
+            cancel_requested=row.cancel_requested,
+            error=row.error,
+            created_at=utc(row.created_at),
+            updated_at=utc(row.updated_at),
+            started_at=aware(row.started_at),
+            finished_at=aware(row.finished_at),
         )
 
 
@@ -268,8 +282,24 @@ class _Job:
 
 _JOB_FIELDS = tuple(f.name for f in fields(_Job))
 # What a state change may alter; the rest of a row is fixed when the job is recorded.
-_MUTABLE = ("status", "reason", "attempt", "max_retries", "on_failure", "dispatched", "native_id", "engine",
-            "machine", "workdir", "cancel_requested", "error", "seq", "updated_at", "started_at", "finished_at")
+_MUTABLE = (
+    "status",
+    "reason",
+    "attempt",
+    "max_retries",
+    "on_failure",
+    "dispatched",
+    "native_id",
+    "engine",
+    "machine",
+    "workdir",
+    "cancel_requested",
+    "error",
+    "seq",
+    "updated_at",
+    "started_at",
+    "finished_at",
+)
 # Requests held in memory at most (a few KiB each); beyond, they are read from their rows.
 _REQUESTS_HELD = 10_000
 _TRANSITION_FIELDS = ("task_id", "seq", "previous", "state", "reason", "attempt", "at")
@@ -290,7 +320,9 @@ def _converter(type_: Any, dialect: Dialect, way: str) -> Callable[[Any], Any] |
     if not isinstance(type_, DateTime | Boolean):
         return None
     impl = type_.dialect_impl(dialect)
-    fn: Callable[[Any], Any] | None = impl.bind_processor(dialect) if way == "bind" else impl.result_processor(dialect, None)
+    fn: Callable[[Any], Any] | None = (
+        impl.bind_processor(dialect) if way == "bind" else impl.result_processor(dialect, None)
+    )
     return fn
 
 
@@ -303,8 +335,15 @@ class _Sql:
     several a row), which the agent would otherwise pay hundreds of times a second.
     """
 
-    def __init__(self, stmt: Any, dialect: Dialect, columns: Sequence[str] | None = None, *,
-                 records: str = "attrs", key: str | None = None) -> None:
+    def __init__(
+        self,
+        stmt: Any,
+        dialect: Dialect,
+        columns: Sequence[str] | None = None,
+        *,
+        records: str = "attrs",
+        key: str | None = None,
+    ) -> None:
         compiled = stmt.compile(dialect=dialect, column_keys=list(columns) if columns is not None else None)
         self.sql = compiled.string
         self.positional = bool(compiled.positional)
@@ -313,8 +352,9 @@ class _Sql:
         types = {name: bind.type for bind, name in compiled.bind_names.items()}
         self._bind = {n: fn for n in self.names if (fn := _converter(types[n], dialect, "bind")) is not None}
         selected = getattr(stmt, "selected_columns", ())
-        self._result = [(i, fn) for i, c in enumerate(selected)
-                        if (fn := _converter(c.type, dialect, "result")) is not None]
+        self._result = [
+            (i, fn) for i, c in enumerate(selected) if (fn := _converter(c.type, dialect, "result")) is not None
+        ]
         if columns is not None:
             # Rows to write: each record gives the value of every column (a WHERE ``key`` takes its task id).
             fields = ["task_id" if n == key else n for n in self.names]
@@ -380,24 +420,40 @@ class _Statements:
         self.load = _Sql(select(_JOBS).where(among(_J.task_id)).with_for_update(), dialect)
         self.known = _Sql(select(_J.task_id).where(among(_J.task_id)), dialect)
         self.successors = _Sql(select(_DEPS.c.task_id).where(among(_DEPS.c.depends_on)), dialect)
-        self.claim = _Sql(select(_JOBS).where(_J.status == queued, _J.dispatched.is_(False))
-                          .order_by(_J.priority.desc(), _J.created_at).limit(bindparam("n")).with_for_update(),
-                          dialect)
-        self.in_flight = _Sql(select(_JOBS).where(
-            (_J.status == running) | ((_J.status == queued) & _J.dispatched.is_(True))), dialect)
+        self.claim = _Sql(
+            select(_JOBS)
+            .where(_J.status == queued, _J.dispatched.is_(False))
+            .order_by(_J.priority.desc(), _J.created_at)
+            .limit(bindparam("n"))
+            .with_for_update(),
+            dialect,
+        )
+        self.in_flight = _Sql(
+            select(_JOBS).where((_J.status == running) | ((_J.status == queued) & _J.dispatched.is_(True))), dialect
+        )
         self.cancel_requests = _Sql(select(_J.task_id).where(_J.cancel_requested.is_(True)), dialect)
-        self.backlog = _Sql(select(func.count()).select_from(_JOBS).where(
-            (_J.status == created) | ((_J.status == queued) & _J.dispatched.is_(False))), dialect)
-        self.pending = _Sql(select(_O.id).where(_O.published.is_(False)).order_by(_O.id).limit(bindparam("n")),
-                            dialect)
-        self.pending_of_kind = _Sql(select(_O.id).where(_O.published.is_(False), _O.kind == bindparam("kind"))
-                                    .order_by(_O.id).limit(bindparam("n")), dialect)
-        self.outbox_rows = _Sql(select(_O.id, _O.kind, _O.event_id, _O.topic, _O.key, _O.payload)
-                                .where(among(_O.id)), dialect)
+        self.backlog = _Sql(
+            select(func.count())
+            .select_from(_JOBS)
+            .where((_J.status == created) | ((_J.status == queued) & _J.dispatched.is_(False))),
+            dialect,
+        )
+        self.pending = _Sql(select(_O.id).where(_O.published.is_(False)).order_by(_O.id).limit(bindparam("n")), dialect)
+        self.pending_of_kind = _Sql(
+            select(_O.id)
+            .where(_O.published.is_(False), _O.kind == bindparam("kind"))
+            .order_by(_O.id)
+            .limit(bindparam("n")),
+            dialect,
+        )
+        self.outbox_rows = _Sql(
+            select(_O.id, _O.kind, _O.event_id, _O.topic, _O.key, _O.payload).where(among(_O.id)), dialect
+        )
         self.mark = _Sql(update(_OUTBOX).where(among(_O.id)).values(published=True), dialect)
         self.max_outbox_id = _Sql(select(func.coalesce(func.max(_O.id), 0)), dialect)
-        self.oldest_pending = _Sql(select(_O.created_at).where(_O.published.is_(False)).order_by(_O.id).limit(1),
-                                   dialect)
+        self.oldest_pending = _Sql(
+            select(_O.created_at).where(_O.published.is_(False)).order_by(_O.id).limit(1), dialect
+        )
         self.insert_jobs = _Sql(insert(_JOBS), dialect, _JOB_FIELDS)
         self.update_jobs = _Sql(update(_JOBS).where(_J.task_id == bindparam("key")), dialect, _MUTABLE, key="key")
         self.insert_deps = _Sql(insert(_DEPS), dialect, ("task_id", "depends_on"), records="items")
@@ -406,8 +462,9 @@ class _Statements:
         # SQLite batches hold the write lock from their start, so they can number outbox rows
         # themselves; elsewhere other writers may insert concurrently and the database gives the ids.
         self.database_gives_ids = not self.sqlite
-        self.insert_outbox_returning = _Sql(insert(_OUTBOX).values({c: bindparam(c) for c in _OUTBOX_FIELDS[1:]})
-                                            .returning(_O.id), dialect)
+        self.insert_outbox_returning = _Sql(
+            insert(_OUTBOX).values({c: bindparam(c) for c in _OUTBOX_FIELDS[1:]}).returning(_O.id), dialect
+        )
 
     def ids(self, ids: Sequence[Any]) -> Any:
         """The value of an ``ids`` parameter."""
@@ -424,8 +481,9 @@ class Batch:
     with their envelopes, so the agent publishes them without reading them back.
     """
 
-    def __init__(self, cursor: Any, statements: _Statements, site: str, topics: Topics,
-                 requests: dict[str, TaskRequest]) -> None:
+    def __init__(
+        self, cursor: Any, statements: _Statements, site: str, topics: Topics, requests: dict[str, TaskRequest]
+    ) -> None:
         self._cur = cursor
         self._s = statements
         self._requests = requests
@@ -486,10 +544,28 @@ class Batch:
             row.cancel_requested = False
         attempt = max(row.attempt, 1)
         previous = old.value if old else None
-        self._transitions.append({"task_id": row.task_id, "seq": row.seq, "previous": previous, "state": new.value,
-                                  "reason": reason, "attempt": attempt, "at": now})
-        st = JobState(task_id=row.task_id, site=self.site, state=new.value, previous=previous, reason=reason,
-                      seq=row.seq, attempt=attempt, at=now, machine=row.machine)
+        self._transitions.append(
+            {
+                "task_id": row.task_id,
+                "seq": row.seq,
+                "previous": previous,
+                "state": new.value,
+                "reason": reason,
+                "attempt": attempt,
+                "at": now,
+            }
+        )
+        st = JobState(
+            task_id=row.task_id,
+            site=self.site,
+            state=new.value,
+            previous=previous,
+            reason=reason,
+            seq=row.seq,
+            attempt=attempt,
+            at=now,
+            machine=row.machine,
+        )
         self._events.append(("state", st.to_envelope(), self.topics.kafka_jobs, row.task_id))
         self._touch(row)
         # Jobs waiting on this one are re-evaluated (or show its new state in their reason).
@@ -508,11 +584,19 @@ class Batch:
         req = self._request(row, ended=True)
         done = outcome.status is JobStatus.DONE
         res = TaskResult(
-            task_id=row.task_id, app=row.app, site=self.site, status=outcome.status.value,  # type: ignore[arg-type]  # a final JobStatus is a TaskResult status
-            result=outcome.result if done else None, result_ref=outcome.result_ref if done else None,
-            error=outcome.error, attempts=max(row.attempt, 1), trigger=req.trigger, cause=req.cause,
+            task_id=row.task_id,
+            app=row.app,
+            site=self.site,
+            status=outcome.status.value,  # type: ignore[arg-type]  # a final JobStatus is a TaskResult status
+            result=outcome.result if done else None,
+            result_ref=outcome.result_ref if done else None,
+            error=outcome.error,
+            attempts=max(row.attempt, 1),
+            trigger=req.trigger,
+            cause=req.cause,
             started_at=outcome.started_at or aware(row.started_at),
-            finished_at=outcome.finished_at or utcnow(), machine=outcome.machine or row.machine,
+            finished_at=outcome.finished_at or utcnow(),
+            machine=outcome.machine or row.machine,
         )
         self._events.append(("result", res.to_envelope(), self.topics.kafka_results, row.task_id))
 
@@ -533,11 +617,30 @@ class Batch:
             known.add(req.task_id)
             now = utcnow()
             row = _Job(
-                task_id=req.task_id, site=self.site, app=req.app, status=JobStatus.CREATED.value, reason="",
-                attempt=0, max_retries=j.max_retries, on_failure=j.on_failure.value, priority=req.priority,
-                timeout_s=j.timeout_s, request=req.model_dump_json(), depends_on=json.dumps(req.depends_on),
-                dispatched=False, native_id=None, engine=None, machine=None, workdir=None, cancel_requested=False,
-                error=None, seq=0, created_at=now, updated_at=now, started_at=None, finished_at=None,
+                task_id=req.task_id,
+                site=self.site,
+                app=req.app,
+                status=JobStatus.CREATED.value,
+                reason="",
+                attempt=0,
+                max_retries=j.max_retries,
+                on_failure=j.on_failure.value,
+                priority=req.priority,
+                timeout_s=j.timeout_s,
+                request=req.model_dump_json(),
+                depends_on=json.dumps(req.depends_on),
+                dispatched=False,
+                native_id=None,
+                engine=None,
+                machine=None,
+                workdir=None,
+                cancel_requested=False,
+                error=None,
+                seq=0,
+                created_at=now,
+                updated_at=now,
+                started_at=None,
+                finished_at=None,
             )
             self._rows[req.task_id] = self._new[req.task_id] = row
             if len(self._requests) < _REQUESTS_HELD:
@@ -605,8 +708,16 @@ class Batch:
             self._touch(row)
         return [JobView.of(r, self._request(r)) for r in rows]
 
-    def submitted(self, task_id: str, native_id: str | None, workdir: str, running: bool,
-                  reason: str, machine: str | None = None, at: datetime | None = None) -> None:
+    def submitted(
+        self,
+        task_id: str,
+        native_id: str | None,
+        workdir: str,
+        running: bool,
+        reason: str,
+        machine: str | None = None,
+        at: datetime | None = None,
+    ) -> None:
         """The engine took the job: remember its native id (for re-attaching) and why it waits (``at``: when)."""
         row = self._get(task_id)
         if row is None or JobStatus(row.status).finished:
@@ -660,9 +771,11 @@ class Batch:
             row.error = outcome.error
             self._move(row, outcome.status, outcome.error or str(outcome.status))
             self._move(
-                row, JobStatus.QUEUED,
-                f"retry {retries_used + 1} of {row.max_retries} after {outcome.status}: "
-                f"{outcome.error or ''}".rstrip(": "),
+                row,
+                JobStatus.QUEUED,
+                f"retry {retries_used + 1} of {row.max_retries} after {outcome.status}: {outcome.error or ''}".rstrip(
+                    ": "
+                ),
             )
             return JobStatus.QUEUED
         row.error = outcome.error
@@ -732,8 +845,9 @@ class Batch:
         return int(self._s.backlog.scalars(self._cur)[0] or 0)
 
     # ---- outbox ------------------------------------------------------------------------------------
-    def pending_events(self, limit: int = 500, kind: str | None = None,
-                       cached: Callable[[int], Pending | None] = lambda _id: None) -> list[Pending]:
+    def pending_events(
+        self, limit: int = 500, kind: str | None = None, cached: Callable[[int], Pending | None] = lambda _id: None
+    ) -> list[Pending]:
         """Outbox rows not yet published, oldest first.
 
         ``cached`` returns the rows the caller still holds (by id): only the others are read and parsed.
@@ -792,9 +906,18 @@ class Batch:
     def _write_events(self) -> None:
         now = utcnow()
         events, self._events = self._events, []
-        values = [{"kind": kind, "event_id": env.id, "topic": topic, "key": key,
-                   "payload": env.to_json().decode(), "published": False, "created_at": now}
-                  for kind, env, topic, key in events]
+        values = [
+            {
+                "kind": kind,
+                "event_id": env.id,
+                "topic": topic,
+                "key": key,
+                "payload": env.to_json().decode(),
+                "published": False,
+                "created_at": now,
+            }
+            for kind, env, topic, key in events
+        ]
         s = self._s
         if not s.database_gives_ids:
             # The batch holds SQLite's write lock (BEGIN IMMEDIATE): the next ids are ours to give.
@@ -807,8 +930,10 @@ class Batch:
             # Other writers may insert at the same time: the database gives the ids.
             ids = [s.insert_outbox_returning.scalars(self._cur, **v)[0] for v in values]
         # The publisher marks these ids published.
-        self.written.extend(Pending(i, kind, env.id, topic, key.encode(), env)
-                            for i, (kind, env, topic, key) in zip(ids, events, strict=True))
+        self.written.extend(
+            Pending(i, kind, env.id, topic, key.encode(), env)
+            for i, (kind, env, topic, key) in zip(ids, events, strict=True)
+        )
 
 
 class JobStore:
@@ -899,8 +1024,9 @@ class JobStore:
         """Take up to ``limit`` queued jobs for dispatch (highest priority, oldest first)."""
         return self._one(lambda b: b.claim(limit, engine))
 
-    def submitted(self, task_id: str, native_id: str | None, workdir: str, running: bool,
-                  reason: str, machine: str | None = None) -> None:
+    def submitted(
+        self, task_id: str, native_id: str | None, workdir: str, running: bool, reason: str, machine: str | None = None
+    ) -> None:
         """The engine took the job: remember its native id (for re-attaching) and why it waits."""
         self._one(lambda b: b.submitted(task_id, native_id, workdir, running, reason, machine))
 

@@ -118,9 +118,7 @@ def _run_python(spec: RunSpec) -> dict[str, Any]:
 
 def _run_command(spec: RunSpec) -> dict[str, Any]:
     env = {**os.environ, **spec.environment}
-    proc = subprocess.run(
-        spec.argv or [], cwd=spec.workdir, env=env, capture_output=True, text=True, check=False
-    )
+    proc = subprocess.run(spec.argv or [], cwd=spec.workdir, env=env, capture_output=True, text=True, check=False)
     result: dict[str, Any] = {
         "returncode": proc.returncode,
         "stdout": _tail(proc.stdout),
@@ -210,7 +208,10 @@ def execute(spec: RunSpec, own_process: bool = True, sync: bool = True) -> dict[
             os.chdir(cwd)
             _restore_environment(old_env)
     outcome.update(
-        started_at=started, finished_at=_now(), host=socket.gethostname(), pid=os.getpid(),
+        started_at=started,
+        finished_at=_now(),
+        host=socket.gethostname(),
+        pid=os.getpid(),
         python=sys.executable,
     )
     if spec.environment.get("RX_MACHINE"):
@@ -251,9 +252,7 @@ def read_outcome(path: str) -> dict[str, Any] | None:
 
 def unpack_root() -> str:
     """Node-local folder for unpacked environments (``RX_ENV_UNPACK_DIR`` overrides)."""
-    return os.environ.get("RX_ENV_UNPACK_DIR") or os.path.join(
-        tempfile.gettempdir(), f"rx-envs-{os.getuid()}"
-    )
+    return os.environ.get("RX_ENV_UNPACK_DIR") or os.path.join(tempfile.gettempdir(), f"rx-envs-{os.getuid()}")
 
 
 def ensure_unpacked(tarball: str, env_hash: str, root: str | None = None) -> str:

@@ -59,14 +59,13 @@ def problem_at(file: Path, marks: Marks, path: tuple[Any, ...], field: str, mess
     return Problem(str(file), mark.line + 1 if mark else None, mark.column + 1 if mark else None, field, message)
 
 
-def finish(
-    file: Path, problems: Iterable[Problem], ok_line: str, as_json: bool = False, **extra: Any
-) -> NoReturn:
+def finish(file: Path, problems: Iterable[Problem], ok_line: str, as_json: bool = False, **extra: Any) -> NoReturn:
     """Print the outcome of a check and exit 0 (no problems) or 1 (problems, all of them listed)."""
     found = sorted(problems, key=lambda p: (p.file, p.line or 0, p.column or 0))
     if as_json:
-        typer.echo(json.dumps({"file": str(file), "ok": not found, "problems": [problem_json(p) for p in found],
-                               **extra}))
+        typer.echo(
+            json.dumps({"file": str(file), "ok": not found, "problems": [problem_json(p) for p in found], **extra})
+        )
         raise typer.Exit(PROBLEMS if found else OK)
     if not found:
         typer.echo(ok_line)

@@ -72,8 +72,9 @@ def _mount_missing(name: str, help_text: str, exc: ModuleNotFoundError) -> None:
         raise exc  # the error boundary turns it into "pip install 'reflexarc[EXTRA]'"
 
     missing.__doc__ = f"{help_text} [not installed]"
-    app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-                add_help_option=False)(missing)
+    app.command(
+        name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False
+    )(missing)
 
 
 _mount_tiers()
@@ -90,8 +91,9 @@ from reflexarc.schemacli import schema as _schema  # noqa: E402 - the verb lives
 app.command("schema")(_schema)
 app.command("status")(importlib.import_module("reflexarc.statuscli").status)
 app.command("sites")(importlib.import_module("reflexarc.sitescli").sites)
-_mount_group("reflexarc.deadletterscli", "app", "deadletters",
-             "Inspect dead letters and replay them once their cause is fixed.")  # needs aiokafka (not on an edge)
+_mount_group(
+    "reflexarc.deadletterscli", "app", "deadletters", "Inspect dead letters and replay them once their cause is fixed."
+)  # needs aiokafka (not on an edge)
 _mount_group("reflexarc.datacli", "app", "data", "Objects stored by reference: list them, collect garbage.")
 
 MqttOpt = Annotated[
@@ -124,7 +126,9 @@ def _root(
 def brokers_up(
     mqtt: MqttOpt = None,
     data_dir: Annotated[Path | None, typer.Option(help="where broker data lives (default: a temp dir)")] = None,
-    s3: Annotated[bool, typer.Option("--s3", help="also an S3 store (SeaweedFS) with a bucket and throwaway keys")] = False,
+    s3: Annotated[
+        bool, typer.Option("--s3", help="also an S3 store (SeaweedFS) with a bucket and throwaway keys")
+    ] = False,
 ) -> None:
     """Start an MQTT broker and a Kafka-protocol broker on loopback until Ctrl-C.
 
@@ -167,12 +171,14 @@ def _wait_for_signal() -> None:
 @app.command()
 def up(
     pipeline: Annotated[
-        Path, typer.Argument(metavar="FILE", help="pipeline.yaml naming the tier processes", exists=True, dir_okay=False)
+        Path,
+        typer.Argument(metavar="FILE", help="pipeline.yaml naming the tier processes", exists=True, dir_okay=False),
     ],
     mqtt: MqttOpt = None,
     run_dir: Annotated[Path | None, typer.Option(help="logs, keys and broker data (default: a temp dir)")] = None,
     log_level: Annotated[
-        str | None, typer.Option("--log-level", help="the supervisor's: DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)")
+        str | None,
+        typer.Option("--log-level", help="the supervisor's: DEBUG, INFO, WARNING (default RX_LOG_LEVEL or INFO)"),
     ] = None,
 ) -> None:
     """Run every tier of a pipeline under one supervisor (embedded brokers if none are configured)."""
@@ -229,17 +235,29 @@ def demo(
 def results_subscribe(
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", metavar="FILE", help="YAML with a kafka: section (TLS, SASL; as in a tier's file) "
-                     "and namespace: (default: the RX_KAFKA_* and RX_NAMESPACE variables)", dir_okay=False),
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="FILE",
+            help="YAML with a kafka: section (TLS, SASL; as in a tier's file) "
+            "and namespace: (default: the RX_KAFKA_* and RX_NAMESPACE variables)",
+            dir_okay=False,
+        ),
     ] = None,
     bootstrap: Annotated[
         str | None, typer.Option(help="Kafka bootstrap servers (overrides the file and $RX_KAFKA_BOOTSTRAP)")
     ] = None,
-    namespace: Annotated[str | None, typer.Option(help="topic namespace (overrides the file and $RX_NAMESPACE)")] = None,
+    namespace: Annotated[
+        str | None, typer.Option(help="topic namespace (overrides the file and $RX_NAMESPACE)")
+    ] = None,
     app_name: Annotated[str | None, typer.Option("--app", metavar="APP", help="only results of this app")] = None,
     start: Annotated[
-        str, typer.Option("--from", metavar="WHEN",
-                          help="where to start: now, beginning, an ISO 8601 time or a duration ago (15m, 2h)")
+        str,
+        typer.Option(
+            "--from",
+            metavar="WHEN",
+            help="where to start: now, beginning, an ISO 8601 time or a duration ago (15m, 2h)",
+        ),
     ] = "now",
     from_beginning: Annotated[bool, typer.Option(help="same as --from beginning")] = False,
     count: Annotated[int | None, typer.Option(help="stop after this many results")] = None,
@@ -252,8 +270,12 @@ def results_subscribe(
 
     cfg = load_client_config(config, bootstrap, namespace)
     if not kafka_is_configured(config, bootstrap):
-        typer.secho(f"note: no Kafka cluster configured (--config, --bootstrap or RX_KAFKA_BOOTSTRAP); "
-                    f"trying {cfg.kafka.bootstrap_servers}", err=True, fg="yellow")
+        typer.secho(
+            f"note: no Kafka cluster configured (--config, --bootstrap or RX_KAFKA_BOOTSTRAP); "
+            f"trying {cfg.kafka.bootstrap_servers}",
+            err=True,
+            fg="yellow",
+        )
     try:
         position = "beginning" if from_beginning else parse_start(start)
     except ValueError as exc:
@@ -282,7 +304,9 @@ def results_subscribe(
 
 @keys_app.command("generate")
 def keys_generate(
-    directory: Annotated[Path, typer.Argument(metavar="DIR", help="where to write NAME.key (private, mode 0600) and NAME.pub")],
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="where to write NAME.key (private, mode 0600) and NAME.pub")
+    ],
     name: Annotated[str, typer.Option(help="file name stem")] = "pipeline",
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing key pair (every device must then get the new key)")
@@ -308,8 +332,12 @@ _DOCTOR_CHECKS: list[tuple[str, str]] = [
 def doctor(
     pipeline: Annotated[
         Path | None,
-        typer.Argument(metavar="FILE", help="pipeline.yaml whose brokers to check (omit: the RX_MQTT_* variables)",
-                       exists=True, dir_okay=False),
+        typer.Argument(
+            metavar="FILE",
+            help="pipeline.yaml whose brokers to check (omit: the RX_MQTT_* variables)",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object for scripts")] = False,
 ) -> None:

@@ -24,7 +24,6 @@ from reflexarc.deadletterscli import BootstrapOpt, ConfigOpt  # the same Kafka c
 app = typer.Typer(help="Objects stored by reference: list them, collect garbage.", no_args_is_help=True)
 
 
-
 def _referenced(root: str, config: Path | None, bootstrap: str | None, timeout: float) -> set[str]:
     from reflexarc.clientconfig import load_client_config
     from reflexarc.kafka import event_of, read_to_end
@@ -69,8 +68,9 @@ def ls(
 def gc(
     url: Annotated[str, typer.Argument(help="store root, e.g. s3://bucket/claims")],
     retention: Annotated[str, typer.Option(help="remove anything older than this (e.g. 7d)")] = "7d",
-    grace: Annotated[str, typer.Option(help="remove unreferenced objects older than this (uploads in flight "
-                                             "are younger)")] = "10m",
+    grace: Annotated[
+        str, typer.Option(help="remove unreferenced objects older than this (uploads in flight are younger)")
+    ] = "10m",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would be removed, remove nothing")] = False,
     config: ConfigOpt = None,
     bootstrap: BootstrapOpt = None,
@@ -87,5 +87,7 @@ def gc(
         typer.echo(f"{'would remove' if dry_run else 'remove'} {r.obj.url} ({r.reason}, {r.obj.size} bytes)")
     if not dry_run:
         remove(plan)
-    typer.echo(f"# {len(plan)} of {len(objects)} objects {'to remove' if dry_run else 'removed'}, "
-               f"{sum(r.obj.size for r in plan)} bytes")
+    typer.echo(
+        f"# {len(plan)} of {len(objects)} objects {'to remove' if dry_run else 'removed'}, "
+        f"{sum(r.obj.size for r in plan)} bytes"
+    )

@@ -91,8 +91,13 @@ class Removal:
     reason: str  # "expired" or "orphan"
 
 
-def plan_gc(objects: Iterable[StoredObject], referenced: set[str], retention: timedelta, grace: timedelta,
-            now: datetime | None = None) -> list[Removal]:
+def plan_gc(
+    objects: Iterable[StoredObject],
+    referenced: set[str],
+    retention: timedelta,
+    grace: timedelta,
+    now: datetime | None = None,
+) -> list[Removal]:
     """Objects to remove: older than ``retention``, or unreferenced and older than ``grace``."""
     now = now or datetime.now(UTC)
     out = []

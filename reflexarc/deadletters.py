@@ -90,8 +90,10 @@ async def read_letters(settings: KafkaSettings, topic: str, timeout: float = 30.
         deadline = time.monotonic() + timeout
         while todo:
             if time.monotonic() > deadline:
-                raise DeadLettersError(f"{topic}: partitions {sorted(tp.partition for tp in todo)} not read "
-                                       f"to their end within {timeout:.0f} s")
+                raise DeadLettersError(
+                    f"{topic}: partitions {sorted(tp.partition for tp in todo)} not read "
+                    f"to their end within {timeout:.0f} s"
+                )
             batch = await consumer.getmany(*todo, timeout_ms=200, max_records=10_000)
             for records in batch.values():
                 found.extend(_stored(r) for r in records)

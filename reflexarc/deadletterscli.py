@@ -25,8 +25,13 @@ app = typer.Typer(help="Inspect dead letters and replay them once their cause is
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", metavar="FILE", dir_okay=False,
-                 help="YAML with kafka: (TLS, SASL) and namespace:, as a tier's (default: RX_KAFKA_*, RX_NAMESPACE)"),
+    typer.Option(
+        "--config",
+        "-c",
+        metavar="FILE",
+        dir_okay=False,
+        help="YAML with kafka: (TLS, SASL) and namespace:, as a tier's (default: RX_KAFKA_*, RX_NAMESPACE)",
+    ),
 ]
 BootstrapOpt = Annotated[str | None, typer.Option(help="Kafka bootstrap servers (overrides the file)")]
 NamespaceOpt = Annotated[str | None, typer.Option(help="topic namespace (overrides the file)")]
@@ -34,8 +39,9 @@ StageOpt = Annotated[str | None, typer.Option(help="only letters whose stage mat
 TimeoutOpt = Annotated[float, typer.Option(help="seconds to read the dead-letter topic to its end")]
 
 
-def _letters(config: Path | None, bootstrap: str | None, namespace: str | None,
-             timeout: float) -> tuple[ClientConfig, list[StoredLetter]]:
+def _letters(
+    config: Path | None, bootstrap: str | None, namespace: str | None, timeout: float
+) -> tuple[ClientConfig, list[StoredLetter]]:
     from reflexarc.clientconfig import load_client_config
     from reflexarc.deadletters import DeadLettersError, read_letters
 
@@ -58,19 +64,33 @@ def _text(data: bytes | None) -> str | None:
 
 def _summary(s: StoredLetter) -> dict[str, Any]:
     dl = s.letter
-    return {"id": s.id, "time": dl.time.isoformat(), "stage": dl.stage, "origin": dl.origin, "error": dl.error,
-            "replayable": s.replayable}
+    return {
+        "id": s.id,
+        "time": dl.time.isoformat(),
+        "stage": dl.stage,
+        "origin": dl.origin,
+        "error": dl.error,
+        "replayable": s.replayable,
+    }
 
 
 def _whole(s: StoredLetter) -> dict[str, Any]:
     dl = s.letter
-    return {**_summary(s), "topic": dl.topic, "key": _text(dl.key), "payload": _text(dl.payload),
-            "headers": [[k, _text(v)] for k, v in dl.extra_headers]}
+    return {
+        **_summary(s),
+        "topic": dl.topic,
+        "key": _text(dl.key),
+        "payload": _text(dl.payload),
+        "headers": [[k, _text(v)] for k, v in dl.extra_headers],
+    }
 
 
 @app.command("list")
 def list_letters(
-    config: ConfigOpt = None, bootstrap: BootstrapOpt = None, namespace: NamespaceOpt = None, stage: StageOpt = None,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    namespace: NamespaceOpt = None,
+    stage: StageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
@@ -85,8 +105,10 @@ def list_letters(
             typer.echo(json.dumps(_summary(s)))
         else:
             mark = "" if s.replayable else "  (not replayable)"
-            typer.echo(f"{s.id:>10}  {s.letter.time:%Y-%m-%dT%H:%M:%S}  {s.letter.stage:<24} "
-                       f"{s.letter.origin}  {s.letter.error}{mark}")
+            typer.echo(
+                f"{s.id:>10}  {s.letter.time:%Y-%m-%dT%H:%M:%S}  {s.letter.stage:<24} "
+                f"{s.letter.origin}  {s.letter.error}{mark}"
+            )
     if not as_json:
         typer.echo(f"{len(letters)} dead letter(s)", err=True)
 
@@ -94,7 +116,9 @@ def list_letters(
 @app.command()
 def show(
     ids: Annotated[list[str], typer.Argument(metavar="ID", help="PARTITION:OFFSET, as `list` prints")],
-    config: ConfigOpt = None, bootstrap: BootstrapOpt = None, namespace: NamespaceOpt = None,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    namespace: NamespaceOpt = None,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
     """Chosen dead letters whole, as JSON: headers, key and payload (text, or base64: when binary)."""
@@ -114,7 +138,9 @@ def show(
 def replay_letters(
     ids: Annotated[list[str] | None, typer.Argument(metavar="ID", help="PARTITION:OFFSET, as `list` prints")] = None,
     stage: StageOpt = None,
-    config: ConfigOpt = None, bootstrap: BootstrapOpt = None, namespace: NamespaceOpt = None,
+    config: ConfigOpt = None,
+    bootstrap: BootstrapOpt = None,
+    namespace: NamespaceOpt = None,
     timeout: TimeoutOpt = 30.0,
 ) -> None:
     """Send chosen dead letters back to the topic they were consumed from, unchanged (same event ids).

@@ -289,9 +289,7 @@ class Envelope:
         return cls.from_cloudevent(event)
 
     @classmethod
-    def _from_kafka_fast(
-        cls, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None
-    ) -> Envelope | None:
+    def _from_kafka_fast(cls, value: bytes | None, headers: Sequence[tuple[str, bytes]] | None) -> Envelope | None:
         """Binary mode as :meth:`_kafka_fast` writes it, read without the SDK; ``None``: the SDK judges.
 
         The inverse of the fog's fast path, for consumers that read every
@@ -317,9 +315,14 @@ class Envelope:
         """Structured mode: the whole event as ``application/cloudevents+json``."""
         if self._plain():
             # Without the SDK, byte for byte what it writes: its attributes in its order, then data.
-            doc: dict[str, Any] = {"specversion": SPECVERSION, "id": self.id, "source": self.source,
-                                   "type": self.type, "time": _attr_text(self.time),
-                                   "datacontenttype": self.datacontenttype}
+            doc: dict[str, Any] = {
+                "specversion": SPECVERSION,
+                "id": self.id,
+                "source": self.source,
+                "type": self.type,
+                "time": _attr_text(self.time),
+                "datacontenttype": self.datacontenttype,
+            }
             if self.subject is not None:
                 doc["subject"] = self.subject
             doc.update(self.extensions)
@@ -339,8 +342,14 @@ class Envelope:
         """
         if type(self.data) is not dict or self.datacontenttype != JSON:
             return False
-        if not (type(self.id) is str and self.id and type(self.source) is str and self.source
-                and type(self.type) is str and self.type):
+        if not (
+            type(self.id) is str
+            and self.id
+            and type(self.source) is str
+            and self.source
+            and type(self.type) is str
+            and self.type
+        ):
             return False
         if not isinstance(self.time, datetime) or self.time.tzinfo is None:
             return False
@@ -450,7 +459,9 @@ class Envelope:
         if _is_structured_type(content_type):
             return cls._transcode_slow(payload, props, content_type, topic)
         if "specversion" in props:
-            if props["specversion"] != SPECVERSION or not (props.get("id") and props.get("source") and props.get("type")):
+            if props["specversion"] != SPECVERSION or not (
+                props.get("id") and props.get("source") and props.get("type")
+            ):
                 return cls._transcode_slow(payload, props, content_type, topic)
             ctype = content_type or JSON
             data: dict[str, Any] | bytes | None
@@ -495,12 +506,24 @@ class Envelope:
         The properties are read by position: no dict per message.
         """
         (
-            (k0, specversion), (k1, event_id), (k2, source), (k3, event_type),
-            (k4, time_text), (k5, subject), (k6, site), (k7, device),
+            (k0, specversion),
+            (k1, event_id),
+            (k2, source),
+            (k3, event_type),
+            (k4, time_text),
+            (k5, subject),
+            (k6, site),
+            (k7, device),
         ) = user_properties
         if (
-            k0 != "specversion" or k1 != "id" or k2 != "source" or k3 != "type"
-            or k4 != "time" or k5 != "subject" or k6 != "site" or k7 != "device"
+            k0 != "specversion"
+            or k1 != "id"
+            or k2 != "source"
+            or k3 != "type"
+            or k4 != "time"
+            or k5 != "subject"
+            or k6 != "site"
+            or k7 != "device"
             or specversion != SPECVERSION
             or topic.kind is not MqttKind.DATA
             or site != topic.site
@@ -639,8 +662,12 @@ class Envelope:
         data.setdefault("device", topic.device)
         actuator = data.get("actuator")
         return cls.for_device(
-            EventType.COMMAND_ACK, topic.site, topic.device, data,
-            id=ack_event_id(command_id), subject=actuator if isinstance(actuator, str) and actuator else None,
+            EventType.COMMAND_ACK,
+            topic.site,
+            topic.device,
+            data,
+            id=ack_event_id(command_id),
+            subject=actuator if isinstance(actuator, str) and actuator else None,
         )
 
     @classmethod
@@ -734,8 +761,13 @@ class DeadLetter:
         """The dead letter of a consumed Kafka record: value, key and headers kept (a binary-mode
         CloudEvent keeps its ``ce_*`` attributes), ``topic/partition/offset`` as the origin."""
         return cls(
-            error=error, stage=stage, origin=f"{record.topic}/{record.partition}/{record.offset}",
-            payload=record.value or b"", extra_headers=tuple(record.headers or ()), topic=record.topic, key=record.key,
+            error=error,
+            stage=stage,
+            origin=f"{record.topic}/{record.partition}/{record.offset}",
+            payload=record.value or b"",
+            extra_headers=tuple(record.headers or ()),
+            topic=record.topic,
+            key=record.key,
         )
 
     def to_kafka(self) -> tuple[bytes | None, bytes, list[tuple[str, bytes]]]:
@@ -816,9 +848,7 @@ def _utf8_json_object(payload: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _edge_device_headers(
-    source: str, event_type: str, subject: str, site: str, device: str
-) -> _DeviceHeaders:
+def _edge_device_headers(source: str, event_type: str, subject: str, site: str, device: str) -> _DeviceHeaders:
     """The key and per-device headers of :meth:`Envelope._transcode_edge`, remembered (bounded)."""
     built = (
         Topics.device_key(site, device),
@@ -906,8 +936,16 @@ def _kafka_shape(names: tuple[str, ...]) -> _KafkaShape | Literal[False]:
     shape: _KafkaShape | Literal[False] = False
     # A ce_datacontenttype header competes with content-type in the SDK: let it decide.
     if all(n in pos for n in need) and "ce_datacontenttype" not in pos:
-        shape = (pos["ce_id"], pos["ce_source"], pos["ce_type"], pos["ce_time"], pos.get("ce_subject"),
-                 pos["content-type"], pos["ce_specversion"], tuple(exts))
+        shape = (
+            pos["ce_id"],
+            pos["ce_source"],
+            pos["ce_type"],
+            pos["ce_time"],
+            pos.get("ce_subject"),
+            pos["content-type"],
+            pos["ce_specversion"],
+            tuple(exts),
+        )
     if len(_KAFKA_SHAPES) >= 1000:
         _KAFKA_SHAPES.clear()
     _KAFKA_SHAPES[names] = shape

@@ -287,6 +287,7 @@ class SiteStatus(_Payload):
     def to_envelope(self) -> Envelope:
         """The event (one id per heartbeat)."""
         return self._envelope(
-            stable_id(self.site, self.state, self.at.isoformat()), f"{PIPELINE_SOURCE}/site/{self.site}",
+            stable_id(self.site, self.state, self.at.isoformat()),
+            f"{PIPELINE_SOURCE}/site/{self.site}",
             {"site": self.site},
         )

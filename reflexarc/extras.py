@@ -42,5 +42,7 @@ def install_hint(module: str | None) -> str | None:
     if len(extras) == 1:
         return f"this command needs {module.split('.')[0]}, which is not installed: {first}"
     others = ", ".join(extras[1:])
-    return (f"this command needs {module.split('.')[0]}, which is not installed: {first} "
-            f"(or the extra of the tier you run: {others})")
+    return (
+        f"this command needs {module.split('.')[0]}, which is not installed: {first} "
+        f"(or the extra of the tier you run: {others})"
+    )

@@ -171,8 +171,10 @@ async def read_to_end(settings: KafkaSettings, topic: str, timeout: float = 30.0
         deadline = asyncio.get_running_loop().time() + timeout
         while todo:
             if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{topic}: partitions {sorted(tp.partition for tp in todo)} not read to their "
-                                   f"end within {timeout:.0f} s")
+                raise TimeoutError(
+                    f"{topic}: partitions {sorted(tp.partition for tp in todo)} not read to their "
+                    f"end within {timeout:.0f} s"
+                )
             batch = await consumer.getmany(*todo, timeout_ms=200, max_records=10_000)
             for tp, records in batch.items():
                 found[tp.partition].extend(records)

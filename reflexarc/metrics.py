@@ -27,7 +27,22 @@ CPU_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
 TASK_BUCKETS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 #: Time an event spends in the edge spool: milliseconds online, up to days while a device is cut off.
 SPOOL_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 60, 300, 3600, 6 * 3600, 24 * 3600, 7 * 24 * 3600
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    5,
+    30,
+    60,
+    300,
+    3600,
+    6 * 3600,
+    24 * 3600,
+    7 * 24 * 3600,
 )
 
 _info_lock = threading.Lock()

@@ -56,8 +56,17 @@ class ObjectStoreSettings(StrictModel):
         """Keyword arguments of ``s3fs.S3FileSystem`` (reads the named secrets now: a missing one is an error)."""
         opts: dict[str, Any] = {"use_listings_cache": False}  # several writers: a listing must be fresh
         if (self.access_key_env is None) != (self.secret_key_env is None):
-            raise ConfigError([Problem("<config>", None, None, "access_key_env",
-                                       "name both access_key_env and secret_key_env, or neither")])
+            raise ConfigError(
+                [
+                    Problem(
+                        "<config>",
+                        None,
+                        None,
+                        "access_key_env",
+                        "name both access_key_env and secret_key_env, or neither",
+                    )
+                ]
+            )
         if self.access_key_env and self.secret_key_env:
             opts["key"] = secret_from_env(self.access_key_env, "the S3 access key")
             opts["secret"] = secret_from_env(self.secret_key_env, "the S3 secret key")
@@ -80,11 +89,18 @@ class ObjectStoreSettings(StrictModel):
         import botocore.session
 
         if botocore.session.Session().get_credentials() is None:
-            raise ConfigError([Problem(
-                "<environment>", None, None, "credentials",
-                "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                "or name access_key_env/secret_key_env or a profile in the object-store settings",
-            )])
+            raise ConfigError(
+                [
+                    Problem(
+                        "<environment>",
+                        None,
+                        None,
+                        "credentials",
+                        "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                        "or name access_key_env/secret_key_env or a profile in the object-store settings",
+                    )
+                ]
+            )
 
 
 def is_s3(url: str) -> bool:
@@ -172,23 +188,31 @@ def write_object(
         produce(writer)
     if atomic:
         fs.mv(target, path)
-    return ObjectRef(url=url, size=writer.size, sha256=writer.sha.hexdigest(), content_type=content_type,
-                     dtype=dtype, shape=shape)
+    return ObjectRef(
+        url=url, size=writer.size, sha256=writer.sha.hexdigest(), content_type=content_type, dtype=dtype, shape=shape
+    )
 
 
-def put_bytes(url: str, data: bytes, settings: ObjectStoreSettings | None = None,
-              content_type: str = "application/octet-stream") -> ObjectRef:
+def put_bytes(
+    url: str, data: bytes, settings: ObjectStoreSettings | None = None, content_type: str = "application/octet-stream"
+) -> ObjectRef:
     """Store ``data`` at ``url`` and return its reference."""
     return write_object(url, lambda fh: fh.write(data), settings, content_type=content_type)
 
 
-def put_file(url: str, source: str | os.PathLike[str], settings: ObjectStoreSettings | None = None,
-             content_type: str = "application/octet-stream") -> ObjectRef:
+def put_file(
+    url: str,
+    source: str | os.PathLike[str],
+    settings: ObjectStoreSettings | None = None,
+    content_type: str = "application/octet-stream",
+) -> ObjectRef:
     """Stream a local file to ``url`` (never whole in memory) and return its reference."""
+
     def produce(fh: Any) -> None:
         with open(source, "rb") as src:
             while chunk := src.read(_CHUNK):
                 fh.write(chunk)
+
     return write_object(url, produce, settings, content_type=content_type)
 
 

@@ -105,8 +105,13 @@ def _make_bucket(store: S3Store, timeout: float) -> None:
     while time.monotonic() < deadline:
         if not store.process.running():
             raise ProcessError(f"weed exited during start-up:\n{store.process.log_tail()}")
-        fs = s3fs.S3FileSystem(key=store.access_key, secret=store.secret_key, use_listings_cache=False,
-                               skip_instance_cache=True, client_kwargs={"endpoint_url": store.endpoint_url})
+        fs = s3fs.S3FileSystem(
+            key=store.access_key,
+            secret=store.secret_key,
+            use_listings_cache=False,
+            skip_instance_cache=True,
+            client_kwargs={"endpoint_url": store.endpoint_url},
+        )
         try:
             fs.mkdir(store.bucket)
             fs.ls(store.bucket)
@@ -126,17 +131,36 @@ def start_s3(data_dir: Path, bucket: str = "reflexarc", timeout: float = 60.0) -
     master, volume, filer, s3 = free_port_group(4)
     key, secret = "rx" + secrets.token_hex(8), secrets.token_hex(20)
     conf = data_dir / "s3.json"
-    conf.write_text(json.dumps({"identities": [{
-        "name": "reflexarc", "credentials": [{"accessKey": key, "secretKey": secret}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
+    conf.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "reflexarc",
+                        "credentials": [{"accessKey": key, "secretKey": secret}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     conf.chmod(0o600)
     proc = ManagedProcess(
         "seaweedfs",
         [
-            weed_binary(), "server", f"-dir={data_dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={master}", f"-volume.port={volume}", "-filer", f"-filer.port={filer}",
-            "-s3", f"-s3.port={s3}", f"-s3.config={conf}", "-volume.max=4",
+            weed_binary(),
+            "server",
+            f"-dir={data_dir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            "-filer",
+            f"-filer.port={filer}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-s3.config={conf}",
+            "-volume.max=4",
         ],
         data_dir / "weed.log",
         env=dict(os.environ),

@@ -23,8 +23,9 @@ class Kind(StrEnum):
 
 def schema(
     kind: Annotated[Kind, typer.Argument(metavar="KIND", help="file kind: " + ", ".join(k.value for k in Kind))],
-    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE",
-                                                help="write here instead of stdout")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    ] = None,
 ) -> None:
     """Print the JSON Schema of a file kind, for editors and CI.
 

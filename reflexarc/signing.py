@@ -76,7 +76,9 @@ def generate_keypair(directory: Path, name: str = "pipeline", *, overwrite: bool
     public_path = directory / f"{name}.pub"
     if private_path.exists() and not overwrite:
         raise FileExistsError(
-            errno.EEXIST, "a private key is already there (replacing it means re-keying every device)", str(private_path)
+            errno.EEXIST,
+            "a private key is already there (replacing it means re-keying every device)",
+            str(private_path),
         )
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(

@@ -47,8 +47,9 @@ class SiteView:
         return {**self.status.model_dump(mode="json"), "state": self.state, "age_s": round(self.age_s, 1)}
 
 
-def site_views(statuses: Iterable[SiteStatus], now: datetime | None = None,
-               missed: int = MISSED_BEATS) -> list[SiteView]:
+def site_views(
+    statuses: Iterable[SiteStatus], now: datetime | None = None, missed: int = MISSED_BEATS
+) -> list[SiteView]:
     """The newest status of each site, judged at ``now``: live, stale (heartbeats missed) or stopped."""
     now = now or datetime.now(UTC)
     newest: dict[str, SiteStatus] = {}
@@ -60,8 +61,7 @@ def site_views(statuses: Iterable[SiteStatus], now: datetime | None = None,
     for site in sorted(newest):
         s = newest[site]
         age = max(0.0, (now - s.at).total_seconds())
-        state: SiteState = "stopped" if s.state == "stopped" else (
-            "live" if age <= missed * s.interval_s else "stale")
+        state: SiteState = "stopped" if s.state == "stopped" else ("live" if age <= missed * s.interval_s else "stale")
         views.append(SiteView(s, age, state))
     return views
 
@@ -79,8 +79,9 @@ def statuses_of(records: Iterable[Any]) -> list[SiteStatus]:
     return out
 
 
-async def read_sites(settings: KafkaSettings, topics: Topics, timeout: float = 10.0,
-                     missed: int = MISSED_BEATS) -> list[SiteView]:
+async def read_sites(
+    settings: KafkaSettings, topics: Topics, timeout: float = 10.0, missed: int = MISSED_BEATS
+) -> list[SiteView]:
     """Every site that ever announced itself on ``{ns}.sites``, as it stands now."""
     records = await read_to_end(settings, topics.kafka_sites, timeout)
     return site_views(statuses_of(records), missed=missed)

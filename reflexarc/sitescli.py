@@ -13,8 +13,13 @@ import typer
 def sites(
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", metavar="FILE", dir_okay=False,
-                     help="YAML with kafka: (TLS, SASL) and namespace:, as a tier's (default: RX_KAFKA_*, RX_NAMESPACE)"),
+        typer.Option(
+            "--config",
+            "-c",
+            metavar="FILE",
+            dir_okay=False,
+            help="YAML with kafka: (TLS, SASL) and namespace:, as a tier's (default: RX_KAFKA_*, RX_NAMESPACE)",
+        ),
     ] = None,
     bootstrap: Annotated[str | None, typer.Option(help="Kafka bootstrap servers (overrides the file)")] = None,
     namespace: Annotated[str | None, typer.Option(help="topic namespace (overrides the file)")] = None,
@@ -34,13 +39,23 @@ def sites(
         typer.echo(json.dumps({"sites": [v.to_json() for v in views]}, indent=2))
         return
     if not views:
-        typer.echo(f"no site has announced itself on {cfg.topics().kafka_sites} yet "
-                   "(site agents publish a heartbeat every presence.interval_s)")
+        typer.echo(
+            f"no site has announced itself on {cfg.topics().kafka_sites} yet "
+            "(site agents publish a heartbeat every presence.interval_s)"
+        )
         return
     table = Table("SITE", "STATE", "AGE", "ENGINE", "QUEUED", "RUNNING", "FREE/SLOTS", "APPS", box=None)
     colour = {"live": "green", "stale": "yellow", "stopped": "dim"}
     for v in views:
         s = v.status
-        table.add_row(s.site, f"[{colour[v.state]}]{v.state}[/]", f"{v.age_s:.0f}s", s.engine, str(s.queued),
-                      str(s.running), f"{s.free_slots}/{s.slots}", ", ".join(s.apps) or "-")
+        table.add_row(
+            s.site,
+            f"[{colour[v.state]}]{v.state}[/]",
+            f"{v.age_s:.0f}s",
+            s.engine,
+            str(s.queued),
+            str(s.running),
+            f"{s.free_slots}/{s.slots}",
+            ", ".join(s.apps) or "-",
+        )
     Console().print(table)

@@ -122,7 +122,10 @@ async def true_ends(consumer: AIOKafkaConsumer, tps: list[TopicPartition], timeo
 
 
 async def _read_window(
-    consumer: AIOKafkaConsumer, tps: list[TopicPartition], ends: dict[TopicPartition, int], since_ms: int,
+    consumer: AIOKafkaConsumer,
+    tps: list[TopicPartition],
+    ends: dict[TopicPartition, int],
+    since_ms: int,
     timeout: float,
 ) -> list[Any]:
     """Records of ``tps`` with a timestamp at or after ``since_ms``, up to the ends found before."""
@@ -212,9 +215,7 @@ async def kafka_report(
         ends = await true_ends(reader, tps, timeout)
         begins = await reader.beginning_offsets(tps) if tps else {}
         groups = await _groups(kafka)
-        committed = dict(
-            zip(groups, await asyncio.gather(*(_committed(kafka, g, tps) for g in groups)), strict=True)
-        )
+        committed = dict(zip(groups, await asyncio.gather(*(_committed(kafka, g, tps) for g in groups)), strict=True))
         lag: list[dict[str, Any]] = []
         site_backlog: dict[str, dict[str, Any]] = {}
         consumed_topics = {tp.topic for offs in committed.values() for tp in offs}
@@ -224,8 +225,16 @@ async def kafka_report(
                     # A partition the group never committed on: everything it holds is still to read.
                     pos = offs.get(tp, int(begins.get(tp, 0)))
                     n = max(0, ends[tp] - pos)
-                    lag.append({"group": group, "topic": topic, "partition": tp.partition,
-                                "committed": offs.get(tp), "end": ends[tp], "lag": n})
+                    lag.append(
+                        {
+                            "group": group,
+                            "topic": topic,
+                            "partition": tp.partition,
+                            "committed": offs.get(tp),
+                            "end": ends[tp],
+                            "lag": n,
+                        }
+                    )
         for topic in names:
             site = topics.parse_kafka_tasks(topic)
             if site is None:
@@ -244,16 +253,22 @@ async def kafka_report(
         if topics.kafka_sites in names:
             for view in site_views(statuses_of(await read_to_end(kafka, topics.kafka_sites, timeout))):
                 st = view.status
-                entry = site_backlog.setdefault(st.site, {"topic": topics.kafka_tasks(st.site), "backlog": 0,
-                                                          "groups": []})
-                entry.update(state=view.state, age_s=round(view.age_s, 1), queued=st.queued, running=st.running,
-                             slots=st.slots, free_slots=st.free_slots)
+                entry = site_backlog.setdefault(
+                    st.site, {"topic": topics.kafka_tasks(st.site), "backlog": 0, "groups": []}
+                )
+                entry.update(
+                    state=view.state,
+                    age_s=round(view.age_s, 1),
+                    queued=st.queued,
+                    running=st.running,
+                    slots=st.slots,
+                    free_slots=st.free_slots,
+                )
         now = time.time()
         since_ms = int((now - window_s) * 1000)
         window_topics = [topics.kafka_commands, topics.kafka_acks, topics.kafka_deadletter]
         remaining = max(1.0, timeout - (time.monotonic() - t0))
-        records = await _read_window(reader, [tp for tp in tps if tp.topic in window_topics], ends, since_ms,
-                                     remaining)
+        records = await _read_window(reader, [tp for tp in tps if tp.topic in window_topics], ends, since_ms, remaining)
         report = {
             "broker": {"reachable": True, "bootstrap": kafka.bootstrap_servers, "topics": len(names)},
             "groups": groups,
@@ -271,8 +286,9 @@ async def kafka_report(
             await reader.stop()
 
 
-def _window_figures(records: list[Any], topics: Topics, now: float, window_s: float,
-                    latency_window_s: float) -> dict[str, Any]:
+def _window_figures(
+    records: list[Any], topics: Topics, now: float, window_s: float, latency_window_s: float
+) -> dict[str, Any]:
     """Commands, dead letters and loop latency from the window's records."""
     commands: dict[str, Command] = {}
     acks: dict[str, CommandAck] = {}
@@ -315,11 +331,18 @@ def _window_figures(records: list[Any], topics: Topics, now: float, window_s: fl
             latencies.append((answer.at - command.cause.time).total_seconds())
     p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
     return {
-        "commands": {"window_s": window_s, "issued": len(commands),
-                     **{k: counts[k] for k in ("pending", "delivered", "rejected", "expired")}},
+        "commands": {
+            "window_s": window_s,
+            "issued": len(commands),
+            **{k: counts[k] for k in ("pending", "delivered", "rejected", "expired")},
+        },
         "dead_letters": {"window_s": window_s, "total": sum(dead.values()), "by_stage": dict(sorted(dead.items()))},
-        "loop": {"window_s": latency_window_s, "loops": len(latencies),
-                 "p50_s": None if p50 is None else round(p50, 4), "p99_s": None if p99 is None else round(p99, 4)},
+        "loop": {
+            "window_s": latency_window_s,
+            "loops": len(latencies),
+            "p50_s": None if p50 is None else round(p50, 4),
+            "p99_s": None if p99 is None else round(p99, 4),
+        },
     }
 
 
@@ -382,9 +405,12 @@ def _device_status(topics: Topics, topic: str, payload: bytes) -> dict[str, Any]
         doc = {"state": str(doc)[:40]}
     state = str(doc.get("state", "unknown"))
     return {
-        "site": mt.site, "device": mt.device, "state": state,
+        "site": mt.site,
+        "device": mt.device,
+        "state": state,
         # An online status says since when; an offline one why (the last will: "connection lost").
-        "since": doc.get("since"), "reason": doc.get("reason"),
+        "since": doc.get("since"),
+        "reason": doc.get("reason"),
         "kind": "device" if "device" in doc else "bridge",
     }
 

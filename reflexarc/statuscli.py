@@ -13,8 +13,11 @@ import typer
 def status(
     pipeline: Annotated[
         Path | None,
-        typer.Argument(help="pipeline.yaml (its brokers: section); default: the RX_* environment variables",
-                       exists=True, dir_okay=False),
+        typer.Argument(
+            help="pipeline.yaml (its brokers: section); default: the RX_* environment variables",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="a live view, refreshed until Ctrl-C")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document, for scripts")] = False,

@@ -36,7 +36,9 @@ def render(report: dict[str, Any], subtitle: str = "") -> Panel:
         if d["kind"] != "device":
             continue
         colour = "green" if d["state"] == "online" else "red"
-        edge.add_row(f"{d['site']}/{d['device']}", f"[{colour}]{d['state']}[/]", d.get("since") or d.get("reason") or "")
+        edge.add_row(
+            f"{d['site']}/{d['device']}", f"[{colour}]{d['state']}[/]", d.get("since") or d.get("reason") or ""
+        )
     if not edge.rows:
         edge.add_row("[dim]no device has published a status[/]", "", "")
 
@@ -57,13 +59,22 @@ def render(report: dict[str, Any], subtitle: str = "") -> Panel:
     stages = ", ".join(f"{s} {n}" for s, n in dl.get("by_stage", {}).items()) or "none"
     fog.add_row("[bold cyan]dead letters (1 h)[/]", f"{dl.get('total', 0)}: {stages}")
 
-    sites = Table("site", "state", "backlog (requests not taken)", "queued · running · free/slots", "consumer groups",
-                  box=None, header_style="bold")
+    sites = Table(
+        "site",
+        "state",
+        "backlog (requests not taken)",
+        "queued · running · free/slots",
+        "consumer groups",
+        box=None,
+        header_style="bold",
+    )
     colours = {"live": "green", "stale": "yellow", "stopped": "dim"}
     for name, s in sorted(report.get("sites", {}).items()):
         backlog = f"[bold red]{s['backlog']}[/]" if s["backlog"] else "0"
         state = s.get("state")
-        shown = f"[{colours[state]}]{state}[/] [dim]{s['age_s']:.0f}s[/]" if state in colours else "[dim]no heartbeat[/]"
+        shown = (
+            f"[{colours[state]}]{state}[/] [dim]{s['age_s']:.0f}s[/]" if state in colours else "[dim]no heartbeat[/]"
+        )
         work = f"{s['queued']} · {s['running']} · {s['free_slots']}/{s['slots']}" if state else ""
         sites.add_row(name, shown, backlog, work, ", ".join(s["groups"]) or "[red]none[/]")
     if not sites.rows:
@@ -71,19 +82,30 @@ def render(report: dict[str, Any], subtitle: str = "") -> Panel:
 
     loop = report.get("loop", {})
     lp = Table.grid(padding=(0, 2))
-    lp.add_row("[bold cyan]loop p50[/]", _secs(loop.get("p50_s")), "[bold cyan]p99[/]", _secs(loop.get("p99_s")),
-               f"[dim]{loop.get('loops', 0)} loops in {loop.get('window_s', 0) / 60:.0f} min[/]")
+    lp.add_row(
+        "[bold cyan]loop p50[/]",
+        _secs(loop.get("p50_s")),
+        "[bold cyan]p99[/]",
+        _secs(loop.get("p99_s")),
+        f"[dim]{loop.get('loops', 0)} loops in {loop.get('window_s', 0) / 60:.0f} min[/]",
+    )
 
     parts = [
         Panel(brokers, title="brokers", border_style="dim"),
-        Panel(edge, title=f"edge · {report.get('online', 0)} online, {report.get('offline', 0)} offline",
-              border_style="dim"),
+        Panel(
+            edge,
+            title=f"edge · {report.get('online', 0)} online, {report.get('offline', 0)} offline",
+            border_style="dim",
+        ),
         Panel(Group(fog, lag), title="fog · triggers · consumer lag", border_style="dim"),
         Panel(sites, title="HPC sites", border_style="dim"),
         Panel(lp, title="the loop (event -> actuator ack)", border_style="dim"),
     ]
-    return Panel(Group(*parts), title=f"[bold]reflexarc status[/] — {report.get('namespace')}",
-                 subtitle=subtitle or report.get("at", ""))
+    return Panel(
+        Group(*parts),
+        title=f"[bold]reflexarc status[/] — {report.get('namespace')}",
+        subtitle=subtitle or report.get("at", ""),
+    )
 
 
 async def watch(src: StatusSources, interval: float, console: Console, timeout: float = 10.0) -> None:
@@ -93,13 +115,18 @@ async def watch(src: StatusSources, interval: float, console: Console, timeout: 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        with Live(Panel("[dim]reading the pipeline...[/]", title="[bold]reflexarc status[/]"), console=console,
-                  refresh_per_second=4, screen=False) as live:
+        with Live(
+            Panel("[dim]reading the pipeline...[/]", title="[bold]reflexarc status[/]"),
+            console=console,
+            refresh_per_second=4,
+            screen=False,
+        ) as live:
             while not stop.is_set():
                 t0 = time.monotonic()
                 task = asyncio.ensure_future(collect(src, timeout=timeout))
-                done, _ = await asyncio.wait({task, asyncio.ensure_future(stop.wait())},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {task, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if task not in done:
                     task.cancel()
                     with contextlib.suppress(BaseException):

@@ -201,7 +201,7 @@ class Topics:
     def parse_kafka_tasks(self, topic: str) -> str | None:
         """The site of a task topic (``{ns}.tasks.<site>``); None for any other topic."""
         prefix = f"{self.namespace}.tasks."
-        return topic[len(prefix):] if topic.startswith(prefix) and len(topic) > len(prefix) else None
+        return topic[len(prefix) :] if topic.startswith(prefix) and len(topic) > len(prefix) else None
 
     @property
     def kafka_sites(self) -> str:

@@ -195,7 +195,9 @@ def export(
 
 @app.command()
 def apply(
-    file: Annotated[Path, typer.Argument(metavar="FILE", help="Compositions YAML (see 'export').", exists=True, dir_okay=False)],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="Compositions YAML (see 'export').", exists=True, dir_okay=False)
+    ],
     prune: Annotated[bool, typer.Option(help="Free your named machines that the file does not list.")] = False,
     db: DbOpt = None,
     pools: PoolsOpt = None,

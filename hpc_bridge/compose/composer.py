@@ -307,7 +307,9 @@ class Composer:
         raise PlacementError(f"gave up after {self.max_attempts} attempts: devices kept being taken concurrently")
 
     @staticmethod
-    def _pinned(spec: CompositionSpec, pinned: builtins.list[str], free: builtins.list[Device]) -> builtins.list[Device]:
+    def _pinned(
+        spec: CompositionSpec, pinned: builtins.list[str], free: builtins.list[Device]
+    ) -> builtins.list[Device]:
         """The pinned devices if all are free and still make the spec, else []."""
         if not pinned:
             return []

@@ -154,8 +154,12 @@ def load_pools(path: str | Path) -> PoolsConfig:
     try:
         data, marks = parse_yaml_text(text, str(path))
     except ConfigError as exc:
-        raise ConfigError([Problem(p.file, p.line, p.column, p.field, p.message.replace("invalid YAML", "not valid YAML"))
-                           for p in exc.problems]) from None
+        raise ConfigError(
+            [
+                Problem(p.file, p.line, p.column, p.field, p.message.replace("invalid YAML", "not valid YAML"))
+                for p in exc.problems
+            ]
+        ) from None
     try:
         return PoolsConfig.model_validate(data or {})
     except ValidationError as exc:

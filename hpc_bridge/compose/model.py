@@ -51,6 +51,7 @@ class NotebookRepr:
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(f"<{type(self).__name__}>" if cycle else render_text(self))
 
+
 #: Device kinds. ``nvme`` and ``storage`` are both storage (they add up to
 #: ``storage_gb``); the two names exist because inventories say either.
 DeviceKind = Literal["cpu", "gpu", "nvme", "storage", "nic"]
@@ -303,8 +304,9 @@ class PoolsView(NotebookRepr, BaseModel):
             unit = {"cpu": " cores", "nvme": " GB", "storage": " GB"}.get(r.kind)
             cap = f"{r.capacity_free}/{r.capacity_total}{unit}" if unit else ""
             free_style = "green" if r.free else "red"
-            table.add_row(r.rack, r.fabric, r.kind, r.model or "", f"[{free_style}]{r.free}[/]", str(r.used),
-                          str(r.total), cap)
+            table.add_row(
+                r.rack, r.fabric, r.kind, r.model or "", f"[{free_style}]{r.free}[/]", str(r.used), str(r.total), cap
+            )
         return table
 
 

@@ -45,11 +45,21 @@ def srun_argv(spec: RunSpec, job_id: str, python: str | None = None) -> list[str
     """The ``srun`` command line running ``spec`` as a step of Slurm job ``job_id``."""
     workdir = Path(spec.workdir)
     return [
-        "srun", f"--jobid={job_id}", "--overlap", "--nodes=1", "--ntasks=1",
-        f"--cpus-per-task={spec.cpus}", f"--job-name={STEP_PREFIX}{spec.task_id[:40]}",
-        f"--chdir={workdir}", f"--output={workdir / 'srun.out'}", f"--error={workdir / 'srun.err'}",
+        "srun",
+        f"--jobid={job_id}",
+        "--overlap",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--cpus-per-task={spec.cpus}",
+        f"--job-name={STEP_PREFIX}{spec.task_id[:40]}",
+        f"--chdir={workdir}",
+        f"--output={workdir / 'srun.out'}",
+        f"--error={workdir / 'srun.err'}",
         "--kill-on-bad-exit=1",
-        spec.python or python or sys.executable, worker_module.__file__, "run", str(workdir / "spec.json"),
+        spec.python or python or sys.executable,
+        worker_module.__file__,
+        "run",
+        str(workdir / "spec.json"),
     ]
 
 
@@ -63,8 +73,12 @@ async def run_in_allocation(
     argv = srun_argv(spec, job_id)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *argv, env={**os.environ, **(env or {})}, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, preexec_fn=die_with_parent,
+            *argv,
+            env={**os.environ, **(env or {})},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=die_with_parent,
         )
     except OSError as exc:
         raise EngineError(f"cannot run srun for Slurm job {job_id}: {exc} (is slurm-client installed?)") from exc
@@ -92,7 +106,8 @@ class _StepExecution(Execution):
         with contextlib.suppress(OSError):
             err += Path(self.spec.workdir, "srun.err").read_text(errors="replace")
         return Outcome(
-            JobStatus.FAILED, machine=self.machine,
+            JobStatus.FAILED,
+            machine=self.machine,
             error=f"step of Slurm job {self.job_id} ended (srun exit code {code}) without an outcome"
             + (f": {err.strip()[-1500:]}" if err.strip() else ""),
         )
@@ -119,7 +134,11 @@ def cancel_task_steps(job_id: str, env: Mapping[str, str] | None = None) -> list
     full_env = {**os.environ, **(env or {})}
     out = subprocess.run(
         ["squeue", "-h", "-s", "-j", job_id, "-o", "%i|%j"],
-        capture_output=True, text=True, env=full_env, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=30,
+        check=False,
     ).stdout
     steps = [sid for sid, _, name in (ln.partition("|") for ln in out.splitlines()) if name.startswith(STEP_PREFIX)]
     if steps:

@@ -87,10 +87,16 @@ def outcome_from_worker(data: dict[str, Any] | None, lost: str = "the worker wro
     machine = data.get("machine") or data.get("host")
     if data.get("ok"):
         return Outcome(
-            JobStatus.DONE, result=data.get("result"), machine=machine,
-            started_at=_time(data.get("started_at")), finished_at=_time(data.get("finished_at")),
+            JobStatus.DONE,
+            result=data.get("result"),
+            machine=machine,
+            started_at=_time(data.get("started_at")),
+            finished_at=_time(data.get("finished_at")),
         )
     return Outcome(
-        JobStatus.FAILED, error=str(data.get("error") or "failed without a message"), machine=machine,
-        started_at=_time(data.get("started_at")), finished_at=_time(data.get("finished_at")),
+        JobStatus.FAILED,
+        error=str(data.get("error") or "failed without a message"),
+        machine=machine,
+        started_at=_time(data.get("started_at")),
+        finished_at=_time(data.get("finished_at")),
     )

@@ -90,25 +90,36 @@ class BatchEngine(Engine):
             # node) runs the launcher, which starts the ranks inside this allocation.
             per_node = spec.ranks_per_node or ranks
             resources = psij.ResourceSpecV1(
-                node_count=-(-ranks // per_node), process_count=ranks, cpu_cores_per_process=cpus,
+                node_count=-(-ranks // per_node),
+                process_count=ranks,
+                cpu_cores_per_process=cpus,
                 memory=int(spec.memory_gb * 2**30) if spec.memory_gb else None,
             )
         else:
             resources = psij.ResourceSpecV1(
-                node_count=1, process_count=1, cpu_cores_per_process=cpus,
+                node_count=1,
+                process_count=1,
+                cpu_cores_per_process=cpus,
                 gpu_cores_per_process=spec.gpus or None,
                 memory=int(spec.memory_gb * 2**30) if spec.memory_gb else None,
             )
         attrs = psij.JobAttributes(
             duration=timedelta(seconds=max(60.0, walltime)),  # schedulers count whole minutes
-            queue_name=self.settings.queue, account=self.settings.account,
+            queue_name=self.settings.queue,
+            account=self.settings.account,
         )
         jspec = psij.JobSpec(
-            executable=python, arguments=[worker_module.__file__, "run", str(spec_path)],
-            directory=workdir, name=f"rx-{spec.task_id[:40]}", inherit_environment=True,
+            executable=python,
+            arguments=[worker_module.__file__, "run", str(spec_path)],
+            directory=workdir,
+            name=f"rx-{spec.task_id[:40]}",
+            inherit_environment=True,
             environment=dict(spec.environment) or None,
-            stdout_path=workdir / "batch.out", stderr_path=workdir / "batch.err",
-            resources=resources, attributes=attrs, launcher="single",
+            stdout_path=workdir / "batch.out",
+            stderr_path=workdir / "batch.err",
+            resources=resources,
+            attributes=attrs,
+            launcher="single",
         )
         return psij.Job(jspec)
 
@@ -150,8 +161,12 @@ class BatchEngine(Engine):
                 continue
             try:
                 out = await asyncio.to_thread(
-                    subprocess.run, ["squeue", "-h", "-o", "%i|%T|%r", "-j", ",".join(waiting)],
-                    capture_output=True, text=True, timeout=30, check=False,
+                    subprocess.run,
+                    ["squeue", "-h", "-o", "%i|%T|%r", "-j", ",".join(waiting)],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                    check=False,
                 )
             except (OSError, subprocess.TimeoutExpired):
                 continue
@@ -218,8 +233,7 @@ class _BatchExecution(Execution):
         message = status.message or ""
         if status.state == JobState.CANCELED:
             who = "the site agent" if self._cancel_asked else f"someone outside the site agent (e.g. scancel {nid})"
-            return Outcome(JobStatus.CANCELLED, error=f"{sched} job {nid} was cancelled by {who}",
-                           retryable=False)
+            return Outcome(JobStatus.CANCELLED, error=f"{sched} job {nid} was cancelled by {who}", retryable=False)
         if "time limit" in message.lower():
             return Outcome(JobStatus.TIMED_OUT, error=f"{sched} job {nid} exceeded its walltime: {message}")
         err = ""
@@ -228,7 +242,8 @@ class _BatchExecution(Execution):
         return Outcome(
             JobStatus.FAILED,
             error=f"{sched} job {nid} ended {status.state} without an outcome"
-            + (f": {message}" if message else "") + (f"; stderr: {err.strip()}" if err.strip() else ""),
+            + (f": {message}" if message else "")
+            + (f"; stderr: {err.strip()}" if err.strip() else ""),
         )
 
     async def cancel(self) -> None:

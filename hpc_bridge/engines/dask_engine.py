@@ -68,7 +68,9 @@ class DaskEngine(Engine):
                 if s.adapt is not None:
                     a = s.adapt
                     self.cluster.adapt(
-                        minimum=a.minimum, maximum=a.maximum, interval=f"{a.interval_s}s",
+                        minimum=a.minimum,
+                        maximum=a.maximum,
+                        interval=f"{a.interval_s}s",
                         wait_count=max(1, round(a.idle_timeout_s / a.interval_s)),
                     )
                 self.client = await Client(self.cluster, asynchronous=True)
@@ -82,8 +84,12 @@ class DaskEngine(Engine):
 
         s = self.settings
         return await LocalCluster(
-            n_workers=0 if s.adapt else s.n_workers, threads_per_worker=s.threads_per_worker,
-            processes=True, host="127.0.0.1", dashboard_address=None, asynchronous=True,
+            n_workers=0 if s.adapt else s.n_workers,
+            threads_per_worker=s.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            asynchronous=True,
         )
 
     async def submit(self, spec: RunSpec) -> Execution:
@@ -92,7 +98,11 @@ class DaskEngine(Engine):
         # sync=False: the outcome comes back on the future and the agent commits it to its job store
         # before reporting it; the outcome file only has to outlive the agent process (worker.py's doc).
         fut = self.client.submit(
-            execute_json, spec.to_json(), sync=False, key=f"rx-{spec.task_id}-{spec.attempt}", pure=False,
+            execute_json,
+            spec.to_json(),
+            sync=False,
+            key=f"rx-{spec.task_id}-{spec.attempt}",
+            pure=False,
             resources=resources,
         )
         return _DaskExecution(self, fut)

@@ -66,13 +66,26 @@ def job_kwargs(s: JobqueueSettings, scheduler_address: str, name: str, log_dir: 
         skip.append("--mem")
     extra = ["--resources", f"GPU={s.gpus_per_node}", "--preload", PRELOAD]
     return {
-        "scheduler": scheduler_address, "name": name, "job_name": name,
-        "cores": s.cores_per_node, "processes": processes, "memory": memory, "job_mem": job_mem,
-        "walltime": s.walltime, "queue": s.partition, "account": s.account,
-        "job_extra_directives": directives, "job_directives_skip": skip,
-        "job_script_prologue": list(s.worker_init), "python": s.python or sys.executable,
-        "death_timeout": s.death_timeout_s, "local_directory": s.local_directory,
-        "log_directory": str(log_dir), "interface": s.interface, "worker_extra_args": extra, "nanny": True,
+        "scheduler": scheduler_address,
+        "name": name,
+        "job_name": name,
+        "cores": s.cores_per_node,
+        "processes": processes,
+        "memory": memory,
+        "job_mem": job_mem,
+        "walltime": s.walltime,
+        "queue": s.partition,
+        "account": s.account,
+        "job_extra_directives": directives,
+        "job_directives_skip": skip,
+        "job_script_prologue": list(s.worker_init),
+        "python": s.python or sys.executable,
+        "death_timeout": s.death_timeout_s,
+        "local_directory": s.local_directory,
+        "log_directory": str(log_dir),
+        "interface": s.interface,
+        "worker_extra_args": extra,
+        "nanny": True,
     }
 
 
@@ -93,8 +106,9 @@ def _job_class() -> Any:
             if nodes > 1:
                 # Each node's workers get a distinct name: <allocation>-n<node id>[-<i>].
                 cmd = self._command_template.replace(f"--name {self.name}", f"--name {self.name}-n$SLURM_NODEID")
-                self._command_template = (f"srun --nodes={nodes} --ntasks-per-node=1 bash -c "
-                                          f"{shlex.quote('exec ' + cmd)}")
+                self._command_template = (
+                    f"srun --nodes={nodes} --ntasks-per-node=1 bash -c {shlex.quote('exec ' + cmd)}"
+                )
 
     return _PilotSLURMJob
 
@@ -141,9 +155,13 @@ def dask_setup(server: Any) -> None:
         def rx_workers(since: int = -1) -> dict[str, Any]:
             if since == plugin.version:
                 return {"version": since}
-            return {"version": plugin.version, "workers": [
-                [ws.address, str(ws.name), ws.host, ws.nthreads, int((ws.resources or {}).get("GPU", 0))]
-                for ws in server.workers.values()]}
+            return {
+                "version": plugin.version,
+                "workers": [
+                    [ws.address, str(ws.name), ws.host, ws.nthreads, int((ws.resources or {}).get("GPU", 0))]
+                    for ws in server.workers.values()
+                ],
+            }
 
         server.add_plugin(plugin, name="rx-pilots")
         server.handlers["rx_workers"] = rx_workers
@@ -217,13 +235,27 @@ class DaskJobqueueBackend(PilotBackend):
         where = f"{self.address}:{port}"
         self.scheduler_address = f"tcp://{where}"
         log_path = self.workdir / "scheduler.log"
-        argv = [self.s.python or sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", self.address,
-                "--port", str(port), "--no-dashboard", "--preload", PRELOAD]
+        argv = [
+            self.s.python or sys.executable,
+            "-m",
+            "distributed.cli.dask_scheduler",
+            "--host",
+            self.address,
+            "--port",
+            str(port),
+            "--no-dashboard",
+            "--preload",
+            PRELOAD,
+        ]
         # A worker's death fails its task with the reason; the app's policy decides on a retry.
         env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
         with open(log_path, "ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
                 preexec_fn=die_with_parent,
             )
         try:
@@ -231,8 +263,10 @@ class DaskJobqueueBackend(PilotBackend):
         except (OSError, TimeoutError) as exc:
             await self.close()
             tail = log_path.read_text(errors="replace")[-1500:]
-            raise EngineError(f"the Dask scheduler did not start on {where} (engine.dask.jobqueue.port, address "
-                              f"or interface): {exc}; its log: {tail}") from exc
+            raise EngineError(
+                f"the Dask scheduler did not start on {where} (engine.dask.jobqueue.port, address "
+                f"or interface): {exc}; its log: {tail}"
+            ) from exc
         # Each freed slot sends a release and then the next task's submit: with distributed's 10 ms window
         # the submit waits for most of it (a message right after another waits out the window).
         with contextlib.suppress(AttributeError):
@@ -262,8 +296,9 @@ class DaskJobqueueBackend(PilotBackend):
         """``sbatch`` one dask-jobqueue job script for the allocation."""
         log_dir = self.workdir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        job = _job_class()(nodes=self.s.nodes_per_allocation,
-                           **job_kwargs(self.s, self.scheduler_address, alloc.name, log_dir))
+        job = _job_class()(
+            nodes=self.s.nodes_per_allocation, **job_kwargs(self.s, self.scheduler_address, alloc.name, log_dir)
+        )
         (self.workdir / f"{alloc.name}.sh").write_text(job.job_script())
         try:
             await job.start()
@@ -284,8 +319,9 @@ class DaskJobqueueBackend(PilotBackend):
             for addr, name, host, nthreads, gpus in reply["workers"]:
                 alloc = allocation_of(name)
                 if alloc is not None:
-                    out.setdefault(alloc, []).append(WorkerInfo(name=name, node=host, slots=int(nthreads),
-                                                                gpus=int(gpus), incarnation=addr))
+                    out.setdefault(alloc, []).append(
+                        WorkerInfo(name=name, node=host, slots=int(nthreads), gpus=int(gpus), incarnation=addr)
+                    )
             self._workers = out
             self._workers_version = int(reply["version"])
         return {k: list(v) for k, v in self._workers.items()}
@@ -294,10 +330,16 @@ class DaskJobqueueBackend(PilotBackend):
         """Submit to exactly the worker the manager chose (queued there behind its task if it is busy)."""
         gpus = list(placement.gpu_indices)
         fut = self.client.submit(
-            run_pilot_task, spec.to_json(), gpus, f"{placement.allocation}/{placement.worker}",
-            placement.start_by if token else None, token,
-            key=f"rx-{spec.task_id}-{spec.attempt}-{uuid.uuid4().hex[:6]}", pure=False,
-            workers=[placement.worker], allow_other_workers=False,
+            run_pilot_task,
+            spec.to_json(),
+            gpus,
+            f"{placement.allocation}/{placement.worker}",
+            placement.start_by if token else None,
+            token,
+            key=f"rx-{spec.task_id}-{spec.attempt}-{uuid.uuid4().hex[:6]}",
+            pure=False,
+            workers=[placement.worker],
+            allow_other_workers=False,
             resources={"GPU": len(gpus)} if gpus else None,
         )
         self._flush_releases()

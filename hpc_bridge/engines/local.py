@@ -128,9 +128,13 @@ class LocalEngine(Engine):
     async def _spawn(self, python: str) -> _Worker:
         try:
             proc = await asyncio.create_subprocess_exec(
-                python, WORKER_PATH, "serve",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                limit=_LINE_LIMIT, preexec_fn=die_with_parent,
+                python,
+                WORKER_PATH,
+                "serve",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=_LINE_LIMIT,
+                preexec_fn=die_with_parent,
             )
         except OSError as exc:
             raise EngineError(f"cannot start a worker with {python}: {exc}") from exc

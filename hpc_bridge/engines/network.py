@@ -66,6 +66,5 @@ def resolve_address(address: str | None, interface: str | None, field: str) -> s
                 f"(or set {field}.interface)"
             )
         return address
-    log.info("%s: workers connect back to %s (set address or interface when they run on other nodes)",
-             field, LOOPBACK)
+    log.info("%s: workers connect back to %s (set address or interface when they run on other nodes)", field, LOOPBACK)
     return LOOPBACK

@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The interchange must not outlive the agent (a SIGKILLed agent would leave it running).
-_INTERCHANGE = ("from reflexarc.process import die_with_parent; die_with_parent(); import runpy; "
-                "runpy.run_module('parsl.executors.high_throughput.interchange', run_name='__main__')")
+_INTERCHANGE = (
+    "from reflexarc.process import die_with_parent; die_with_parent(); import runpy; "
+    "runpy.run_module('parsl.executors.high_throughput.interchange', run_name='__main__')"
+)
 
 
 def _memory_gb(text: str | None) -> int | None:
@@ -64,24 +66,40 @@ def make_executor(s: ParslEngineSettings, address: str, name: str, workdir: Path
     python = s.python or sys.executable
     options = "\n".join(f"#SBATCH {d}" for d in s.job_directives)
     provider = SlurmProvider(
-        partition=s.partition, account=s.account, nodes_per_block=s.nodes_per_allocation,
-        cores_per_node=s.cores_per_node, mem_per_node=_memory_gb(s.memory_per_node),
+        partition=s.partition,
+        account=s.account,
+        nodes_per_block=s.nodes_per_allocation,
+        cores_per_node=s.cores_per_node,
+        mem_per_node=_memory_gb(s.memory_per_node),
         gres=f"gpu:{s.gpus_per_node}" if s.gpus_per_node else None,
-        init_blocks=0, min_blocks=0, max_blocks=1, walltime=s.walltime, scheduler_options=options,
+        init_blocks=0,
+        min_blocks=0,
+        max_blocks=1,
+        walltime=s.walltime,
+        scheduler_options=options,
         worker_init="\n".join([*s.worker_init, f"export PATH={Path(python).parent}:$PATH"]),
-        exclusive=False, cmd_timeout=30,
+        exclusive=False,
+        cmd_timeout=30,
         launcher=SrunLauncher(debug=False) if s.launcher == "srun" else SingleNodeLauncher(debug=False),
     )
     htex = HighThroughputExecutor(
-        label=name, provider=provider, address=address, worker_port_range=s.worker_port_range,
-        cores_per_worker=s.cores_per_worker, max_workers_per_node=s.slots_per_node,
+        label=name,
+        provider=provider,
+        address=address,
+        worker_port_range=s.worker_port_range,
+        cores_per_worker=s.cores_per_worker,
+        max_workers_per_node=s.slots_per_node,
         # The tasks the manager queues at a busy pool wait in the pool, not in the interchange.
         prefetch_capacity=PREFETCH_PER_SLOT * s.slots_per_node,
-        heartbeat_period=s.heartbeat_s, heartbeat_threshold=max(3 * s.heartbeat_s, 30), poll_period=10,
+        heartbeat_period=s.heartbeat_s,
+        heartbeat_threshold=max(3 * s.heartbeat_s, 30),
+        poll_period=10,
         launch_cmd=DEFAULT_LAUNCH_CMD.replace(
-            "process_worker_pool.py", f"{python} -m parsl.executors.high_throughput.process_worker_pool", 1),
+            "process_worker_pool.py", f"{python} -m parsl.executors.high_throughput.process_worker_pool", 1
+        ),
         interchange_launch_cmd=[sys.executable, "-c", _INTERCHANGE],
-        worker_logdir_root=str(workdir / "logs"), block_error_handler=False,
+        worker_logdir_root=str(workdir / "logs"),
+        block_error_handler=False,
     )
     htex.run_dir = str(workdir / "run")
     htex.run_id = name
@@ -186,9 +204,15 @@ class ParslBackend(PilotBackend):
                 log.warning("parsl pilots: interchange of %s does not answer: %s", name, exc)
                 continue
             out[name] = [
-                WorkerInfo(name=m["manager"], node=m["manager"], slots=int(m["worker_count"]),
-                           gpus=self.s.gpus_per_node, incarnation=m["manager"])
-                for m in managers if m.get("active") and not m.get("draining")
+                WorkerInfo(
+                    name=m["manager"],
+                    node=m["manager"],
+                    slots=int(m["worker_count"]),
+                    gpus=self.s.gpus_per_node,
+                    incarnation=m["manager"],
+                )
+                for m in managers
+                if m.get("active") and not m.get("draining")
             ]
         return out
 
@@ -204,8 +228,15 @@ class ParslBackend(PilotBackend):
         htex = self.executors.get(placement.allocation)
         if htex is None:
             raise EngineError(f"allocation {placement.allocation} has no Parsl executor any more")
-        fut = htex.submit(run_pilot_task, {}, spec.to_json(), list(placement.gpu_indices),
-                          f"{placement.allocation}/{placement.worker}", placement.start_by if token else None, token)
+        fut = htex.submit(
+            run_pilot_task,
+            {},
+            spec.to_json(),
+            list(placement.gpu_indices),
+            f"{placement.allocation}/{placement.worker}",
+            placement.start_by if token else None,
+            token,
+        )
         return _ParslTask(fut)
 
     async def close(self) -> None:

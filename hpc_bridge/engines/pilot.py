@@ -134,8 +134,9 @@ def need_of(spec: RunSpec, settings: PilotSettings, key: str) -> Need:
     fit = max(1, settings.slots_per_node // per_rank)
     rpn = spec.ranks_per_node or min(ranks, fit)
     nodes = math.ceil(ranks / rpn)
-    return Need(key=key, slots_per_node=min(ranks, rpn) * per_rank, nodes=nodes, gpus=spec.gpus,
-                timeout_s=spec.timeout_s)
+    return Need(
+        key=key, slots_per_node=min(ranks, rpn) * per_rank, nodes=nodes, gpus=spec.gpus, timeout_s=spec.timeout_s
+    )
 
 
 class PilotEngine(Engine):
@@ -143,8 +144,14 @@ class PilotEngine(Engine):
 
     reattachable = False
 
-    def __init__(self, backend_cls: type[PilotBackend], settings: PilotSettings, workdir_root: str,
-                 field: str, label: str | None = None) -> None:
+    def __init__(
+        self,
+        backend_cls: type[PilotBackend],
+        settings: PilotSettings,
+        workdir_root: str,
+        field: str,
+        label: str | None = None,
+    ) -> None:
         self.settings = settings
         self.field = field
         self.state_dir = Path(workdir_root).parent
@@ -187,8 +194,16 @@ class PilotEngine(Engine):
         workdir = self.state_dir / "pilots" / self.name
         workdir.mkdir(parents=True, exist_ok=True)
         backend = self.backend_cls(self.settings, address, workdir)
-        manager = AllocationManager(self.settings, backend, self.queue, self.state_dir, kind=self.name,
-                                    label=self.label, field=self.field, prefetch_per_slot=PREFETCH_PER_SLOT)
+        manager = AllocationManager(
+            self.settings,
+            backend,
+            self.queue,
+            self.state_dir,
+            kind=self.name,
+            label=self.label,
+            field=self.field,
+            prefetch_per_slot=PREFETCH_PER_SLOT,
+        )
         manager.on_start = self._started
         manager.on_take_back = self._taken_back
         backend.manager = manager
@@ -199,9 +214,16 @@ class PilotEngine(Engine):
         except BaseException:
             await backend.close()
             raise
-        log.info("%s pilots: workers connect to %s; %d to %d allocation(s) of %d node(s) x %d slot(s), walltime %s",
-                 self.name, address, self.settings.min_allocations, self.settings.max_allocations,
-                 self.settings.nodes_per_allocation, self.settings.slots_per_node, self.settings.walltime)
+        log.info(
+            "%s pilots: workers connect to %s; %d to %d allocation(s) of %d node(s) x %d slot(s), walltime %s",
+            self.name,
+            address,
+            self.settings.min_allocations,
+            self.settings.max_allocations,
+            self.settings.nodes_per_allocation,
+            self.settings.slots_per_node,
+            self.settings.walltime,
+        )
 
     async def submit(self, spec: RunSpec) -> Execution:
         """Place the attempt (now if a slot is free, else when one is) and run it there."""
@@ -280,7 +302,9 @@ class PilotExecution(Execution):
         if self.remote is None and self.engine.manager is not None:
             return self.engine.manager.waiting_reason(self.need.key)
         if self.remote is not None and not self.started:
-            return f"queued at worker {self.worker} of allocation {self.allocation} (job {self.job_id}), behind its task"
+            return (
+                f"queued at worker {self.worker} of allocation {self.allocation} (job {self.job_id}), behind its task"
+            )
         return None
 
     async def dispatch(self, placement: Placement) -> None:
@@ -322,8 +346,9 @@ class PilotExecution(Execution):
         try:
             return claim(self.spec.workdir, self._token, "taken back")
         except OSError as exc:
-            log.warning("%s: cannot write the claim file in %s: %s; taking it as started", self.need.key,
-                        self.spec.workdir, exc)
+            log.warning(
+                "%s: cannot write the claim file in %s: %s; taking it as started", self.need.key, self.spec.workdir, exc
+            )
             return False
 
     def _release(self, worker_lost: bool) -> None:
@@ -350,13 +375,15 @@ class PilotExecution(Execution):
                     placement = await manager.place(self.need)
                 except asyncio.CancelledError:
                     if self._cancelled:
-                        return Outcome(JobStatus.CANCELLED, error="cancelled while waiting for a pilot slot",
-                                       retryable=False)
+                        return Outcome(
+                            JobStatus.CANCELLED, error="cancelled while waiting for a pilot slot", retryable=False
+                        )
                     raise
                 if self._cancelled:
                     manager.release(placement)
-                    return Outcome(JobStatus.CANCELLED, error="cancelled while waiting for a pilot slot",
-                                   retryable=False)
+                    return Outcome(
+                        JobStatus.CANCELLED, error="cancelled while waiting for a pilot slot", retryable=False
+                    )
                 try:
                     await self.dispatch(placement)
                 except EngineError as exc:
@@ -379,15 +406,17 @@ class PilotExecution(Execution):
                     continue
                 if not self.started and self._claim():
                     # Its worker died (or left) before it reached it: it never started. Place it again.
-                    log.info("%s: the worker %s died before it started; placing it again", self.need.key,
-                             self.worker)
+                    log.info("%s: the worker %s died before it started; placing it again", self.need.key, self.worker)
                     self._release(worker_lost=False)
                     self._again()
                     continue
                 self._release(worker_lost=True)
-                return Outcome(JobStatus.FAILED, machine=self.machine,
-                               error=f"the {self.engine.name} worker {self.worker} of allocation {self.allocation} "
-                                     f"(job {self.job_id}) died or left while running it: {type(exc).__name__}: {exc}")
+                return Outcome(
+                    JobStatus.FAILED,
+                    machine=self.machine,
+                    error=f"the {self.engine.name} worker {self.worker} of allocation {self.allocation} "
+                    f"(job {self.job_id}) died or left while running it: {type(exc).__name__}: {exc}",
+                )
             if data.get("not_started"):
                 self._release(worker_lost=False)
                 if self._cancelled:
@@ -411,8 +440,12 @@ class PilotExecution(Execution):
             return
         self.started = True
         backend = self.engine.backend
-        if (manager is not None and backend is not None and backend.replaces_worker_on_cancel
-                and self.placement is not None):
+        if (
+            manager is not None
+            and backend is not None
+            and backend.replaces_worker_on_cancel
+            and self.placement is not None
+        ):
             # The marker kills the worker process, and with it the attempts queued there: hand them back
             # first, and queue nothing more at it.
             manager.lose_worker(self.placement)

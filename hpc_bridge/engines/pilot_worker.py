@@ -39,8 +39,14 @@ from reflexarc.hpc_bridge.worker import RunSpec, execute_json
 #: Written in the attempt's work directory to stop it.
 CANCEL_FILE = "cancel"
 #: srun options that the worker's own job step leaves in its environment.
-STEP_OPTIONS = ("SLURM_LABELIO", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NTASKS_PER_NODE", "SLURM_CPU_BIND",
-                "SLURM_DISTRIBUTION")
+STEP_OPTIONS = (
+    "SLURM_LABELIO",
+    "SLURM_NTASKS",
+    "SLURM_NPROCS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_CPU_BIND",
+    "SLURM_DISTRIBUTION",
+)
 POLL_S = 0.2
 
 
@@ -153,8 +159,13 @@ def prepare(spec: RunSpec, gpu_indices: tuple[int, ...] | list[int]) -> RunSpec:
     return spec
 
 
-def run_pilot_task(spec_json: str, gpu_indices: list[int] | None = None, where: str = "",
-                   start_by: float | None = None, token: str = "") -> dict[str, Any]:
+def run_pilot_task(
+    spec_json: str,
+    gpu_indices: list[int] | None = None,
+    where: str = "",
+    start_by: float | None = None,
+    token: str = "",
+) -> dict[str, Any]:
     """Run one attempt; return (and write) its outcome, naming ``where`` it ran.
 
     A queued dispatch (``token``) first checks that it may still start (:func:`why_not_start`);

@@ -66,8 +66,11 @@ class SlurmQueue:
     async def _run(self, *argv: str) -> str:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, env=self.env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                *argv,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
             raise EngineError(f"cannot run {argv[0]}: {exc} (is slurm-client installed?)") from exc
@@ -90,11 +93,17 @@ class SlurmQueue:
             if len(parts) != 7:
                 continue
             job_id, name, state, left, nodes, node_list, reason = parts
-            entries.append(QueueEntry(
-                job_id=job_id.strip(), name=name.strip(), state=state.strip(), time_left_s=parse_slurm_time(left),
-                nodes=int(nodes) if nodes.strip().isdigit() else 0, node_list=node_list.strip(),
-                reason=reason.strip(),
-            ))
+            entries.append(
+                QueueEntry(
+                    job_id=job_id.strip(),
+                    name=name.strip(),
+                    state=state.strip(),
+                    time_left_s=parse_slurm_time(left),
+                    nodes=int(nodes) if nodes.strip().isdigit() else 0,
+                    node_list=node_list.strip(),
+                    reason=reason.strip(),
+                )
+            )
         return entries
 
     async def jobs(self, job_ids: Iterable[str]) -> dict[str, QueueEntry]:

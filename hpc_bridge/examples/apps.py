@@ -58,7 +58,7 @@ def big(n: int) -> dict[str, Any]:
 @app(cpus=1, retries=1)
 def denoise(values: list[float]) -> dict[str, Any]:
     """Three-point moving average (CPU version)."""
-    out = [sum(values[max(0, i - 1): i + 2]) / len(values[max(0, i - 1): i + 2]) for i in range(len(values))]
+    out = [sum(values[max(0, i - 1) : i + 2]) / len(values[max(0, i - 1) : i + 2]) for i in range(len(values))]
     return {"values": out, "implementation": "cpu"}
 
 

@@ -47,9 +47,18 @@ def new_job(req: TaskRequest, apps: dict[str, AppSpec], site: str) -> NewJob:
 class Intake:
     """Consumes ``rx.tasks.<site>`` into the job store (one service loop: :meth:`run`)."""
 
-    def __init__(self, site: str, apps: dict[str, AppSpec], jobs: AsyncJobStore, consumer: Any, producer: Any,
-                 deadletter_topic: str, max_backlog: int, on_recorded: Callable[[], None],
-                 max_records: int = 1000) -> None:
+    def __init__(
+        self,
+        site: str,
+        apps: dict[str, AppSpec],
+        jobs: AsyncJobStore,
+        consumer: Any,
+        producer: Any,
+        deadletter_topic: str,
+        max_backlog: int,
+        on_recorded: Callable[[], None],
+        max_records: int = 1000,
+    ) -> None:
         self.site = site
         self.apps = apps
         self.jobs = jobs
@@ -110,8 +119,7 @@ class Intake:
                 acks = []
                 for d in dead:
                     key, value, headers = d.to_kafka()
-                    acks.append(await self.producer.send(self.deadletter_topic, value=value, key=key,
-                                                         headers=headers))
+                    acks.append(await self.producer.send(self.deadletter_topic, value=value, key=key, headers=headers))
                 await asyncio.gather(*acks)
                 DEAD_LETTERS.labels(self.site).inc(len(dead))
             if jobs:

@@ -172,20 +172,25 @@ class AsyncJobStore:
         """Take up to ``limit`` queued jobs for dispatch."""
         return await self.call(lambda b: b.claim(limit, engine))
 
-    async def submitted(self, task_id: str, native_id: str | None, workdir: str, running: bool, reason: str,
-                        machine: str | None = None) -> None:
+    async def submitted(
+        self, task_id: str, native_id: str | None, workdir: str, running: bool, reason: str, machine: str | None = None
+    ) -> None:
         """The engine took the attempt: its native id (to re-attach after a restart) and why it waits."""
         await self.call(lambda b: b.submitted(task_id, native_id, workdir, running, reason, machine), (task_id,))
 
-    def submitted_later(self, task_id: str, native_id: str | None, workdir: str, running: bool, reason: str,
-                        machine: str | None = None) -> None:
+    def submitted_later(
+        self, task_id: str, native_id: str | None, workdir: str, running: bool, reason: str, machine: str | None = None
+    ) -> None:
         """:meth:`submitted`, lingering and not waited for (what is queued after it sees it applied).
 
         The transition keeps the time of this call.
         """
         at = utcnow()
-        self.call_later(lambda b: b.submitted(task_id, native_id, workdir, running, reason, machine, at),
-                        (task_id,), f"recording that task {task_id} was submitted")
+        self.call_later(
+            lambda b: b.submitted(task_id, native_id, workdir, running, reason, machine, at),
+            (task_id,),
+            f"recording that task {task_id} was submitted",
+        )
 
     async def note(self, task_id: str, reason: str, running: bool = False, machine: str | None = None) -> None:
         """Update a job's reason (and move it to running when ``running``)."""
@@ -211,8 +216,9 @@ class AsyncJobStore:
         """Jobs waiting (created, or queued and not dispatched)."""
         return await self.call(lambda b: b.backlog())
 
-    async def outbox_page(self, published: list[int], limit: int, cached: Callable[[int], Pending | None],
-                          kind: str | None = None) -> list[Pending]:
+    async def outbox_page(
+        self, published: list[int], limit: int, cached: Callable[[int], Pending | None], kind: str | None = None
+    ) -> list[Pending]:
         """Mark ``published`` rows and read the next ``limit`` unpublished ones, oldest first (one transaction)."""
 
         def op(b: Batch) -> list[Pending]:

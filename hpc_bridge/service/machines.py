@@ -57,8 +57,12 @@ class ComposedMachines:
 
         driver: Driver = InventoryDriver()
         if c.driver == "slurm":
-            driver = SlurmDriver(env={**os.environ, **c.slurm.env}, partition=c.slurm.partition,
-                                 account=c.slurm.account, start_timeout_s=c.slurm.start_timeout_s)
+            driver = SlurmDriver(
+                env={**os.environ, **c.slurm.env},
+                partition=c.slurm.partition,
+                account=c.slurm.account,
+                start_timeout_s=c.slurm.start_timeout_s,
+            )
 
         def open_composer() -> tuple[Any, Any]:
             try:
@@ -76,8 +80,9 @@ class ComposedMachines:
             return composer, identity
 
         composer, identity = await asyncio.to_thread(open_composer)
-        pool = MachinePool(composer, identity, cfg.site, idle_timeout_s=c.idle_timeout_s,
-                           max_machines=c.max_machines, rack=c.rack)
+        pool = MachinePool(
+            composer, identity, cfg.site, idle_timeout_s=c.idle_timeout_s, max_machines=c.max_machines, rack=c.rack
+        )
         try:
             adopted = await pool.adopt()
             if c.driver == "slurm":
@@ -90,8 +95,14 @@ class ComposedMachines:
         except BaseException:
             await asyncio.to_thread(composer.close)
             raise
-        log.info("site %s: composing machines as %s with the %s driver (at most %d, freed after %gs idle)",
-                 cfg.site, identity.user, c.driver, c.max_machines, c.idle_timeout_s)
+        log.info(
+            "site %s: composing machines as %s with the %s driver (at most %d, freed after %gs idle)",
+            cfg.site,
+            identity.user,
+            c.driver,
+            c.max_machines,
+            c.idle_timeout_s,
+        )
         return cls(cfg, c, composer, pool)
 
     async def run(self) -> None:

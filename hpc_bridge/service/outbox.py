@@ -41,8 +41,15 @@ SETTLE_MARGIN = timedelta(minutes=1)
 class OutboxPublisher:
     """Publishes the job store's outbox to Kafka (one service loop: :meth:`run`)."""
 
-    def __init__(self, jobs: AsyncJobStore, producer: Any, kafka: KafkaSettings, site: str,
-                 page: int = 2000, memory: int = 50_000) -> None:
+    def __init__(
+        self,
+        jobs: AsyncJobStore,
+        producer: Any,
+        kafka: KafkaSettings,
+        site: str,
+        page: int = 2000,
+        memory: int = 50_000,
+    ) -> None:
         self._jobs = jobs
         self._producer = producer
         self._kafka = kafka
@@ -135,8 +142,9 @@ class OutboxPublisher:
                 self._held.pop(i, None)
 
 
-async def find_published(settings: KafkaSettings, topic: str, ids: set[str], since: datetime | None = None,
-                         timeout: float = 30.0) -> set[str]:
+async def find_published(
+    settings: KafkaSettings, topic: str, ids: set[str], since: datetime | None = None, timeout: float = 30.0
+) -> set[str]:
     """Which of ``ids`` (CloudEvent ids) are already on ``topic``.
 
     Read from the records stamped ``since`` on (the producer stamps them when it sends them), or

@@ -33,7 +33,10 @@ def app_catalogue(apps: dict[str, AppSpec]) -> dict[str, SiteApp]:
     """What the site offers, per app: resources and a fingerprint of the app's definition."""
     return {
         name: SiteApp(
-            cpus=spec.cpus, gpus=spec.gpus, gpu_model=spec.gpu_model, memory_gb=spec.memory_gb,
+            cpus=spec.cpus,
+            gpus=spec.gpus,
+            gpu_model=spec.gpu_model,
+            memory_gb=spec.memory_gb,
             fingerprint=hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16],
         )
         for name, spec in sorted(apps.items())
@@ -43,8 +46,9 @@ def app_catalogue(apps: dict[str, AppSpec]) -> dict[str, SiteApp]:
 class Presence:
     """Publishes the site's status every interval, and once more when it stops."""
 
-    def __init__(self, cfg: SiteConfig, apps: dict[str, AppSpec], engine: Engine, jobs: AsyncJobStore,
-                 producer: Any) -> None:
+    def __init__(
+        self, cfg: SiteConfig, apps: dict[str, AppSpec], engine: Engine, jobs: AsyncJobStore, producer: Any
+    ) -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.namespace)
         self.engine = engine
@@ -62,17 +66,26 @@ class Presence:
         slots = self.engine.capacity
         res = self.cfg.resources
         return SiteStatus(
-            site=self.cfg.site, state=state, interval_s=self.interval_s,
-            engine=self.engine.name, queued=queued, running=running, slots=slots,
-            free_slots=max(0, slots - running), cpus=res.cpus, gpus=res.gpus, apps=self.catalogue,
+            site=self.cfg.site,
+            state=state,
+            interval_s=self.interval_s,
+            engine=self.engine.name,
+            queued=queued,
+            running=running,
+            slots=slots,
+            free_slots=max(0, slots - running),
+            cpus=res.cpus,
+            gpus=res.gpus,
+            apps=self.catalogue,
         )
 
     async def publish(self, state: Literal["running", "stopped"] = "running") -> bool:
         """Send one status and wait for Kafka to take it; False (logged) if it did not."""
         try:
             status = await self.status(state)
-            ack = await send_event(self.producer, self.topics.kafka_sites, status.to_envelope(),
-                                   key=self.cfg.site.encode())
+            ack = await send_event(
+                self.producer, self.topics.kafka_sites, status.to_envelope(), key=self.cfg.site.encode()
+            )
             await ack
         except Exception as exc:  # the next heartbeat says the same, newer
             log.warning("site %s: heartbeat not published: %s", self.cfg.site, exc)

@@ -49,8 +49,10 @@ log = logging.getLogger(__name__)
 _SAFE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 #: Reason given to a job whose execution a restart lost.
-LOST = ("the site agent restarted while the task was in flight and its execution is gone; "
-        "running it again (no retry is used)")
+LOST = (
+    "the site agent restarted while the task was in flight and its execution is gone; "
+    "running it again (no retry is used)"
+)
 
 
 class Slot(Protocol):
@@ -71,8 +73,15 @@ def job_dirname(task_id: str) -> str:
 class Runner:
     """Runs attempts of the site's tasks on its engine (:meth:`run` is one attempt)."""
 
-    def __init__(self, cfg: SiteConfig, apps: dict[str, AppSpec], engine: Engine, jobs: AsyncJobStore,
-                 machines: ComposedMachines | None, on_queued: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        cfg: SiteConfig,
+        apps: dict[str, AppSpec],
+        engine: Engine,
+        jobs: AsyncJobStore,
+        machines: ComposedMachines | None,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
         self.cfg = cfg
         #: Called when an attempt put its job back in the queue (a retry, or lost in a restart).
         self.on_queued = on_queued
@@ -119,11 +128,20 @@ class Runner:
             # Slurm sets CUDA_VISIBLE_DEVICES inside its allocation; logical compositions say it here.
             environment.update(machine_environment(machine, set_cuda=machine.driver != "slurm"))
         return RunSpec(
-            task_id=job.task_id, attempt=max(job.attempt, 1), kind=app.kind, workdir=workdir,
-            result_path=f"{workdir}/outcome.json", function=impl.function if impl else None,
-            argv=argv, args=req.args, python=python,
-            environment=environment, cpus=cpus, gpus=impl.gpus if impl else app.gpus,
-            memory_gb=memory, walltime_s=req.resources.walltime_s or app.walltime_s or job.timeout_s,
+            task_id=job.task_id,
+            attempt=max(job.attempt, 1),
+            kind=app.kind,
+            workdir=workdir,
+            result_path=f"{workdir}/outcome.json",
+            function=impl.function if impl else None,
+            argv=argv,
+            args=req.args,
+            python=python,
+            environment=environment,
+            cpus=cpus,
+            gpus=impl.gpus if impl else app.gpus,
+            memory_gb=memory,
+            walltime_s=req.resources.walltime_s or app.walltime_s or job.timeout_s,
             timeout_s=job.timeout_s,
             # A Dask worker is a shared process: run in a child so the machine's variables apply.
             isolate=machine is not None and self.engine.name == "dask" and app.kind == "python",
@@ -192,8 +210,7 @@ class Runner:
                 spec_workdir = self.workdir(job)
             else:
                 if self.machines is not None:
-                    machine = await self.machines.machine_for(
-                        job, app, lambda text: self.jobs.note(job.task_id, text))
+                    machine = await self.machines.machine_for(job, app, lambda text: self.jobs.note(job.task_id, text))
                 spec = self.run_spec(job, app, None, machine)
                 await self._prepare_env(job, app, spec)
                 await stage_in(app, spec)  # referenced arguments become local files (hpc_bridge/staging.py)
@@ -214,12 +231,14 @@ class Runner:
             how = self._how(execution, machine)
             if self.engine.reattachable:
                 # Its native id must be durable before anything else: a restarted agent re-attaches by it.
-                await self.jobs.submitted(job.task_id, execution.native_id, spec_workdir, execution.running, how,
-                                          execution.machine)
+                await self.jobs.submitted(
+                    job.task_id, execution.native_id, spec_workdir, execution.running, how, execution.machine
+                )
             else:
                 # Lost with the agent anyway: recorded with the outcome that follows (one transaction).
-                self.jobs.submitted_later(job.task_id, execution.native_id, spec_workdir, execution.running, how,
-                                          execution.machine)
+                self.jobs.submitted_later(
+                    job.task_id, execution.native_id, spec_workdir, execution.running, how, execution.machine
+                )
             outcome = await self._wait(job, execution)
             self._forget(job.task_id, execution)
             slot.give_back()
@@ -307,8 +326,9 @@ class Runner:
                     waiter.cancel()
                     with contextlib.suppress(BaseException):
                         await waiter
-                    return Outcome(JobStatus.TIMED_OUT, error=f"exceeded its timeout of {job.timeout_s:g}s",
-                                   machine=ex.machine)
+                    return Outcome(
+                        JobStatus.TIMED_OUT, error=f"exceeded its timeout of {job.timeout_s:g}s", machine=ex.machine
+                    )
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -324,8 +344,14 @@ class Runner:
             self._finished[status].inc()
             observe_task(self.cfg.site, job.app, job.created_at, outcome.started_at, outcome.finished_at)
             # A done task is in its JobState events; the log keeps what needs a look.
-            log.log(logging.DEBUG if status is JobStatus.DONE else logging.INFO, "task %s (%s): %s%s",
-                    job.task_id, job.app, status.value, f" - {outcome.error}" if outcome.error else "")
+            log.log(
+                logging.DEBUG if status is JobStatus.DONE else logging.INFO,
+                "task %s (%s): %s%s",
+                job.task_id,
+                job.app,
+                status.value,
+                f" - {outcome.error}" if outcome.error else "",
+            )
 
     async def _claim_check(self, job: JobView, outcome: Outcome) -> Outcome:
         """Large results go by reference: stored as a file, the result event carries its URL."""
@@ -344,8 +370,15 @@ class Runner:
             shutil.move(tmp, path)
 
         await asyncio.to_thread(write)
-        return Outcome(outcome.status, result=None, result_ref=path.resolve().as_uri(), error=outcome.error,
-                       machine=outcome.machine, started_at=outcome.started_at, finished_at=outcome.finished_at)
+        return Outcome(
+            outcome.status,
+            result=None,
+            result_ref=path.resolve().as_uri(),
+            error=outcome.error,
+            machine=outcome.machine,
+            started_at=outcome.started_at,
+            finished_at=outcome.finished_at,
+        )
 
     # ---- cancellation ---------------------------------------------------------------------------------
     async def cancel(self, task_id: str, reason: str) -> bool:

@@ -102,8 +102,9 @@ class _Slot:
 class Scheduler:
     """Dispatches queued jobs to :class:`Runner` attempts (one service loop: :meth:`run`)."""
 
-    def __init__(self, site: str, engine: Engine, jobs: AsyncJobStore, runner: Runner,
-                 lookahead: int | None = None) -> None:
+    def __init__(
+        self, site: str, engine: Engine, jobs: AsyncJobStore, runner: Runner, lookahead: int | None = None
+    ) -> None:
         self.engine = engine
         self.jobs = jobs
         self.runner = runner

@@ -351,8 +351,13 @@ class MqttClient:
                 try:
                     await self._open()
                 except (OSError, ssl.SSLError) as exc:
-                    log.info("MQTT %s: broker %s:%s not reachable yet: %s",
-                             self.client_id, self.settings.host, self.settings.port, exc)
+                    log.info(
+                        "MQTT %s: broker %s:%s not reachable yet: %s",
+                        self.client_id,
+                        self.settings.host,
+                        self.settings.port,
+                        exc,
+                    )
                 except Exception:
                     log.exception("MQTT %s: reconnect attempt failed", self.client_id)
 
@@ -569,7 +574,9 @@ class MqttClient:
             # Brokers reject such topics; if one arrives anyway, pass it on so
             # the consumer dead-letters it instead of it vanishing here.
             topic = msg._topic.decode("utf-8", "replace")
-        self._deliver(MqttMessage(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup), user, ctype))
+        self._deliver(
+            MqttMessage(topic, bytes(msg.payload), msg.qos, msg.mid, bool(msg.retain), bool(msg.dup), user, ctype)
+        )
 
     def _deliver(self, m: MqttMessage) -> None:
         if self._manual_ack and m.qos:

@@ -56,7 +56,9 @@ def pack_publish_properties(user_properties: Sequence[tuple[str, str]], content_
             body += _U16(len(raw))
             body += raw
     except struct.error:
-        too_long = [s for s in (content_type or "", *(x for kv in user_properties for x in kv)) if len(s.encode()) > 65535]
+        too_long = [
+            s for s in (content_type or "", *(x for kv in user_properties for x in kv)) if len(s.encode()) > 65535
+        ]
         raise ValueError(f"MQTT string longer than 65535 bytes: {too_long[0][:40]!r}...") from None
     n = len(body)
     out = bytearray()

@@ -233,7 +233,9 @@ class SlurmCluster:
         while time.monotonic() < deadline:
             for proc in self._procs:
                 if proc.poll() is not None:
-                    argv0 = proc.args[0] if isinstance(proc.args, list) else "a daemon"  # each started with an argv list
+                    argv0 = (
+                        proc.args[0] if isinstance(proc.args, list) else "a daemon"
+                    )  # each started with an argv list
                     raise SlurmError(f"{argv0} exited with {proc.returncode}\n" + self._log_tails())
             out = self.run("sinfo", "-h", "-n", self.node_name, "-o", "%T", check=False)
             state = out.stdout.strip()

@@ -211,7 +211,11 @@ TRIGGERS = {
             # A sum window: the last 7 events of a device; fires whenever their sum is high.
             "name": "sum7",
             "on": f"{SITE}/+/{STREAM}",
-            "window": {"type": "sliding", "events": 7, "aggregates": {"s": {"op": "sum", "of": "double(event.data.value)"}}},
+            "window": {
+                "type": "sliding",
+                "events": 7,
+                "aggregates": {"s": {"op": "sum", "of": "double(event.data.value)"}},
+            },
             "when": "agg.s > 55.0",
             "then": [{"task": {"app": "fit", "site": "local", "args": {"s": "agg.s"}}}],
         },
@@ -249,10 +253,17 @@ async def test_fog_killed_twice_triggers_fire_exactly_as_on_events_delivered_onc
     # Count windows do not read event times; the dry run wants one per event all the same.
     (tmp_path / "expected.jsonl").write_text(
         "".join(
-            json.dumps({
-                "site": SITE, "device": "det1", "stream": STREAM, "id": e["id"], "data": e["data"],
-                "time": f"2026-12-01T00:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}Z",
-            }) + "\n"
+            json.dumps(
+                {
+                    "site": SITE,
+                    "device": "det1",
+                    "stream": STREAM,
+                    "id": e["id"],
+                    "data": e["data"],
+                    "time": f"2026-12-01T00:{i // 60000 % 60:02d}:{i // 1000 % 60:02d}.{i % 1000:03d}Z",
+                }
+            )
+            + "\n"
             for i, e in enumerate(events)
         )
     )
@@ -271,9 +282,20 @@ async def test_fog_killed_twice_triggers_fire_exactly_as_on_events_delivered_onc
     # The pure engine on the events, each delivered once.
     dry = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "reflexarc", "triggers", "test", str(tmp_path / "triggers.yaml"),
-         "--events", str(tmp_path / "expected.jsonl"), "--json"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "reflexarc",
+            "triggers",
+            "test",
+            str(tmp_path / "triggers.yaml"),
+            "--events",
+            str(tmp_path / "expected.jsonl"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     firings = [json.loads(ln) for ln in dry.stdout.splitlines() if ln.startswith("{")]
     expected = task_set([t for f in firings for t in f["tasks"]])

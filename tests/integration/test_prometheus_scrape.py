@@ -39,8 +39,12 @@ EXAMPLE = REPO / "deploy" / "prometheus.yml"
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 #: tier -> (its file in the scenario, where ``metrics`` goes in it: None = top level)
-TIER_FILES = {"edge": ("agent.yaml", None), "fog": ("fog.yaml", None), "site": ("site.yaml", None),
-              "cloud": ("triggers.yaml", "pipeline")}
+TIER_FILES = {
+    "edge": ("agent.yaml", None),
+    "fog": ("fog.yaml", None),
+    "site": ("site.yaml", None),
+    "cloud": ("triggers.yaml", "pipeline"),
+}
 
 #: The histograms issue 17 asks for, one per tier at least.
 HISTOGRAMS = [
@@ -87,7 +91,9 @@ def running_pipeline(tmp_path: Path) -> Iterator[Pipeline]:
     targets = give_metrics_ports(tmp_path / "scenario")
     proc = subprocess.Popen(
         [sys.executable, "-m", "reflexarc", "up", str(pipeline), "--run-dir", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None
     lines: list[str] = []
@@ -165,14 +171,17 @@ def test_prometheus_scrapes_every_tier_of_a_running_pipeline(
         prometheus.targets()
     )
     assert sorted(r["metric"]["job"] for r in prometheus.query("reflexarc_build_info == 1")) == [
-        "cloud", "edge", "fog", "site"
+        "cloud",
+        "edge",
+        "fog",
+        "site",
     ]
 
     rate = 'sum(rate(rx_fog_messages_in_total{kind="data"}[5s]))'
     assert poll_until(lambda: finite_positive(prometheus.values(rate)), 30), prometheus.query(rate)
 
     # The loop's latency at the actuator: a quantile of the edge's histogram over what the actuator acked.
-    p90 = 'histogram_quantile(0.9, sum by (le, actuator) (rate(rx_edge_loop_latency_seconds_bucket[30s])))'
+    p90 = "histogram_quantile(0.9, sum by (le, actuator) (rate(rx_edge_loop_latency_seconds_bucket[30s])))"
     assert poll_until(lambda: finite_positive(prometheus.values(p90)), 60), prometheus.query(
         "rx_edge_loop_latency_seconds_count"
     )

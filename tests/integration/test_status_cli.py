@@ -61,7 +61,11 @@ def status_json(pipeline: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RX_")}
     out = subprocess.run(
         [sys.executable, "-m", "reflexarc", "status", str(pipeline), "--json"],
-        capture_output=True, text=True, timeout=60, env=env, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -96,8 +100,12 @@ def pipeline(tmp_path: Path, brokers: EmbeddedBrokers) -> Iterator[tuple[Path, d
     env = {**brokers.env(), "RX_SIGNING_KEY": str(private), "RX_VERIFY_KEYS": str(public)}
     tiers = {
         tier: TierProcess(tier, tmp_path / "scenario" / name, tmp_path / f"{tier}.log", env=env)
-        for tier, name in [("site", "site.yaml"), ("cloud", "triggers.yaml"), ("fog", "fog.yaml"),
-                           ("edge", "agent.yaml")]
+        for tier, name in [
+            ("site", "site.yaml"),
+            ("cloud", "triggers.yaml"),
+            ("fog", "fog.yaml"),
+            ("edge", "agent.yaml"),
+        ]
     }
 
     async def start() -> None:

@@ -34,8 +34,9 @@ def header(bootstrap: str, key_file: Path | None = None, extra: str = "") -> str
     return "\n".join(lines) + "\n" + extra
 
 
-def event(i: int | str, seconds: float, data: dict[str, Any], device: str, stream: str = "counts",
-          site: str = "bl1") -> Envelope:
+def event(
+    i: int | str, seconds: float, data: dict[str, Any], device: str, stream: str = "counts", site: str = "bl1"
+) -> Envelope:
     """An instrument event at ``T0 + seconds``."""
     return Envelope.for_device(
         EventType.DATA, site, device, data, subject=stream, id=f"e{i}", time=T0 + timedelta(seconds=seconds)
@@ -83,8 +84,13 @@ async def produce(settings: KafkaSettings, events: list[Envelope]) -> None:
         await producer.stop()
 
 
-async def produce_raw(settings: KafkaSettings, topic: str, value: bytes, headers: list[tuple[str, bytes]] | None = None,
-                      key: bytes | None = None) -> None:
+async def produce_raw(
+    settings: KafkaSettings,
+    topic: str,
+    value: bytes,
+    headers: list[tuple[str, bytes]] | None = None,
+    key: bytes | None = None,
+) -> None:
     """Send one raw record."""
     producer = make_producer(settings)
     await producer.start()
@@ -94,8 +100,13 @@ async def produce_raw(settings: KafkaSettings, topic: str, value: bytes, headers
         await producer.stop()
 
 
-async def read_all(settings: KafkaSettings, topics: list[str], until: Callable[[list[Any]], bool],
-                   timeout: float = 60.0, settle: float = 0.0) -> list[Any]:
+async def read_all(
+    settings: KafkaSettings,
+    topics: list[str],
+    until: Callable[[list[Any]], bool],
+    timeout: float = 60.0,
+    settle: float = 0.0,
+) -> list[Any]:
     """Read the topics from the beginning until ``until(records)`` holds (then ``settle`` s more)."""
     consumer = make_consumer(settings, *topics, group_id=None)
     await consumer.start()

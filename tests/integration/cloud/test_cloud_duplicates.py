@@ -52,14 +52,16 @@ CHUNK = 7
 
 def once() -> list[Envelope]:
     """45 events per device, 0.3 s apart, interleaved across devices."""
-    return [event(f"{dev}-{i}", 0.3 * i, {"v": (i * 7 + len(dev)) % 11}, dev) for i in range(PER_DEVICE) for dev in DEVICES]
+    return [
+        event(f"{dev}-{i}", 0.3 * i, {"v": (i * 7 + len(dev)) % 11}, dev) for i in range(PER_DEVICE) for dev in DEVICES
+    ]
 
 
 def redelivered(events: list[Envelope]) -> list[Envelope]:
     """Each chunk of events, then the same chunk again: what a restarting fog puts in Kafka."""
     out: list[Envelope] = []
     for k in range(0, len(events), CHUNK):
-        out += events[k:k + CHUNK] * 2
+        out += events[k : k + CHUNK] * 2
     return out
 
 
@@ -67,7 +69,9 @@ def _key(t: TaskRequest) -> tuple[str, str]:
     return t.task_id, json.dumps(t.args, sort_keys=True)
 
 
-async def test_every_event_twice_fires_exactly_as_every_event_once(tmp_path: Path, kafka_settings: KafkaSettings) -> None:
+async def test_every_event_twice_fires_exactly_as_every_event_once(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
     (tmp_path / "site.yaml").write_text(SITE_YAML)
     path = tmp_path / "triggers.yaml"
     path.write_text(header(kafka_settings.bootstrap_servers, extra="pipeline: {metrics_port: 0}\n") + TRIGGERS)
@@ -84,8 +88,9 @@ async def test_every_event_twice_fires_exactly_as_every_event_once(tmp_path: Pat
     await worker.start()
     try:
         await produce(kafka_settings, redelivered(events))
-        records = await read_all(kafka_settings, [TOPICS.kafka_tasks("local")],
-                                 lambda rs: len(rs) >= len(expected), timeout=90, settle=2.0)
+        records = await read_all(
+            kafka_settings, [TOPICS.kafka_tasks("local")], lambda rs: len(rs) >= len(expected), timeout=90, settle=2.0
+        )
         # Every copy was counted as one (each copy follows its original within a few events).
         metrics = _metrics(worker.text())
     finally:
@@ -94,8 +99,10 @@ async def test_every_event_twice_fires_exactly_as_every_event_once(tmp_path: Pat
     got = Counter(_key(TaskRequest.from_envelope(event_of(r))) for r in records)
     missed = expected - got
     extra = got - expected
-    print(f"{len(events)} events sent twice: {len(expected)} expected tasks, {sum(got.values())} sent, "
-          f"{len(missed)} missed, {len(extra)} extra")
+    print(
+        f"{len(events)} events sent twice: {len(expected)} expected tasks, {sum(got.values())} sent, "
+        f"{len(missed)} missed, {len(extra)} extra"
+    )
     assert not missed, sorted(missed)[:5]
     assert not extra, sorted(extra)[:5]
     assert metrics.get("rx_triggers_duplicates_total") == len(events), metrics

@@ -51,8 +51,12 @@ async def test_event_to_task_and_result_to_command_each_take_tens_of_ms(
     worker = WorkerProcess(path, tmp_path / "worker.log")
     # Our own reader waits at most 5 ms per fetch so that it adds almost nothing.
     reader = make_consumer(
-        kafka_settings, TOPICS.kafka_tasks("local"), TOPICS.kafka_commands,
-        group_id=None, auto_offset_reset="latest", fetch_max_wait_ms=5,
+        kafka_settings,
+        TOPICS.kafka_tasks("local"),
+        TOPICS.kafka_commands,
+        group_id=None,
+        auto_offset_reset="latest",
+        fetch_max_wait_ms=5,
     )
     producer = make_producer(kafka_settings, linger_ms=0)
     data_hop: list[float] = []
@@ -73,15 +77,24 @@ async def test_event_to_task_and_result_to_command_each_take_tens_of_ms(
             # Spread the sends over the broker's poll cycle rather than in step with it.
             await asyncio.sleep(0.05 + 0.37 * (i % 4) / 3)
             t0 = time.perf_counter()
-            await (await send_event(producer, TOPICS.kafka_data, event(f"lat{i}", i, {"value": 500 + i}, f"dev{i % 5}")))
+            await (
+                await send_event(producer, TOPICS.kafka_data, event(f"lat{i}", i, {"value": 500 + i}, f"dev{i % 5}"))
+            )
             rec = await next_record(TOPICS.kafka_tasks("local"))
             t_task = time.perf_counter() - t0
             task = TaskRequest.from_envelope(event_of(rec))
             assert task.args == {"v": 500 + i}
 
             await asyncio.sleep(0.05 + 0.29 * ((i + 2) % 4) / 3)
-            result = TaskResult(task_id=task.task_id, app="fit", site="local", status="done",
-                                result={"peak": 1.0 + i}, trigger="thr", cause=task.cause)
+            result = TaskResult(
+                task_id=task.task_id,
+                app="fit",
+                site="local",
+                status="done",
+                result={"peak": 1.0 + i},
+                trigger="thr",
+                cause=task.cause,
+            )
             k, v, h = result.to_envelope().to_kafka()
             t0 = time.perf_counter()
             await (await producer.send(TOPICS.kafka_results, value=v, key=k, headers=h))

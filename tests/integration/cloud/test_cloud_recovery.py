@@ -42,11 +42,7 @@ PER_DEVICE = 400
 
 def restart_events() -> list[Envelope]:
     """400 frames per device, 0.1 s apart, interleaved across devices."""
-    return [
-        event(f"{dev}-{i}", 0.1 * i, {"v": i % 7}, dev, "frames")
-        for i in range(PER_DEVICE)
-        for dev in DEVICES
-    ]
+    return [event(f"{dev}-{i}", 0.1 * i, {"v": i % 7}, dev, "frames") for i in range(PER_DEVICE) for dev in DEVICES]
 
 
 def _tasks(records: list[Any]) -> list[TaskRequest]:
@@ -105,8 +101,10 @@ async def test_kill_9_in_the_middle_of_windows_fires_exactly_as_without(
     ids = [t.task_id for t in got]
     missed = expected - set(ids)
     extra = set(ids) - expected
-    print(f"restart test: {len(expected)} expected tasks, {len(set(ids))} distinct sent, "
-          f"{len(ids) - len(set(ids))} redelivered duplicates (same id), {len(missed)} missed, {len(extra)} extra")
+    print(
+        f"restart test: {len(expected)} expected tasks, {len(set(ids))} distinct sent, "
+        f"{len(ids) - len(set(ids))} redelivered duplicates (same id), {len(missed)} missed, {len(extra)} extra"
+    )
     if missed or extra:
         # Which trigger on which device fired at which event: where the state went wrong.
         print("missed:", _where(expected_tasks[i] for i in missed))
@@ -145,13 +143,19 @@ async def test_hot_reload_keeps_state_and_rejects_invalid_files(tmp_path: Path, 
     try:
         await produce(kafka_settings, [event("a1", 0, {}, "d1", "a"), event("a2", 1, {}, "d1", "a")])
         # Both events applied to the window (stored in the changelog: d1's state with a pane of 2) before the reload.
-        await read_all(kafka_settings, [CHANGELOG],
-                       lambda rs: any(r.key == b"bl1/d1" and b'"n":2' in (r.value or b"") for r in rs), timeout=60)
+        await read_all(
+            kafka_settings,
+            [CHANGELOG],
+            lambda rs: any(r.key == b"bl1/d1" and b'"n":2' in (r.value or b"") for r in rs),
+            timeout=60,
+        )
 
         path.write_text(head + "triggers:" + trig_a + trig_b)
         assert await asyncio.to_thread(poll_until, lambda: "reloaded" in worker.text(), 30), worker.text()[-2000:]
-        await produce(kafka_settings, [event("b1", 2, {"v": 11}, "d2", "b"), event("b0", 2, {"v": 10}, "d2", "b"),
-                                       event("a3", 3, {}, "d1", "a")])
+        await produce(
+            kafka_settings,
+            [event("b1", 2, {"v": 11}, "d2", "b"), event("b0", 2, {"v": 10}, "d2", "b"), event("a3", 3, {}, "d1", "a")],
+        )
         recs = await read_all(kafka_settings, tasks_topic, lambda rs: len(rs) >= 2, timeout=60, settle=1.0)
         got = {(t.trigger, tuple(t.cause.event_ids)) for t in _tasks(recs)}
         # 'three' kept its window across the reload: a1..a3 complete it.

@@ -53,8 +53,11 @@ CHUNK = 120  # events per send while they flow
 
 def events() -> list[Envelope]:
     """240 frames per device, 0.1 s apart, interleaved across 12 devices (all 4 partitions)."""
-    return [event(f"{dev}-{i}", 0.1 * i, {"v": (i * 5 + int(dev[1:])) % 9}, dev, "frames")
-            for i in range(PER_DEVICE) for dev in DEVICES]
+    return [
+        event(f"{dev}-{i}", 0.1 * i, {"v": (i * 5 + int(dev[1:])) % 9}, dev, "frames")
+        for i in range(PER_DEVICE)
+        for dev in DEVICES
+    ]
 
 
 def _assigned_data_partitions(log: str) -> set[int]:
@@ -85,14 +88,15 @@ async def test_two_workers_one_killed_mid_window_fire_exactly_as_one(
         await b.start()
         # The group has rebalanced: each worker holds two of the four data partitions.
         assert await asyncio.to_thread(
-            poll_until, lambda: len(_assigned_data_partitions(a.text())) == 2 == len(_assigned_data_partitions(b.text())),
+            poll_until,
+            lambda: len(_assigned_data_partitions(a.text())) == 2 == len(_assigned_data_partitions(b.text())),
             30,
         ), (a.text()[-1500:], b.text()[-1500:])
         assert _assigned_data_partitions(a.text()) | _assigned_data_partitions(b.text()) == {0, 1, 2, 3}
 
         async def flow() -> None:
             for k in range(0, len(evs), CHUNK):
-                await produce(kafka_settings, evs[k:k + CHUNK])
+                await produce(kafka_settings, evs[k : k + CHUNK])
                 await asyncio.sleep(0.05)  # events keep arriving: the kill lands while they flow
 
         producer = asyncio.create_task(flow())
@@ -101,8 +105,9 @@ async def test_two_workers_one_killed_mid_window_fire_exactly_as_one(
         assert not producer.done(), "events stopped flowing before the kill: make CHUNK smaller"
         b.kill()
         await producer
-        records = await read_all(kafka_settings, tasks_topic,
-                                 lambda rs: len({r.key for r in rs}) >= len(expected), timeout=120, settle=3.0)
+        records = await read_all(
+            kafka_settings, tasks_topic, lambda rs: len({r.key for r in rs}) >= len(expected), timeout=120, settle=3.0
+        )
         # The survivor took all four partitions.
         assert _assigned_data_partitions(a.text()) == {0, 1, 2, 3}, a.text()[-2000:]
     finally:
@@ -113,9 +118,13 @@ async def test_two_workers_one_killed_mid_window_fire_exactly_as_one(
     ids = [t.task_id for t in got]
     missed = set(expected) - set(ids)
     extra = set(ids) - set(expected)
-    print(f"scale-out: {len(expected)} expected tasks, {len(set(ids))} distinct sent, "
-          f"{len(ids) - len(set(ids))} redelivered duplicates, {len(missed)} missed, {len(extra)} extra")
+    print(
+        f"scale-out: {len(expected)} expected tasks, {len(set(ids))} distinct sent, "
+        f"{len(ids) - len(set(ids))} redelivered duplicates, {len(missed)} missed, {len(extra)} extra"
+    )
     assert not missed, sorted(f"{expected[i].trigger}@{expected[i].cause.event_ids}" for i in missed)[:10]
-    assert not extra, sorted(f"{t.trigger}@{t.cause.event_ids if t.cause else '?'}" for t in got if t.task_id in extra)[:10]
+    assert not extra, sorted(f"{t.trigger}@{t.cause.event_ids if t.cause else '?'}" for t in got if t.task_id in extra)[
+        :10
+    ]
     for t in got:  # a redelivered request is the same request
         assert json.dumps(t.args, sort_keys=True) == json.dumps(expected[t.task_id].args, sort_keys=True)

@@ -88,9 +88,11 @@ def construct_events() -> list[Envelope]:
     evs: list[Envelope] = []
     n = iter(range(10_000))
     # threshold + filter: 401 fires; 400 and a filtered-out 900 do not.
-    evs += [event(next(n), 0, {"value": 401, "q": 0.5}, "thr-yes"),
-            event(next(n), 0, {"value": 400, "q": 1.0}, "thr-no"),
-            event(next(n), 1, {"value": 900, "q": 0.49}, "thr-no")]
+    evs += [
+        event(next(n), 0, {"value": 401, "q": 0.5}, "thr-yes"),
+        event(next(n), 0, {"value": 400, "q": 1.0}, "thr-no"),
+        event(next(n), 1, {"value": 900, "q": 0.49}, "thr-no"),
+    ]
     # cooldown 10 s: fires at 0 and 10 (two tasks) on yes; 0 and 9.999 (one task) on no.
     evs += [event(next(n), s, {"value": 1}, "cool-yes", "pulse") for s in (0, 10)]
     evs += [event(next(n), s, {"value": 1}, "cool-no", "pulse") for s in (0, 9.999)]
@@ -100,20 +102,29 @@ def construct_events() -> list[Envelope]:
     # hopping mean > 300 in any 10 s window.
     # Windows from 4 s on hold 300, 300, last: mean 301 fires, 300 does not.
     for dev, last in (("hop-yes", 303), ("hop-no", 300)):
-        evs += [event(next(n), s, {"value": v}, dev, "rate")
-                for s, v in ((0, 0), (3, 0), (8, 300), (11, 300), (13, last))]
+        evs += [
+            event(next(n), s, {"value": v}, dev, "rate") for s, v in ((0, 0), (3, 0), (8, 300), (11, 300), (13, last))
+        ]
     # sliding 5 s drop: 5.0 s low fires, 4.9 s does not.
     for dev, last in (("drop-yes", 6.0), ("drop-no", 5.9)):
-        evs += [event(next(n), s, {"i": v}, dev, "intensity")
-                for s, v in ((0, 100), (1, 5), (2, 5), (3, 5), (4, 5), (last, 5))]
+        evs += [
+            event(next(n), s, {"i": v}, dev, "intensity")
+            for s, v in ((0, 100), (1, 5), (2, 5), (3, 5), (4, 5), (last, 5))
+        ]
     # rate: 2.5 K/min fires, 2.0 K/min does not.
     for dev, rise in (("heat-yes", 2.5), ("heat-no", 2.0)):
         evs += [event(next(n), 30.0 * i, {"k": 300.0 + rise * i / 2}, dev, "temperature") for i in range(3)]
     return evs
 
 
-EXPECTED_TASKS = {("thr", "thr-yes"): 1, ("cool", "cool-yes"): 2, ("cool", "cool-no"): 1,
-                  ("tumble", "tumble-yes"): 1, ("hop", "hop-yes"): 1, ("heat", "heat-yes"): 1}
+EXPECTED_TASKS = {
+    ("thr", "thr-yes"): 1,
+    ("cool", "cool-yes"): 2,
+    ("cool", "cool-no"): 1,
+    ("tumble", "tumble-yes"): 1,
+    ("hop", "hop-yes"): 1,
+    ("heat", "heat-yes"): 1,
+}
 EXPECTED_COMMANDS = {("drop", "drop-yes"): 1}
 
 
@@ -125,7 +136,9 @@ def _count(items: list[Any]) -> dict[tuple[str, str], int]:
     return out
 
 
-async def test_worker_fires_each_construct_exactly_at_its_boundary(tmp_path: Path, kafka_settings: KafkaSettings) -> None:
+async def test_worker_fires_each_construct_exactly_at_its_boundary(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
     key_file, pub_file = generate_keypair(tmp_path / "keys")
     (tmp_path / "site.yaml").write_text(SITE_YAML)
     path = tmp_path / "triggers.yaml"
@@ -154,8 +167,11 @@ async def test_worker_fires_each_construct_exactly_at_its_boundary(tmp_path: Pat
         await produce(kafka_settings, events)
         n_tasks = sum(EXPECTED_TASKS.values())
         recs = await read_all(
-            kafka_settings, [TOPICS.kafka_tasks("local"), TOPICS.kafka_commands],
-            lambda rs: len(rs) >= n_tasks + 1, timeout=90, settle=2.0,
+            kafka_settings,
+            [TOPICS.kafka_tasks("local"), TOPICS.kafka_commands],
+            lambda rs: len(rs) >= n_tasks + 1,
+            timeout=90,
+            settle=2.0,
         )
         tasks = [TaskRequest.from_envelope(event_of(r)) for r in recs if r.topic == TOPICS.kafka_tasks("local")]
         cmds = [event_of(r) for r in recs if r.topic == TOPICS.kafka_commands]
@@ -167,12 +183,24 @@ async def test_worker_fires_each_construct_exactly_at_its_boundary(tmp_path: Pat
         (drop_env,) = cmds
         verify_envelope(drop_env, keys)
         drop = Command.from_envelope(drop_env)
-        assert (drop.trigger, drop.device, drop.actuator, drop.args) == ("drop", "drop-yes", "shutter", {"position": "closed"})
+        assert (drop.trigger, drop.device, drop.actuator, drop.args) == (
+            "drop",
+            "drop-yes",
+            "shutter",
+            {"position": "closed"},
+        )
 
         # Results -> signed commands; a result at the boundary (peak 0.0) gives none.
         for task_id, peak in ((thr.task_id, 2.5), ("other-task", 0.0)):
-            res = TaskResult(task_id=task_id, app="fit", site="local", status="done", result={"peak": peak},
-                             trigger="thr", cause=thr.cause)
+            res = TaskResult(
+                task_id=task_id,
+                app="fit",
+                site="local",
+                status="done",
+                result={"peak": peak},
+                trigger="thr",
+                cause=thr.cause,
+            )
             k, v, h = res.to_envelope().to_kafka()
             await produce_raw(kafka_settings, TOPICS.kafka_results, v, h, k)
         # Bad input of every kind: dead letters, and the worker carries on.
@@ -184,11 +212,15 @@ async def test_worker_fires_each_construct_exactly_at_its_boundary(tmp_path: Pat
         await produce(kafka_settings, [event("after", 60, {"value": 1000, "q": 1.0}, "thr-after")])
 
         recs = await read_all(
-            kafka_settings, [TOPICS.kafka_commands, TOPICS.kafka_deadletter, TOPICS.kafka_tasks("local")],
-            lambda rs: sum(r.topic == TOPICS.kafka_deadletter for r in rs) >= 3
-            and sum(r.topic == TOPICS.kafka_commands for r in rs) >= 2
-            and any(r.topic != TOPICS.kafka_commands and b"thr-after" in (r.value or b"") for r in rs),
-            timeout=60, settle=1.5,
+            kafka_settings,
+            [TOPICS.kafka_commands, TOPICS.kafka_deadletter, TOPICS.kafka_tasks("local")],
+            lambda rs: (
+                sum(r.topic == TOPICS.kafka_deadletter for r in rs) >= 3
+                and sum(r.topic == TOPICS.kafka_commands for r in rs) >= 2
+                and any(r.topic != TOPICS.kafka_commands and b"thr-after" in (r.value or b"") for r in rs)
+            ),
+            timeout=60,
+            settle=1.5,
         )
         motor_envs = [event_of(r) for r in recs if r.topic == TOPICS.kafka_commands]
         motor = [Command.from_envelope(e) for e in motor_envs if e.subject == "motor"]
@@ -231,8 +263,10 @@ async def test_sigterm_while_kafka_vanished_during_start_up_ends_the_worker(
     """A worker still joining its group when the broker dies must not linger after SIGTERM."""
     (tmp_path / "site.yaml").write_text(SITE_YAML)
     path = tmp_path / "triggers.yaml"
-    path.write_text(header(kafka_settings.bootstrap_servers) + "triggers:\n"
-                    "  - {name: t, on: bl1/+/counts, when: 'true', then: [{task: {app: fit}}]}\n")
+    path.write_text(
+        header(kafka_settings.bootstrap_servers) + "triggers:\n"
+        "  - {name: t, on: bl1/+/counts, when: 'true', then: [{task: {app: fit}}]}\n"
+    )
     await prepare(kafka_settings)
     worker = WorkerProcess(path, tmp_path / "worker.log")
     worker.proc.start()

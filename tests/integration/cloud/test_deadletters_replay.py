@@ -42,8 +42,15 @@ FIXED = """triggers:
 async def cli(bootstrap: str, *args: str) -> str:
     """``reflexarc deadletters ARGS`` as a separate process; its stdout (it must exit 0)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "reflexarc", "deadletters", *args, "--bootstrap", bootstrap,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "reflexarc",
+        "deadletters",
+        *args,
+        "--bootstrap",
+        bootstrap,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
@@ -67,8 +74,10 @@ async def test_a_replayed_dead_letter_is_processed_once_after_its_cause_is_fixed
     try:
         await produce(kafka_settings, [event("ok", 0, {"value": 500}, "d1"), event("renamed", 1, {"val": 700}, "d2")])
         recs = await read_all(
-            kafka_settings, [TOPICS.kafka_deadletter, TOPICS.kafka_tasks("local")],
-            lambda rs: any(r.topic == TOPICS.kafka_deadletter for r in rs) and bool(tasks_of(rs)), timeout=60,
+            kafka_settings,
+            [TOPICS.kafka_deadletter, TOPICS.kafka_tasks("local")],
+            lambda rs: any(r.topic == TOPICS.kafka_deadletter for r in rs) and bool(tasks_of(rs)),
+            timeout=60,
         )
         assert [(t.cause.device, t.args) for t in tasks_of(recs)] == [("d1", {"v": 500})]
 
@@ -88,8 +97,10 @@ async def test_a_replayed_dead_letter_is_processed_once_after_its_cause_is_fixed
         # A later event of the same device (same key, same partition, processed in order) marks the end.
         await produce(kafka_settings, [event("after", 2, {"value": 900}, "d2")])
         recs = await read_all(
-            kafka_settings, [TOPICS.kafka_deadletter, TOPICS.kafka_tasks("local")],
-            lambda rs: any(t.args == {"v": 900} for t in tasks_of(rs)), timeout=60,
+            kafka_settings,
+            [TOPICS.kafka_deadletter, TOPICS.kafka_tasks("local")],
+            lambda rs: any(t.args == {"v": 900} for t in tasks_of(rs)),
+            timeout=60,
         )
         tasks = tasks_of(recs)
         assert sorted((t.cause.device, t.args["v"]) for t in tasks) == [("d1", 500), ("d2", 700), ("d2", 900)]
@@ -101,8 +112,10 @@ async def test_a_replayed_dead_letter_is_processed_once_after_its_cause_is_fixed
         await cli(bootstrap, "replay", "--stage", "triggers.eval.*")
         await produce(kafka_settings, [event("after2", 3, {"value": 901}, "d2")])
         recs = await read_all(
-            kafka_settings, [TOPICS.kafka_tasks("local")],
-            lambda rs: any(t.args == {"v": 901} for t in tasks_of(rs)), timeout=60,
+            kafka_settings,
+            [TOPICS.kafka_tasks("local")],
+            lambda rs: any(t.args == {"v": 901} for t in tasks_of(rs)),
+            timeout=60,
         )
         again = [t for t in tasks_of(recs) if t.args["v"] == 700]
         assert len(again) == 2 and {t.task_id for t in again} == {renamed.task_id}

@@ -24,7 +24,9 @@ def _alive(pid: int) -> bool:
 def test_brokers_up_s3_prints_a_working_store_and_stops_it(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "reflexarc", "brokers", "up", "--s3", "--data-dir", str(tmp_path / "b")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     assert proc.stdout is not None
     env: dict[str, str] = {}
@@ -33,7 +35,7 @@ def test_brokers_up_s3_prints_a_working_store_and_stops_it(tmp_path: Path) -> No
             line = proc.stdout.readline()
             assert line, "brokers up exited early"
             if line.startswith("export "):
-                k, v = line[len("export "):].strip().split("=", 1)
+                k, v = line[len("export ") :].strip().split("=", 1)
                 env[k] = v
         assert {"RX_S3_ENDPOINT_URL", "RX_S3_URL", "AWS_ACCESS_KEY_ID", "RX_KAFKA_BOOTSTRAP"} <= set(env)
         kids = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]

@@ -26,8 +26,13 @@ N_FRAMES = 30
 
 
 def _agent(cfg: Path, log: Path, store: S3Store) -> ManagedProcess:
-    return ManagedProcess("edge-agent", [sys.executable, "-m", "reflexarc", "edge", "run", str(cfg)], log,
-                          env={**os.environ, **store.env()}, cwd=cfg.parent).start()
+    return ManagedProcess(
+        "edge-agent",
+        [sys.executable, "-m", "reflexarc", "edge", "run", str(cfg)],
+        log,
+        env={**os.environ, **store.env()},
+        cwd=cfg.parent,
+    ).start()
 
 
 async def test_kill9_during_uploads_loses_no_frame(tmp_path: Path, mosquitto: MqttBroker, s3_env: S3Store) -> None:
@@ -43,8 +48,13 @@ claim_check: {{url: "{claims}", threshold_bytes: 65536}}
 sources:
   - {{type: frames, stream: frames, shape: [1024, 1024], dtype: uint32, rate_hz: 20, count: {N_FRAMES}, seed: 5}}
 """)
-    sink = MqttClient(MqttSettings(host="127.0.0.1", port=mosquitto.port), "crash-sink", clean_start=False,
-                      session_expiry=600, queue_size=0)
+    sink = MqttClient(
+        MqttSettings(host="127.0.0.1", port=mosquitto.port),
+        "crash-sink",
+        clean_start=False,
+        session_expiry=600,
+        queue_size=0,
+    )
     await sink.connect()
     await sink.subscribe([("rx/bl1/det1/data/#", 1)])
     events: list[Envelope] = []

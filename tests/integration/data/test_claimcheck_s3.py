@@ -34,10 +34,16 @@ async def _frames(cc: ClaimCheck, tmp: Path, spec: dict[str, object]) -> list[Re
 async def test_frames_go_to_s3_as_arrays_with_dtype_shape_and_checksum(s3_env: S3Store, tmp_path: Path) -> None:
     # 4 MiB frames in one put; the 12 MiB one crosses the 5 MiB part size: a multipart upload.
     cc = ClaimCheck(f"{s3_env.url}/claims", 64 * 1024, ObjectStoreSettings(multipart_chunk_bytes=5 * 1024 * 1024))
-    small = await _frames(cc, tmp_path, {"stream": "det", "shape": [1024, 1024], "dtype": "uint32",
-                                         "rate_hz": 1000, "count": 3, "seed": 7})
-    big = await _frames(cc, tmp_path, {"stream": "big", "shape": [3, 1024, 1024], "dtype": "float32",
-                                       "rate_hz": 1000, "count": 1, "seed": 8})
+    small = await _frames(
+        cc,
+        tmp_path,
+        {"stream": "det", "shape": [1024, 1024], "dtype": "uint32", "rate_hz": 1000, "count": 3, "seed": 7},
+    )
+    big = await _frames(
+        cc,
+        tmp_path,
+        {"stream": "big", "shape": [3, 1024, 1024], "dtype": "float32", "rate_hz": 1000, "count": 1, "seed": 8},
+    )
     for reading in small + big:
         data = reading.data
         assert isinstance(data, dict)
@@ -64,7 +70,8 @@ async def test_an_unreachable_store_backs_off_and_the_frame_is_stored_later(s3_e
 
 def test_a_missing_credential_is_named_at_start(s3_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RX_DET_S3_KEY", raising=False)
-    settings = ObjectStoreSettings(endpoint_url=s3_store.endpoint_url, access_key_env="RX_DET_S3_KEY",
-                                   secret_key_env="RX_DET_S3_SECRET")
+    settings = ObjectStoreSettings(
+        endpoint_url=s3_store.endpoint_url, access_key_env="RX_DET_S3_KEY", secret_key_env="RX_DET_S3_SECRET"
+    )
     with pytest.raises(ConfigError, match=r"\$RX_DET_S3_KEY, which is not set"):
         ClaimCheck(f"{s3_store.url}/claims", 1024, settings)

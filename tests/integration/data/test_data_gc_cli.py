@@ -20,9 +20,14 @@ from reflexarc.topics import Topics
 
 
 def _cli(*args: str, kafka: KafkaBroker) -> str:
-    proc = subprocess.run([sys.executable, "-m", "reflexarc", "data", *args],
-                          env={**os.environ, "RX_KAFKA_BOOTSTRAP": kafka.bootstrap_servers},
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "reflexarc", "data", *args],
+        env={**os.environ, "RX_KAFKA_BOOTSTRAP": kafka.bootstrap_servers},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -39,8 +44,9 @@ def test_gc_removes_orphans_only_and_dry_run_removes_nothing(s3_env: S3Store, ta
         producer = make_producer(settings)
         await producer.start()
         try:
-            env = Envelope.for_device(EventType.DATA, "bl1", "det1", {"seq": 1, "ref": kept.to_data()},
-                                      subject="frames")
+            env = Envelope.for_device(
+                EventType.DATA, "bl1", "det1", {"seq": 1, "ref": kept.to_data()}, subject="frames"
+            )
             await (await send_event(producer, t.kafka_data, env))
         finally:
             await producer.stop()

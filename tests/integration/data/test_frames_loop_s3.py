@@ -42,38 +42,66 @@ SITE, DEVICE = "bl1", "det1"
 def write_scenario(d: Path, claims_url: str, results_url: str) -> None:
     """Configs of the four tiers: frames by reference, a trigger on the reference, a staging app."""
     agent = {
-        "site": SITE, "device": DEVICE,
-        "sources": [{"type": "frames", "stream": "frames", "shape": [1024, 1024], "dtype": "uint32",
-                     "rate_hz": RATE_HZ, "count": N_FRAMES, "seed": 3}],
+        "site": SITE,
+        "device": DEVICE,
+        "sources": [
+            {
+                "type": "frames",
+                "stream": "frames",
+                "shape": [1024, 1024],
+                "dtype": "uint32",
+                "rate_hz": RATE_HZ,
+                "count": N_FRAMES,
+                "seed": 3,
+            }
+        ],
         "claim_check": {"url": claims_url, "threshold_bytes": 65536},
-        "actuators": [{
-            "name": "motor",
-            "schema": {"type": "object", "properties": {"position": {"type": "number"}}, "required": ["position"]},
-            "handler": {"python": "reflexarc.scenarios.beamline.motor:move"},
-        }],
+        "actuators": [
+            {
+                "name": "motor",
+                "schema": {"type": "object", "properties": {"position": {"type": "number"}}, "required": ["position"]},
+                "handler": {"python": "reflexarc.scenarios.beamline.motor:move"},
+            }
+        ],
     }
     fog = {"streams": [{"match": "frames", "schema": {"type": "object", "required": ["ref", "sha256"]}}]}
     triggers = {
         "sites": ["site.yaml"],
-        "triggers": [{
-            "name": "every_frame",
-            "on": f"{SITE}/+/frames",
-            # Metadata of the reference, read without downloading anything.
-            "when": "event.data.ref.size > 4000000 && event.data.ref.shape[0] == 1024",
-            "then": [{"task": {"app": "frame_stats", "site": "local",
-                               "args": {"frame": "event.data.ref", "seq": "event.data.seq", "profile": "true"}}}],
-            # The result went by reference: its metadata (no download) becomes the command.
-            "on_result": {"commands": [{"actuator": "motor",
-                                        "args": {"position": "double(result.result.ref.size) / 10000.0"}}]},
-        }],
+        "triggers": [
+            {
+                "name": "every_frame",
+                "on": f"{SITE}/+/frames",
+                # Metadata of the reference, read without downloading anything.
+                "when": "event.data.ref.size > 4000000 && event.data.ref.shape[0] == 1024",
+                "then": [
+                    {
+                        "task": {
+                            "app": "frame_stats",
+                            "site": "local",
+                            "args": {"frame": "event.data.ref", "seq": "event.data.seq", "profile": "true"},
+                        }
+                    }
+                ],
+                # The result went by reference: its metadata (no download) becomes the command.
+                "on_result": {
+                    "commands": [
+                        {"actuator": "motor", "args": {"position": "double(result.result.ref.size) / 10000.0"}}
+                    ]
+                },
+            }
+        ],
     }
     site = {
         "site": "local",
         "engine": {"kind": "local", "local": {"max_workers": 2}},
         # The row profile (~19 KB of JSON) is above this: results go to the store by reference.
         "results": {"inline_max_bytes": 16384, "store": results_url},
-        "apps": {"frame_stats": {"function": "reflexarc.hpc_bridge.examples.frames:frame_stats",
-                                 "refs": {"frame": {"stage": "download"}}}},
+        "apps": {
+            "frame_stats": {
+                "function": "reflexarc.hpc_bridge.examples.frames:frame_stats",
+                "refs": {"frame": {"stage": "download"}},
+            }
+        },
     }
     for name, doc in {"agent.yaml": agent, "fog.yaml": fog, "triggers.yaml": triggers, "site.yaml": site}.items():
         (d / name).write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -130,14 +158,24 @@ def test_frames_by_reference_reach_the_site_each_read_once_with_matching_checksu
     claims = f"{s3_store.url}/loop-{tmp_path.name}"
     write_scenario(scenario, claims, f"{s3_store.url}/results-{tmp_path.name}")
     motor_log = tmp_path / "motor.jsonl"
-    cfg = PipelineConfig.model_validate({"name": "frames-loop", "processes": [
-        {"tier": "site", "config": "site.yaml"},
-        {"tier": "cloud", "config": "triggers.yaml"},
-        {"tier": "fog", "config": "fog.yaml"},
-        {"tier": "edge", "config": "agent.yaml"},
-    ]})
-    sup = Supervisor(cfg, base_dir=scenario, run_dir=tmp_path / "run", mqtt_flavour="mosquitto",
-                     extra_env={**s3_store.env(), "RX_MOTOR_LOG": str(motor_log)})
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": "frames-loop",
+            "processes": [
+                {"tier": "site", "config": "site.yaml"},
+                {"tier": "cloud", "config": "triggers.yaml"},
+                {"tier": "fog", "config": "fog.yaml"},
+                {"tier": "edge", "config": "agent.yaml"},
+            ],
+        }
+    )
+    sup = Supervisor(
+        cfg,
+        base_dir=scenario,
+        run_dir=tmp_path / "run",
+        mqtt_flavour="mosquitto",
+        extra_env={**s3_store.env(), "RX_MOTOR_LOG": str(motor_log)},
+    )
 
     async def run() -> list[Envelope]:
         stop = asyncio.Event()

@@ -54,8 +54,9 @@ def test_missing_object_and_corrupted_object_are_named(s3_env: S3Store, tmp_path
 
 
 def test_credentials_are_named_never_written(s3_store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = ObjectStoreSettings(endpoint_url=s3_store.endpoint_url, access_key_env="RX_TEST_KEY",
-                                   secret_key_env="RX_TEST_SECRET")
+    settings = ObjectStoreSettings(
+        endpoint_url=s3_store.endpoint_url, access_key_env="RX_TEST_KEY", secret_key_env="RX_TEST_SECRET"
+    )
     monkeypatch.delenv("RX_TEST_KEY", raising=False)
     with pytest.raises(ConfigError, match=r"RX_TEST_KEY"):
         settings.check_credentials()

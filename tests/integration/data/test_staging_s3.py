@@ -29,18 +29,25 @@ FRAMES = "reflexarc.hpc_bridge.examples.frames"
 @pytest.fixture
 async def site(tmp_path: Path, kafka_settings: KafkaSettings, s3_env: S3Store) -> AsyncIterator[SiteClient]:
     """A site offering ``frame_stats`` (download) and ``url_of`` (pass), and a client."""
-    cfg = SiteConfig.model_validate({
-        "site": "hpc", "namespace": "rx", "kafka": kafka_settings.model_dump(),
-        "state_dir": str(tmp_path / "state"),
-        "engine": {"kind": "local", "local": {"max_workers": 2}},
-        "apps": {
-            "frame_stats": {"function": f"{FRAMES}:frame_stats", "refs": {"frame": {"stage": "download"}},
-                            "retries": 1},
-            "url_of": {"function": f"{FRAMES}:url_of", "refs": {"frame": {"stage": "pass"}}},
-            "big": {"function": "reflexarc.hpc_bridge.examples.apps:big"},
-        },
-        "results": {"inline_max_bytes": 1024 * 1024, "store": f"{s3_env.url}/results"},
-    })
+    cfg = SiteConfig.model_validate(
+        {
+            "site": "hpc",
+            "namespace": "rx",
+            "kafka": kafka_settings.model_dump(),
+            "state_dir": str(tmp_path / "state"),
+            "engine": {"kind": "local", "local": {"max_workers": 2}},
+            "apps": {
+                "frame_stats": {
+                    "function": f"{FRAMES}:frame_stats",
+                    "refs": {"frame": {"stage": "download"}},
+                    "retries": 1,
+                },
+                "url_of": {"function": f"{FRAMES}:url_of", "refs": {"frame": {"stage": "pass"}}},
+                "big": {"function": "reflexarc.hpc_bridge.examples.apps:big"},
+            },
+            "results": {"inline_max_bytes": 1024 * 1024, "store": f"{s3_env.url}/results"},
+        }
+    )
     agent = SiteAgent(cfg)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
@@ -50,8 +57,9 @@ async def site(tmp_path: Path, kafka_settings: KafkaSettings, s3_env: S3Store) -
         await asyncio.wait_for(task, 30)
 
 
-async def test_references_are_staged_verified_or_failed_with_the_reason(site: SiteClient, s3_env: S3Store,
-                                                                        tmp_path: Path) -> None:
+async def test_references_are_staged_verified_or_failed_with_the_reason(
+    site: SiteClient, s3_env: S3Store, tmp_path: Path
+) -> None:
     cc = ClaimCheck(f"{s3_env.url}/staging", 0)
     array = np.arange(256 * 256, dtype=np.uint16).reshape(256, 256)
     good = await cc.put_array("good.npy", array)
@@ -65,8 +73,14 @@ async def test_references_are_staged_verified_or_failed_with_the_reason(site: Si
     def req(task_id: str, app: str, frame: Any) -> TaskRequest:
         return TaskRequest(task_id=task_id, app=app, args={"frame": frame}, site="hpc")
 
-    await site.submit([req("t-good", "frame_stats", good), req("t-pass", "url_of", good),
-                       req("t-missing", "frame_stats", missing), req("t-bad", "frame_stats", bad)])
+    await site.submit(
+        [
+            req("t-good", "frame_stats", good),
+            req("t-pass", "url_of", good),
+            req("t-missing", "frame_stats", missing),
+            req("t-bad", "frame_stats", bad),
+        ]
+    )
     res = await site.wait_results({"t-good", "t-pass", "t-missing", "t-bad"}, 60)
     ok = res["t-good"]
     assert ok.status == "done" and ok.result is not None

@@ -29,7 +29,11 @@ def fog_config(mqtt: MqttSettings, kafka: KafkaSettings, **overrides: Any) -> Fo
         "mqtt": mqtt.model_dump(exclude_none=True),
         "kafka": kafka.model_dump(exclude_none=True),
         # Unique ids: metrics are per process, labelled by client id.
-        "ingest": {"client_id": f"fog-test-{uuid.uuid4().hex[:8]}", "request_timeout_ms": 5000, "retry_backoff_ms": 200},
+        "ingest": {
+            "client_id": f"fog-test-{uuid.uuid4().hex[:8]}",
+            "request_timeout_ms": 5000,
+            "retry_backoff_ms": 200,
+        },
         "commands": {"session_timeout_ms": 6000},
     }
     for key, value in overrides.items():
@@ -55,7 +59,9 @@ def bridge_process(tmp: Path, name: str, cfg: FogConfig) -> ManagedProcess:
     return ManagedProcess(name, argv, tmp / f"{name}.log", env=env)
 
 
-def event_payload(i: int, site: str = "s1", devices: int = 10, size: int = 200, stream: str = "temp") -> tuple[str, bytes, list[tuple[str, str]], str]:
+def event_payload(
+    i: int, site: str = "s1", devices: int = 10, size: int = 200, stream: str = "temp"
+) -> tuple[str, bytes, list[tuple[str, str]], str]:
     """Topic and MQTT 5 binary encoding of test event ``i`` (id ``e-{i}``, data padded to ~``size`` bytes)."""
     from reflexarc.envelope import Envelope, EventType
     from reflexarc.topics import Topics

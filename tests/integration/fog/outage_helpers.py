@@ -38,8 +38,16 @@ class PahoDevices:
     Event ``seq`` of device ``d`` has id ``{d}-{seq:06d}``; ``pad`` bytes make each payload about that big.
     """
 
-    def __init__(self, host: str, port: int, names: list[str], rate_hz: float, site: str = "plant",
-                 stream: str = "temp", pad: int = 0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        names: list[str],
+        rate_hz: float,
+        site: str = "plant",
+        stream: str = "temp",
+        pad: int = 0,
+    ) -> None:
         self.host, self.port = host, port
         self.site, self.stream = site, stream
         self.interval = len(names) / rate_hz
@@ -111,10 +119,10 @@ async def start_fog(
     off and metrics on a free port (returned); ``ingest`` adds settings. Returns once it logged ``running``."""
     port = free_port()
     cfg = fog_config(
-        mqtt, kafka,
+        mqtt,
+        kafka,
         metrics_port=port,
-        ingest={"client_id": name, "request_timeout_ms": 30_000, "buffer": {"path": str(tmp / "buffer.db")},
-                **ingest},
+        ingest={"client_id": name, "request_timeout_ms": 30_000, "buffer": {"path": str(tmp / "buffer.db")}, **ingest},
         commands={"enabled": False},
     )
     bridge = bridge_process(tmp, name, cfg)

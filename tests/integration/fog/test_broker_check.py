@@ -31,8 +31,11 @@ REFLEXARC = str(Path(sys.executable).with_name("reflexarc"))
 async def _cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run ``reflexarc ARGS``; return exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        REFLEXARC, *args, env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        REFLEXARC,
+        *args,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode is not None
@@ -71,10 +74,14 @@ async def test_broker_check_reports_the_packaged_mosquitto_bound(
 
     # MQTT 3.1.1 through a fog.yaml, JSON for scripts; the namespace comes from the file too.
     fog_yaml = tmp_path / "fog.yaml"
-    fog_yaml.write_text(yaml.safe_dump({
-        "namespace": "lab",
-        "mqtt": {"host": mosquitto_defaults.host, "port": mosquitto_defaults.port, "protocol": "3.1.1"},
-    }))
+    fog_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "namespace": "lab",
+                "mqtt": {"host": mosquitto_defaults.host, "port": mosquitto_defaults.port, "protocol": "3.1.1"},
+            }
+        )
+    )
     code, out, err = await _cli("fog", "check", "--broker", str(fog_yaml), "--json", "--messages", "1500")
     assert code == 1, (out, err)
     result = json.loads(out)
@@ -88,10 +95,14 @@ async def test_broker_check_reports_the_packaged_mosquitto_bound(
     assert not await _session_left(mosquitto_defaults, result["probe_client_id"], "3.1.1")
 
     # `reflexarc doctor pipeline.yaml` runs the same check against the pipeline's broker.
-    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({
-        "brokers": {"mqtt": {"host": mosquitto_defaults.host, "port": mosquitto_defaults.port}},
-        "processes": [{"tier": "fog", "config": "fog.yaml"}],
-    }))
+    (tmp_path / "pipeline.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "brokers": {"mqtt": {"host": mosquitto_defaults.host, "port": mosquitto_defaults.port}},
+                "processes": [{"tier": "fog", "config": "fog.yaml"}],
+            }
+        )
+    )
     code, out, err = await _cli("doctor", str(tmp_path / "pipeline.yaml"), "--json")
     assert code == 1, (out, err)
     report = json.loads(out)
@@ -117,7 +128,9 @@ async def test_broker_check_finds_no_bound_on_the_embedded_mosquitto(mosquitto: 
 
 async def test_broker_check_unreachable_broker_is_one_line_and_exit_2() -> None:
     port = free_port()  # nothing listens there
-    code, out, err = await _cli("fog", "check", "--broker", env={"RX_MQTT_HOST": "127.0.0.1", "RX_MQTT_PORT": str(port)})
+    code, out, err = await _cli(
+        "fog", "check", "--broker", env={"RX_MQTT_HOST": "127.0.0.1", "RX_MQTT_PORT": str(port)}
+    )
     assert code == 2
     assert out == ""
     lines = err.strip().splitlines()
@@ -125,7 +138,8 @@ async def test_broker_check_unreachable_broker_is_one_line_and_exit_2() -> None:
     assert lines[0].startswith(f"cannot check the MQTT broker: cannot reach the MQTT broker at 127.0.0.1:{port}")
     assert "RX_MQTT_HOST" in lines[0] and "mqtt.port" in lines[0]
 
-    code, out, err = await _cli("fog", "check", "--broker", "--json",
-                                env={"RX_MQTT_HOST": "127.0.0.1", "RX_MQTT_PORT": str(port)})
+    code, out, err = await _cli(
+        "fog", "check", "--broker", "--json", env={"RX_MQTT_HOST": "127.0.0.1", "RX_MQTT_PORT": str(port)}
+    )
     assert code == 2
     assert json.loads(out)["status"] == "error"

@@ -30,7 +30,8 @@ async def test_fog_survives_kafka_outage_with_bounded_memory(
 ) -> None:
     port = free_port()
     cfg = fog_config(
-        mqtt_settings, kafka_settings,
+        mqtt_settings,
+        kafka_settings,
         metrics_port=port,
         ingest={"client_id": "fog-bp", "receive_maximum": RECEIVE_MAXIMUM, "request_timeout_ms": 3000},
         commands={"enabled": False},
@@ -67,8 +68,10 @@ async def test_fog_survives_kafka_outage_with_bounded_memory(
     records = await read_topic(kafka_settings, T.kafka_data, lambda r: want <= set(ids_of(r)), timeout=120)
     missing = want - set(ids_of(records))
     after = scrape(port)
-    print(f"outage {outage:.1f}s; RSS {baseline} -> peak {peak_rss} KiB; peak unacked {peak_unacked}; "
-          f"retries {after.get('rx_fog_kafka_retries_total')}")
+    print(
+        f"outage {outage:.1f}s; RSS {baseline} -> peak {peak_rss} KiB; peak unacked {peak_unacked}; "
+        f"retries {after.get('rx_fog_kafka_retries_total')}"
+    )
     assert outage >= 10
     assert not missing, f"{len(missing)} events lost"
     assert backpressure_seen, "the intake never reported waiting for Kafka"

@@ -84,9 +84,7 @@ async def test_fog_delivers_commands_and_reports_status(
     assert [(s.command_id, s.status, s.attempts) for s in status] == [("c-1", "delivered", 1)]
 
 
-async def test_fog_on_mqtt311_amqtt_without_shared_subscriptions(
-    tmp_path, kafka_settings: KafkaSettings
-) -> None:
+async def test_fog_on_mqtt311_amqtt_without_shared_subscriptions(tmp_path, kafka_settings: KafkaSettings) -> None:
     """amqtt speaks only 3.1.1: no shared subscription, structured events both ways."""
     from reflexarc.brokers import start_mqtt
 
@@ -129,7 +127,9 @@ async def test_fog_dedupes_and_batches(mqtt_settings: MqttSettings, kafka_settin
     from reflexarc.fog.shaping import BATCH_TYPE
 
     cfg = fog_config(
-        mqtt_settings, kafka_settings, commands={"enabled": False},
+        mqtt_settings,
+        kafka_settings,
+        commands={"enabled": False},
         streams=[{"match": "fast", "shape": {"mode": "batch", "max_events": 10, "max_ms": 100}}],
     )
     bridge = FogBridge(cfg)
@@ -139,13 +139,15 @@ async def test_fog_dedupes_and_batches(mqtt_settings: MqttSettings, kafka_settin
             for i in (1, 2, 1, 3, 2):  # two repeats
                 ev = Envelope.for_device(EventType.DATA, "s1", "d1", {"v": i}, subject="slow", id=f"dup-{i}")
                 payload, props, ctype = ev.to_mqtt(binary=True)
-                await pub.publish(T.mqtt_data("s1", "d1", "slow"), payload, 1, user_properties=props,
-                                  content_type=ctype)
+                await pub.publish(
+                    T.mqtt_data("s1", "d1", "slow"), payload, 1, user_properties=props, content_type=ctype
+                )
             for i in range(25):
                 ev = Envelope.for_device(EventType.DATA, "s1", "d2", {"v": i}, subject="fast", id=f"fast-{i}")
                 payload, props, ctype = ev.to_mqtt(binary=True)
-                await pub.publish(T.mqtt_data("s1", "d2", "fast"), payload, 1, user_properties=props,
-                                  content_type=ctype)
+                await pub.publish(
+                    T.mqtt_data("s1", "d2", "fast"), payload, 1, user_properties=props, content_type=ctype
+                )
 
         def complete(recs: list) -> bool:
             return sum(event_of(r).data.get("count", 1) for r in recs) >= 28  # type: ignore[union-attr]

@@ -35,8 +35,9 @@ def mosquitto_pub(mqtt: MqttSettings, topic: str, payload: bytes, *props: str) -
     argv = [exe, "-h", mqtt.host, "-p", str(mqtt.port), "-V", "mqttv5", "-q", "1", "-t", topic, "-s"]
     for i in range(0, len(props), 2):
         name, value = props[i], props[i + 1]
-        argv += ["-D", "publish", name, *value.split(" ", 1)] if name == "user-property" else \
-            ["-D", "publish", name, value]
+        argv += (
+            ["-D", "publish", name, *value.split(" ", 1)] if name == "user-property" else ["-D", "publish", name, value]
+        )
     subprocess.run(argv, input=payload, check=True, timeout=20)
 
 
@@ -52,13 +53,20 @@ async def test_foreign_clients_reach_kafka_as_the_bindings_say(
 ) -> None:
     await start_fog(tmp_path, "fog-binding", mqtt_settings, kafka_settings, procs)
     structured = Envelope.for_device(EventType.DATA, "s1", "d1", {"v": 1}, subject="temp", id="st-1")
-    keyed = Envelope.for_device(EventType.DATA, "s1", "d1", {"v": 2}, subject="temp", id="pk-1",
-                                extensions={"partitionkey": "run-42"})
+    keyed = Envelope.for_device(
+        EventType.DATA, "s1", "d1", {"v": 2}, subject="temp", id="pk-1", extensions={"partitionkey": "run-42"}
+    )
     payload, props, ctype = keyed.to_mqtt(binary=True)
 
     await asyncio.to_thread(
-        mosquitto_pub, mqtt_settings, T.mqtt_data("s1", "d1", "temp"), structured.to_json(),
-        "content-type", "application/cloudevents+json", "user-property", "origin beamline-7",
+        mosquitto_pub,
+        mqtt_settings,
+        T.mqtt_data("s1", "d1", "temp"),
+        structured.to_json(),
+        "content-type",
+        "application/cloudevents+json",
+        "user-property",
+        "origin beamline-7",
     )
     binary_props: list[str] = ["content-type", ctype]
     for name, value in props:

@@ -74,8 +74,9 @@ async def test_fog_commands_for_offline_devices(mqtt_settings: MqttSettings, kaf
             # d3 never comes back.
             Command(command_id="c-expire", site="s1", device="d3", actuator="valve", deadline=expire_at),
             # Too late already.
-            Command(command_id="c-late", site="s1", device="d3", actuator="valve",
-                    deadline=utcnow() - timedelta(seconds=1)),
+            Command(
+                command_id="c-late", site="s1", device="d3", actuator="valve", deadline=utcnow() - timedelta(seconds=1)
+            ),
             # d4 refuses.
             Command(command_id="c-nack", site="s1", device="d4", actuator="valve", deadline=soon),
         )

@@ -33,7 +33,8 @@ async def test_fog_kill9_mid_stream_loses_nothing(
     tmp_path: Path, mqtt_settings: MqttSettings, kafka_settings: KafkaSettings, procs: list[ManagedProcess]
 ) -> None:
     cfg = fog_config(
-        mqtt_settings, kafka_settings,
+        mqtt_settings,
+        kafka_settings,
         ingest={"client_id": "fog-crash", "receive_maximum": RECEIVE_MAXIMUM},
         commands={"enabled": False},
     )

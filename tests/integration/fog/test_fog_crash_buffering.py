@@ -44,8 +44,7 @@ async def test_fog_killed_mid_buffer_and_restarted_while_kafka_is_frozen_loses_n
 
             tansu.process.signal(signal.SIGSTOP)
             try:
-                ok = await asyncio.to_thread(
-                    poll_until, lambda: scrape(port).get("rx_fog_buffer_depth", 0) >= 1500, 30)
+                ok = await asyncio.to_thread(poll_until, lambda: scrape(port).get("rx_fog_buffer_depth", 0) >= 1500, 30)
                 assert ok, "the buffer never held a backlog:\n" + bridge.log_tail()
                 bridge.kill()  # SIGKILL, with ~1,500 records on disk and Kafka frozen
                 held = devices.sent
@@ -55,7 +54,8 @@ async def test_fog_killed_mid_buffer_and_restarted_while_kafka_is_frozen_loses_n
                 await asyncio.to_thread(wait_for_log, bridge, "is not answering", 30, mark)
                 # The new fog takes traffic although Kafka is still away: into its buffer, acknowledged.
                 ok = await asyncio.to_thread(
-                    poll_until, lambda: scrape(port).get("rx_fog_messages_in_total", 0) >= 400, 30)
+                    poll_until, lambda: scrape(port).get("rx_fog_messages_in_total", 0) >= 400, 30
+                )
                 assert ok, "the restarted fog does not take traffic while Kafka is away:\n" + bridge.log_tail()
                 depth_before_kafka = scrape(port)["rx_fog_buffer_depth"]
             finally:
@@ -75,10 +75,12 @@ async def test_fog_killed_mid_buffer_and_restarted_while_kafka_is_frozen_loses_n
     ids, seqs = read_back(records)
     missing = want - set(ids)
     dups = duplicates(ids)
-    print(f"{len(want)} events ({held} when killed), {len(missing)} lost, {dups} duplicates; restarted fog: "
-          f"{depth_before_kafka:.0f} records in its buffer before Kafka continued, "
-          f"{after['rx_fog_duplicates_total']:.0f} redeliveries dropped, {after['rx_fog_buffer_drained_total']:.0f} "
-          "drained")
+    print(
+        f"{len(want)} events ({held} when killed), {len(missing)} lost, {dups} duplicates; restarted fog: "
+        f"{depth_before_kafka:.0f} records in its buffer before Kafka continued, "
+        f"{after['rx_fog_duplicates_total']:.0f} redeliveries dropped, {after['rx_fog_buffer_drained_total']:.0f} "
+        "drained"
+    )
     assert not missing, f"{len(missing)} of {len(want)} events lost, e.g. {sorted(missing)[:5]}"
     assert dups == 0, f"{dups} duplicates in Kafka"
     assert not order_broken(seqs), f"per-device order broken: {order_broken(seqs)}"

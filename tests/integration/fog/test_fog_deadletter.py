@@ -47,11 +47,13 @@ async def test_fog_deadletters_bad_input_and_keeps_the_rest_flowing(
             async def good(stream: str) -> None:
                 nonlocal seq
                 seq += 1
-                env = Envelope.for_device(EventType.DATA, "s1", "d1", {"value": seq, "seq": seq},
-                                          subject=stream, id=f"ok-{seq}")
+                env = Envelope.for_device(
+                    EventType.DATA, "s1", "d1", {"value": seq, "seq": seq}, subject=stream, id=f"ok-{seq}"
+                )
                 payload, props, ctype = env.to_mqtt(binary=True)
-                await pub.publish(T.mqtt_data("s1", "d1", stream), payload, 1, user_properties=props,
-                                  content_type=ctype)
+                await pub.publish(
+                    T.mqtt_data("s1", "d1", stream), payload, 1, user_properties=props, content_type=ctype
+                )
                 good_ids.append(env.id)
 
             async def raw(name: str, stream: str, payload: bytes, device: str = "d1") -> None:

@@ -55,8 +55,10 @@ async def test_fog_killed_twice_mid_stream_writes_nothing_twice(
     ids = ids_of(records)
     missing = want - set(ids)
     dups = duplicates(ids)
-    print(f"killed with {kills} events in Kafka; {len(missing)} lost, {dups} duplicates; the restarted fogs dropped "
-          f"{redelivered:.0f} redeliveries")
+    print(
+        f"killed with {kills} events in Kafka; {len(missing)} lost, {dups} duplicates; the restarted fogs dropped "
+        f"{redelivered:.0f} redeliveries"
+    )
     assert all(0 < k < N for k in kills), "each kill must land mid-stream"
     assert not missing, f"{len(missing)} events lost, e.g. {sorted(missing)[:5]}"
     assert dups == 0, f"{dups} events written twice"

@@ -67,8 +67,9 @@ async def test_fog_buffers_a_60s_kafka_outage_for_foreign_devices_on_a_default_b
             # The devices go on while the buffer drains, then stop.
             resumed_at = time.monotonic()
             while time.monotonic() - resumed_at < 5:
-                samples.append((time.monotonic() - frozen_at, await asyncio.to_thread(scrape, port),
-                                rss_kib(bridge.pid)))
+                samples.append(
+                    (time.monotonic() - frozen_at, await asyncio.to_thread(scrape, port), rss_kib(bridge.pid))
+                )
                 await asyncio.sleep(0.5)
             await asyncio.to_thread(devices.stop)
             want = devices.expected_ids()
@@ -89,10 +90,12 @@ async def test_fog_buffers_a_60s_kafka_outage_for_foreign_devices_on_a_default_b
     half = [s for s in outage if s[0] >= outage_s / 2]
     rss_second_half = max(r for _, _, r in half) - half[0][2]
     bytes_second_half = half[-1][1]["rx_fog_buffer_bytes"] - half[0][1]["rx_fog_buffer_bytes"]
-    print(f"{len(want)} events, {len(set(ids) & want)} distinct in Kafka, {len(missing)} lost, {dups} duplicates; "
-          f"buffer peak {peak_depth:.0f} records / {peak_bytes / 1e6:.1f} MB, drained {after['rx_fog_buffer_drained_total']:.0f}; "
-          f"RSS {baseline} -> peak {peak_rss} KiB (second half of the outage: +{rss_second_half} KiB while the "
-          f"buffer grew by {bytes_second_half / 1e6:.1f} MB); peak unacked {peak_unacked:.0f}")
+    print(
+        f"{len(want)} events, {len(set(ids) & want)} distinct in Kafka, {len(missing)} lost, {dups} duplicates; "
+        f"buffer peak {peak_depth:.0f} records / {peak_bytes / 1e6:.1f} MB, drained {after['rx_fog_buffer_drained_total']:.0f}; "
+        f"RSS {baseline} -> peak {peak_rss} KiB (second half of the outage: +{rss_second_half} KiB while the "
+        f"buffer grew by {bytes_second_half / 1e6:.1f} MB); peak unacked {peak_unacked:.0f}"
+    )
 
     assert not missing, f"{len(missing)} of {len(want)} events lost, e.g. {sorted(missing)[:5]}"
     assert dups == 0, f"{dups} duplicates in Kafka"

@@ -38,9 +38,13 @@ async def test_fog_receipts_only_for_what_kafka_holds_and_again_for_confirmed_du
     tmp_path: Path, mqtt_settings: MqttSettings, tansu: KafkaBroker, kafka_settings: KafkaSettings
 ) -> None:
     cfg = fog_config(
-        mqtt_settings, kafka_settings,
-        ingest={"receipts": {"interval_ms": 50}, "buffer": {"path": str(tmp_path / "buffer.db")},
-                "request_timeout_ms": 30_000},
+        mqtt_settings,
+        kafka_settings,
+        ingest={
+            "receipts": {"interval_ms": 50},
+            "buffer": {"path": str(tmp_path / "buffer.db")},
+            "request_timeout_ms": 30_000,
+        },
         commands={"enabled": False},
     )
     bridge = FogBridge(cfg)

@@ -24,8 +24,9 @@ RECEIVE_MAXIMUM = 500
 def taken(port: int) -> float:
     """MQTT messages a bridge took, from its metrics endpoint."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("rx_fog_messages_in_total"))
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("rx_fog_messages_in_total")
+    )
 
 
 async def test_fog_shared_subscription_split_and_takeover(
@@ -35,7 +36,9 @@ async def test_fog_shared_subscription_split_and_takeover(
     bridges = {}
     for me, peer in (("fog-a", "fog-b"), ("fog-b", "fog-a")):
         cfg = fog_config(
-            mqtt_settings, kafka_settings, metrics_port=ports[me],
+            mqtt_settings,
+            kafka_settings,
+            metrics_port=ports[me],
             ingest={"client_id": me, "peers": [peer], "receive_maximum": RECEIVE_MAXIMUM},
             commands={"enabled": False},
         )

@@ -28,10 +28,14 @@ def write_pools(path: Path, node: str = "node1", gpus: int = 4, nodes: int = 2, 
     gpu: dict[str, Any] = {"id": "gpu", "kind": "gpu", "model": "A100", "count": gpus}
     if gres_type:
         gpu["gres_type"] = gres_type
-    path.write_text(yaml.safe_dump({
-        "racks": {"r1": {"devices": [cpu, gpu]}},
-        "tokens": [{"user": AGENT_USER, "sha256": hash_token(TOKEN)}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "racks": {"r1": {"devices": [cpu, gpu]}},
+                "tokens": [{"user": AGENT_USER, "sha256": hash_token(TOKEN)}],
+            }
+        )
+    )
     return path
 
 

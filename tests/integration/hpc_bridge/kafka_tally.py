@@ -34,8 +34,9 @@ async def read_all(kafka: KafkaSettings, topics: list[str], timeout: float = 60.
         assert {tp.topic for tp in tps} == set(topics), f"missing topics: {set(topics) - {tp.topic for tp in tps}}"
         # Each reading has sentinels of its own (an earlier reading's are passed over like any record).
         mine = uuid.uuid4().hex.encode()
-        await asyncio.gather(*[await producer.send(tp.topic, b"", partition=tp.partition, headers=[(SENTINEL, mine)])
-                               for tp in tps])
+        await asyncio.gather(
+            *[await producer.send(tp.topic, b"", partition=tp.partition, headers=[(SENTINEL, mine)]) for tp in tps]
+        )
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         open_parts = set(tps)

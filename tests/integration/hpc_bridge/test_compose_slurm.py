@@ -118,8 +118,9 @@ def test_forced_free_finds_a_holder_job_whose_id_a_crash_lost(composer: Composer
     m = composer.compose(CompositionSpec(cpus=2, gpus=1), ALICE, name="crashy")
     # A crash between sbatch and recording the job id leaves the machine 'composing' without a realisation.
     with composer.store.write() as conn:
-        composer.store.set_state(conn, m.id, expect=[MachineState.COMPOSED], state=MachineState.COMPOSING,
-                                 realisation={})
+        composer.store.set_state(
+            conn, m.id, expect=[MachineState.COMPOSED], state=MachineState.COMPOSING, realisation={}
+        )
     assert slurm.job_ids() == [m.realisation["job_id"]]
     composer.free("crashy", ALICE, force=True)
     assert slurm.job_ids() == []  # found by its name rx-compose-crashy and cancelled

@@ -34,18 +34,22 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
 
 def batch_site(tmp_path: Path, kafka: KafkaSettings, slurm: SlurmCluster) -> SiteConfig:
     """A site whose engine is Slurm via PSI/J."""
-    return SiteConfig.model_validate({
-        "site": "slurmy",
-        "kafka": kafka.model_dump(),
-        "state_dir": str(tmp_path / "state"),
-        "engine": {"kind": "batch", "batch": {"scheduler": "slurm", "poll_interval_s": 1,
-                                              "env": {"SLURM_CONF": str(slurm.conf_path)}}},
-        "apps": {
-            "add": {"function": f"{APPS}:add"},
-            "slow": {"function": f"{APPS}:sleep", "timeout_s": 4, "retries": 1, "on_failure": "retry"},
-            "long": {"function": f"{APPS}:sleep", "on_failure": "ignore"},
-        },
-    })
+    return SiteConfig.model_validate(
+        {
+            "site": "slurmy",
+            "kafka": kafka.model_dump(),
+            "state_dir": str(tmp_path / "state"),
+            "engine": {
+                "kind": "batch",
+                "batch": {"scheduler": "slurm", "poll_interval_s": 1, "env": {"SLURM_CONF": str(slurm.conf_path)}},
+            },
+            "apps": {
+                "add": {"function": f"{APPS}:add"},
+                "slow": {"function": f"{APPS}:sleep", "timeout_s": 4, "retries": 1, "on_failure": "retry"},
+                "long": {"function": f"{APPS}:sleep", "on_failure": "ignore"},
+            },
+        }
+    )
 
 
 class Running:
@@ -67,8 +71,9 @@ class Running:
 
 
 @pytest.fixture
-async def site(tmp_path: Path, kafka_settings: KafkaSettings, slurm: SlurmCluster
-               ) -> AsyncIterator[tuple[Running, SiteClient, SlurmCluster]]:
+async def site(
+    tmp_path: Path, kafka_settings: KafkaSettings, slurm: SlurmCluster
+) -> AsyncIterator[tuple[Running, SiteClient, SlurmCluster]]:
     """Agent + client; Slurm's queue is emptied afterwards."""
     agent = Running(batch_site(tmp_path, kafka_settings, slurm))
     agent.start()

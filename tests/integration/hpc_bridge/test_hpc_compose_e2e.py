@@ -37,25 +37,35 @@ T0 = datetime.now(UTC)
 
 def triggers_yaml(bootstrap: str) -> str:
     """Three triggers: a 2-GPU task, a task that fits the site, and an impossible 8-GPU task."""
-    return yaml.safe_dump({
-        "sites": ["site.yaml"],
-        "kafka": {"bootstrap_servers": bootstrap},
-        "worker": {"session_timeout": "6s", "reload_interval": "0.3s", "commit_interval": "0.5s"},
-        "triggers": [
-            {"name": "gpu-analysis", "on": "bl1/+/counts", "when": "event.data.value > 100",
-             "then": [{"task": {"app": "devices", "args": {"hold_s": 1.0}, "resources": {"gpus": 2}}}]},
-            {"name": "cpu-analysis", "on": "bl1/+/temp", "when": "true",
-             "then": [{"task": {"app": "devices"}}]},
-            {"name": "huge", "on": "bl1/+/huge", "when": "true",
-             "then": [{"task": {"app": "devices", "resources": {"gpus": 8}}}]},
-        ],
-    })
+    return yaml.safe_dump(
+        {
+            "sites": ["site.yaml"],
+            "kafka": {"bootstrap_servers": bootstrap},
+            "worker": {"session_timeout": "6s", "reload_interval": "0.3s", "commit_interval": "0.5s"},
+            "triggers": [
+                {
+                    "name": "gpu-analysis",
+                    "on": "bl1/+/counts",
+                    "when": "event.data.value > 100",
+                    "then": [{"task": {"app": "devices", "args": {"hold_s": 1.0}, "resources": {"gpus": 2}}}],
+                },
+                {"name": "cpu-analysis", "on": "bl1/+/temp", "when": "true", "then": [{"task": {"app": "devices"}}]},
+                {
+                    "name": "huge",
+                    "on": "bl1/+/huge",
+                    "when": "true",
+                    "then": [{"task": {"app": "devices", "resources": {"gpus": 8}}}],
+                },
+            ],
+        }
+    )
 
 
 def data_event(eid: str, device: str, stream: str, value: float, i: int) -> Envelope:
     """An instrument event as the fog bridge puts it on rx.data."""
-    return Envelope.for_device(EventType.DATA, "bl1", device, {"value": value}, subject=stream, id=eid,
-                               time=T0 + timedelta(seconds=i))
+    return Envelope.for_device(
+        EventType.DATA, "bl1", device, {"value": value}, subject=stream, id=eid, time=T0 + timedelta(seconds=i)
+    )
 
 
 async def produce(settings: KafkaSettings, events: list[Envelope]) -> None:
@@ -73,14 +83,18 @@ async def test_trigger_needing_two_gpus_runs_on_a_composed_machine_freed_after_i
 ) -> None:
     bootstrap = kafka_settings.bootstrap_servers
     write_pools(tmp_path / "pools.yaml", gpus=4, nodes=2)
-    (tmp_path / "site.yaml").write_text(yaml.safe_dump(site_doc(tmp_path, bootstrap, SITE, idle_timeout_s=IDLE_S,
-                                                                max_machines=2)))
+    (tmp_path / "site.yaml").write_text(
+        yaml.safe_dump(site_doc(tmp_path, bootstrap, SITE, idle_timeout_s=IDLE_S, max_machines=2))
+    )
     (tmp_path / "triggers.yaml").write_text(triggers_yaml(bootstrap))
     await ensure_topics(kafka_settings, [*TOPICS.kafka_core(), TOPICS.kafka_tasks(SITE)])
 
     site = SiteProcess(tmp_path / "site.yaml", tmp_path / "site.log")
-    cloud = ManagedProcess("cloud", [sys.executable, "-m", "reflexarc", "cloud", "run",
-                                     str(tmp_path / "triggers.yaml")], tmp_path / "cloud.log")
+    cloud = ManagedProcess(
+        "cloud",
+        [sys.executable, "-m", "reflexarc", "cloud", "run", str(tmp_path / "triggers.yaml")],
+        tmp_path / "cloud.log",
+    )
     composer = None
     try:
         await site.start()
@@ -88,12 +102,15 @@ async def test_trigger_needing_two_gpus_runs_on_a_composed_machine_freed_after_i
         await asyncio.to_thread(cloud.wait_ready, lambda: "trigger engine up" in cloud.log_tail(200), 90)
         async with SiteClient(kafka_settings) as client:
             gpu_events = [data_event(f"c{i}", f"det{i}", "counts", 500.0, i) for i in range(3)]
-            await produce(kafka_settings, [
-                *gpu_events,
-                data_event("quiet", "det9", "counts", 5.0, 4),  # below the threshold: no task
-                data_event("t1", "therm", "temp", 20.0, 5),
-                data_event("h1", "big", "huge", 1.0, 6),
-            ])
+            await produce(
+                kafka_settings,
+                [
+                    *gpu_events,
+                    data_event("quiet", "det9", "counts", 5.0, 4),  # below the threshold: no task
+                    data_event("t1", "therm", "temp", 20.0, 5),
+                    data_event("h1", "big", "huge", 1.0, 6),
+                ],
+            )
             gpu_ids = [stable_id("gpu-analysis", e.id) for e in gpu_events]
             cpu_id, huge_id = stable_id("cpu-analysis", "t1"), stable_id("huge", "h1")
             results = await client.wait_results([*gpu_ids, cpu_id, huge_id], 60)
@@ -109,14 +126,18 @@ async def test_trigger_needing_two_gpus_runs_on_a_composed_machine_freed_after_i
                 assert res.result["machine"] == res.machine
                 assert res.result["cuda_visible_devices"] == ["0", "1"]
                 assert sorted(res.result["gpu_devices"]) == sorted(
-                    d.id for d in composed[res.machine].devices if d.kind == "gpu")
+                    d.id for d in composed[res.machine].devices if d.kind == "gpu"
+                )
                 assert res.trigger == "gpu-analysis" and res.cause is not None
             # max_machines is 2: three tasks made two machines, one of them served twice.
             assert len(composed) == 2
             assert sorted(sum(results[t].machine == m for t in gpu_ids) for m in composed) == [1, 2]
             # Every event from the composition on names the machine.
-            await until(lambda: all(client.states[t] and client.states[t][-1].state == "done" for t in gpu_ids),
-                        20, "the done states")
+            await until(
+                lambda: all(client.states[t] and client.states[t][-1].state == "done" for t in gpu_ids),
+                20,
+                "the done states",
+            )
             for tid in gpu_ids:
                 states = client.states[tid]
                 assert [s.state for s in states] == ["queued", "running", "done"]

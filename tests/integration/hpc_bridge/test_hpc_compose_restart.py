@@ -28,16 +28,18 @@ async def test_sigkill_mid_task_then_restart_reuses_and_frees_the_machine(
     tmp_path: Path, kafka_settings: KafkaSettings
 ) -> None:
     write_pools(tmp_path / "pools.yaml", gpus=4, nodes=2)
-    (tmp_path / "site.yaml").write_text(yaml.safe_dump(
-        site_doc(tmp_path, kafka_settings.bootstrap_servers, SITE, idle_timeout_s=3.0, max_machines=2)))
+    (tmp_path / "site.yaml").write_text(
+        yaml.safe_dump(site_doc(tmp_path, kafka_settings.bootstrap_servers, SITE, idle_timeout_s=3.0, max_machines=2))
+    )
     await ensure_topics(kafka_settings, [Topics().kafka_tasks(SITE)])
     site = SiteProcess(tmp_path / "site.yaml", tmp_path / "site.log")
     composer = open_composer(tmp_path)
     try:
         await site.start()
         async with SiteClient(kafka_settings) as client:
-            req = TaskRequest(task_id="long", app="devices", site=SITE, args={"hold_s": 2.0},
-                              resources=Resources(gpus=2))
+            req = TaskRequest(
+                task_id="long", app="devices", site=SITE, args={"hold_s": 2.0}, resources=Resources(gpus=2)
+            )
             await client.submit([req])
             await until(lambda: any(s.state == "running" for s in client.states["long"]), 30, "the task to run")
             machine_id = next(s.machine for s in client.states["long"] if s.state == "running")

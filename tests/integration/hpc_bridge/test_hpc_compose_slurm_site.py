@@ -53,8 +53,14 @@ async def test_two_gpu_task_runs_inside_the_composed_slurm_allocation(
 ) -> None:
     monkeypatch.setenv("RX_COMPOSE_TOKEN", TOKEN)
     write_pools(tmp_path / "pools.yaml", node=slurm.node_name, gpus=4, nodes=1, gres_type="a100")
-    doc = site_doc(tmp_path, kafka_settings.bootstrap_servers, SITE, driver="slurm", idle_timeout_s=3.0,
-                   slurm={"env": {"SLURM_CONF": str(slurm.conf_path)}, "start_timeout_s": 60})
+    doc = site_doc(
+        tmp_path,
+        kafka_settings.bootstrap_servers,
+        SITE,
+        driver="slurm",
+        idle_timeout_s=3.0,
+        slurm={"env": {"SLURM_CONF": str(slurm.conf_path)}, "start_timeout_s": 60},
+    )
     agent = SiteAgent(SiteConfig.model_validate(doc))
     stop = asyncio.Event()
     run = asyncio.create_task(agent.run(stop))
@@ -62,8 +68,9 @@ async def test_two_gpu_task_runs_inside_the_composed_slurm_allocation(
     try:
         async with SiteClient(kafka_settings) as client:
             gpu = Resources(cpus=2, gpus=2)
-            await client.submit([TaskRequest(task_id="s1", app="devices", site=SITE, resources=gpu,
-                                             args={"hold_s": 0.5})])
+            await client.submit(
+                [TaskRequest(task_id="s1", app="devices", site=SITE, resources=gpu, args={"hold_s": 0.5})]
+            )
             first = (await client.wait_results(["s1"], 90))["s1"]
             assert first.status == "done", first.error
             machine = composer.show(first.machine or "")
@@ -74,16 +81,19 @@ async def test_two_gpu_task_runs_inside_the_composed_slurm_allocation(
             assert first.result["slurm_job_id"] == job_id and first.result["slurm_step_id"] not in (None, "batch")
             assert first.result["cuda_visible_devices"] == ["0", "1"]
             assert first.result["machine"] == machine.id
-            await until(lambda: [s.state for s in client.states["s1"]] == ["queued", "running", "done"], 20,
-                        "the states of s1")
+            await until(
+                lambda: [s.state for s in client.states["s1"]] == ["queued", "running", "done"], 20, "the states of s1"
+            )
             running = client.states["s1"][1]
             assert running.machine == machine.id and f"a step of Slurm job {job_id}" in running.reason
             # While idle the allocation is held; the next task reuses it (a second step, same job).
             assert slurm.run("squeue", "-h", "-j", job_id, "-o", "%T|%b").stdout.strip() == "RUNNING|gres:gpu:a100:2"
             assert gres_used(slurm).startswith("gpu:a100:2")
             # A step whose srun died with a killed agent stays in Slurm; a restarted agent cancels it.
-            orphan = subprocess.Popen(["srun", f"--jobid={job_id}", "--overlap", f"--job-name={STEP_PREFIX}orphan",
-                                       "sleep", "60"], env=slurm.env)
+            orphan = subprocess.Popen(
+                ["srun", f"--jobid={job_id}", "--overlap", f"--job-name={STEP_PREFIX}orphan", "sleep", "60"],
+                env=slurm.env,
+            )
             await until(lambda: "rx-task-orphan" in steps(slurm, job_id), 30, "the orphan step")
             orphan.kill()
             orphan.wait()

@@ -33,7 +33,7 @@ def make_wheel(dest: Path, name: str = "rxabsent", version: str = "1.0") -> Path
         f"{name}/__init__.py": "MAGIC = 42\n\ndef times(x):\n    return MAGIC * x\n",
         f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                                            "Tag: py3-none-any\n",
+        "Tag: py3-none-any\n",
     }
     record = f"{name}-{version}.dist-info/RECORD"
     lines = []
@@ -56,8 +56,7 @@ def write_app_and_site(tmp_path: Path, kafka: KafkaSettings) -> Path:
     code = tmp_path / "appcode"
     code.mkdir()
     (code / "rx_envapp.py").write_text(
-        "import sys\nimport rxabsent\n\n"
-        "def run(x):\n    return {'value': rxabsent.times(x), 'prefix': sys.prefix}\n"
+        "import sys\nimport rxabsent\n\ndef run(x):\n    return {'value': rxabsent.times(x), 'prefix': sys.prefix}\n"
     )
     site = tmp_path / "site.yaml"
     site.write_text(
@@ -116,7 +115,11 @@ async def test_app_runs_in_its_packed_env_and_the_tarball_is_reused(
     packed = mgr.pack("envapp", resolve_apps(load_site(site), import_code=False)["envapp"])
     assert not packed.cached and packed.tarball != tarballs[0]
     py = mgr.python_for("envapp", resolve_apps(load_site(site), import_code=False)["envapp"])
-    val = subprocess.run([str(py), "-c", "import rx_envapp; print(rx_envapp.run(1)['value'])"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+    val = subprocess.run(
+        [str(py), "-c", "import rx_envapp; print(rx_envapp.run(1)['value'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert val == "-42"
     assert sys.prefix not in str(py)

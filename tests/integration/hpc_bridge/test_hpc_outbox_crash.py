@@ -90,12 +90,18 @@ async def publisher_of(url: str, kafka: KafkaSettings) -> AsyncIterator[tuple[As
         await jobs.close()
 
 
-async def test_events_acknowledged_before_a_kill_are_not_sent_again(tmp_path: Path, kafka_settings: KafkaSettings) -> None:
+async def test_events_acknowledged_before_a_kill_are_not_sent_again(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
     topics = Topics()
     await ensure_topics(kafka_settings, [topics.kafka_jobs, topics.kafka_results])
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    child = subprocess.run([sys.executable, "-c", CHILD, url, kafka_settings.bootstrap_servers, str(N), str(PAGE)],
-                           capture_output=True, text=True, timeout=60)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, url, kafka_settings.bootstrap_servers, str(N), str(PAGE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert child.returncode == -9, child.stderr  # it died by SIGKILL, after the first page's acks
     assert sum((await event_ids(kafka_settings, topics.kafka_jobs)).values()) == PAGE
 

@@ -27,13 +27,17 @@ APPS = "reflexarc.hpc_bridge.examples.apps"
 def write_site(tmp_path: Path, kafka: KafkaSettings) -> Path:
     """site.yaml for a subprocess agent on the test broker."""
     path = tmp_path / "site.yaml"
-    path.write_text(yaml.safe_dump({
-        "site": "crashy",
-        "kafka": {"bootstrap_servers": kafka.bootstrap_servers},
-        "state_dir": str(tmp_path / "state"),
-        "engine": {"kind": "local", "local": {"max_workers": 2}},
-        "apps": {"sleep": {"function": f"{APPS}:sleep", "retries": 0, "on_failure": "ignore"}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "site": "crashy",
+                "kafka": {"bootstrap_servers": kafka.bootstrap_servers},
+                "state_dir": str(tmp_path / "state"),
+                "engine": {"kind": "local", "local": {"max_workers": 2}},
+                "apps": {"sleep": {"function": f"{APPS}:sleep", "retries": 0, "on_failure": "ignore"}},
+            }
+        )
+    )
     return path
 
 
@@ -57,8 +61,10 @@ async def test_kill9_mid_job_restart_publishes_each_result_once(tmp_path: Path, 
     marks = tmp_path / "marks"
     n = 40
     ids = [f"c-{i:03d}" for i in range(n)]
-    reqs = [TaskRequest(task_id=t, app="sleep", site="crashy",
-                        args={"seconds": 0.25, "marker_dir": str(marks), "tag": t}) for t in ids]
+    reqs = [
+        TaskRequest(task_id=t, app="sleep", site="crashy", args={"seconds": 0.25, "marker_dir": str(marks), "tag": t})
+        for t in ids
+    ]
     agent = start_agent(site, tmp_path / "site.log")
     kills = 0
     try:
@@ -103,7 +109,9 @@ def test_site_run_rejects_bad_config_with_file_and_line(tmp_path: Path) -> None:
     site.write_text("site: hpc\napps:\n  a:\n    function: 'no colon here'\n")
     out = subprocess.run(
         [sys.executable, "-c", "from reflexarc.hpc_bridge.cli import site_app; site_app()", "run", str(site)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 2
     assert f"{site}:4:" in out.stderr and "package.module:function" in out.stderr

@@ -40,13 +40,17 @@ WORKERS = 2
 def write_site(tmp_path: Path, kafka: KafkaSettings) -> Path:
     """site.yaml: the local engine, one app that leaves a marker file each time it starts."""
     path = tmp_path / "site.yaml"
-    path.write_text(yaml.safe_dump({
-        "site": "burst",
-        "kafka": {"bootstrap_servers": kafka.bootstrap_servers},
-        "state_dir": str(tmp_path / "state"),
-        "engine": {"kind": "local", "local": {"max_workers": WORKERS}},
-        "apps": {"mark": {"function": f"{APPS}:sleep", "retries": 0, "on_failure": "ignore"}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "site": "burst",
+                "kafka": {"bootstrap_servers": kafka.bootstrap_servers},
+                "state_dir": str(tmp_path / "state"),
+                "engine": {"kind": "local", "local": {"max_workers": WORKERS}},
+                "apps": {"mark": {"function": f"{APPS}:sleep", "retries": 0, "on_failure": "ignore"}},
+            }
+        )
+    )
     return path
 
 
@@ -94,12 +98,16 @@ async def tally(kafka: KafkaSettings) -> tuple[Counter[str], Counter[str], dict[
     return results, finals, status
 
 
-async def test_kill9_in_a_burst_of_2000_each_task_ends_exactly_once(tmp_path: Path, kafka_settings: KafkaSettings) -> None:
+async def test_kill9_in_a_burst_of_2000_each_task_ends_exactly_once(
+    tmp_path: Path, kafka_settings: KafkaSettings
+) -> None:
     site = write_site(tmp_path, kafka_settings)
     marks = tmp_path / "marks"
     ids = [f"b-{i:04d}" for i in range(N)]
-    reqs = [TaskRequest(task_id=t, app="mark", site="burst", args={"seconds": 0, "marker_dir": str(marks), "tag": t})
-            for t in ids]
+    reqs = [
+        TaskRequest(task_id=t, app="mark", site="burst", args={"seconds": 0, "marker_dir": str(marks), "tag": t})
+        for t in ids
+    ]
     log = tmp_path / "site.log"
     agent = TierProcess("site", site, log)
     await agent.start()
@@ -135,5 +143,6 @@ async def test_kill9_in_a_burst_of_2000_each_task_ends_exactly_once(tmp_path: Pa
     assert set(runs) == set(ids)
     assert sum(runs.values()) - N <= WORKERS, {t: c for t, c in runs.items() if c > 1}
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
-    print(f"killed with {killed_at} of {N} results published; {sum(runs.values()) - N} task(s) ran again",
-          file=sys.stderr)
+    print(
+        f"killed with {killed_at} of {N} results published; {sum(runs.values()) - N} task(s) ran again", file=sys.stderr
+    )

@@ -130,8 +130,14 @@ async def test_retry_then_success_timeout_and_large_result(
     text = tmp_path / "ten.txt"
     text.write_text("0123456789")
     timeout_req = TaskRequest(task_id="t-slow", app="sleep", args={"seconds": 30}, site="hpc", timeout_s=1)
-    await client.submit([req("t-flaky", "flaky", counter=str(counter), fail_times=2), timeout_req,
-                         req("t-big", "big", n=5000), req("t-cmd", "count", path=str(text))])
+    await client.submit(
+        [
+            req("t-flaky", "flaky", counter=str(counter), fail_times=2),
+            timeout_req,
+            req("t-big", "big", n=5000),
+            req("t-cmd", "count", path=str(text)),
+        ]
+    )
     res = await client.wait_results({"t-flaky", "t-slow", "t-big", "t-cmd"}, 60)
     assert res["t-flaky"].status == "done" and res["t-flaky"].attempts == 3
     assert res["t-flaky"].result == {"calls": 3}
@@ -151,30 +157,37 @@ async def test_retry_then_success_timeout_and_large_result(
 
 async def test_on_failure_policies_on_a_dag(running_site: tuple[SiteAgent, SiteClient]) -> None:
     _agent, client = running_site
-    await client.submit([
-        # cancel_successors: b and its successor c are cancelled.
-        req("p-a", "fail"),
-        TaskRequest(task_id="p-b", app="add", args={"a": 1, "b": 1}, site="hpc", depends_on=["p-a"]),
-        TaskRequest(task_id="p-c", app="add", args={"a": 1, "b": 1}, site="hpc", depends_on=["p-b"]),
-        # fail: successors are failed.
-        req("f-a", "fail_hard"),
-        TaskRequest(task_id="f-b", app="add", args={"a": 1, "b": 1}, site="hpc", depends_on=["f-a"]),
-        # ignore: successors run.
-        req("i-a", "fail_ignored"),
-        TaskRequest(task_id="i-b", app="add", args={"a": 2, "b": 2}, site="hpc", depends_on=["i-a"]),
-        # a successor arriving before its dependency waits for it.
-        TaskRequest(task_id="o-b", app="add", args={"a": 3, "b": 3}, site="hpc", depends_on=["o-a"]),
-    ])
+    await client.submit(
+        [
+            # cancel_successors: b and its successor c are cancelled.
+            req("p-a", "fail"),
+            TaskRequest(task_id="p-b", app="add", args={"a": 1, "b": 1}, site="hpc", depends_on=["p-a"]),
+            TaskRequest(task_id="p-c", app="add", args={"a": 1, "b": 1}, site="hpc", depends_on=["p-b"]),
+            # fail: successors are failed.
+            req("f-a", "fail_hard"),
+            TaskRequest(task_id="f-b", app="add", args={"a": 1, "b": 1}, site="hpc", depends_on=["f-a"]),
+            # ignore: successors run.
+            req("i-a", "fail_ignored"),
+            TaskRequest(task_id="i-b", app="add", args={"a": 2, "b": 2}, site="hpc", depends_on=["i-a"]),
+            # a successor arriving before its dependency waits for it.
+            TaskRequest(task_id="o-b", app="add", args={"a": 3, "b": 3}, site="hpc", depends_on=["o-a"]),
+        ]
+    )
     await asyncio.sleep(1.0)
     assert "o-b" not in client.results
     await client.submit([req("o-a", "add", a=0, b=0)])
     ids = {"p-a", "p-b", "p-c", "f-a", "f-b", "i-a", "i-b", "o-a", "o-b"}
     res = await client.wait_results(ids, 60)
     assert {k: v.status for k, v in res.items()} == {
-        "p-a": "failed", "p-b": "cancelled", "p-c": "cancelled",
-        "f-a": "failed", "f-b": "failed",
-        "i-a": "failed", "i-b": "done",
-        "o-a": "done", "o-b": "done",
+        "p-a": "failed",
+        "p-b": "cancelled",
+        "p-c": "cancelled",
+        "f-a": "failed",
+        "f-b": "failed",
+        "i-a": "failed",
+        "i-b": "done",
+        "o-a": "done",
+        "o-b": "done",
     }
     assert "p-a" in (res["p-b"].error or "") and "cancel_successors" in (res["p-b"].error or "")
     assert "p-b" in (res["p-c"].error or "")
@@ -185,16 +198,16 @@ async def test_on_failure_policies_on_a_dag(running_site: tuple[SiteAgent, SiteC
 
 async def test_implement_selection_follows_site_resources(tmp_path: Path, kafka_settings: KafkaSettings) -> None:
     for gpus, expected in ((0, "cpu"), (1, "gpu")):
-        cfg = site_config(tmp_path / f"g{gpus}", kafka_settings, site=f"hpc{gpus}",
-                          resources={"cpus": 2, "gpus": gpus})
+        cfg = site_config(tmp_path / f"g{gpus}", kafka_settings, site=f"hpc{gpus}", resources={"cpus": 2, "gpus": gpus})
         agent = SiteAgent(cfg)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
             async with SiteClient(kafka_settings) as client:
                 tid = f"impl-{gpus}"
-                await client.submit([TaskRequest(task_id=tid, app="denoise", args={"values": [1, 2, 3]},
-                                                 site=f"hpc{gpus}")])
+                await client.submit(
+                    [TaskRequest(task_id=tid, app="denoise", args={"values": [1, 2, 3]}, site=f"hpc{gpus}")]
+                )
                 res = (await client.wait_results({tid}, 30))[tid]
                 assert res.status == "done"
                 assert res.result and res.result["implementation"] == expected
@@ -225,8 +238,14 @@ async def test_jobs_cli_show_cancel_retry(tmp_path: Path, kafka_settings: KafkaS
     site = tmp_path / "site.yaml"
     import yaml
 
-    site.write_text(yaml.safe_dump({**cfg.model_dump(mode="json", exclude={"kafka"}),
-                                    "kafka": {"bootstrap_servers": kafka_settings.bootstrap_servers}}))
+    site.write_text(
+        yaml.safe_dump(
+            {
+                **cfg.model_dump(mode="json", exclude={"kafka"}),
+                "kafka": {"bootstrap_servers": kafka_settings.bootstrap_servers},
+            }
+        )
+    )
     agent = SiteAgent(cfg)
     stop = asyncio.Event()
     run = asyncio.create_task(agent.run(stop))
@@ -242,9 +261,14 @@ async def test_jobs_cli_show_cancel_retry(tmp_path: Path, kafka_settings: KafkaS
 
     try:
         async with SiteClient(kafka_settings) as client:
-            await client.submit([req("cli-long", "block", seconds=60),
-                                 TaskRequest(task_id="cli-next", app="add", args={"a": 1, "b": 1}, site="hpc",
-                                             depends_on=["cli-long"])])
+            await client.submit(
+                [
+                    req("cli-long", "block", seconds=60),
+                    TaskRequest(
+                        task_id="cli-next", app="add", args={"a": 1, "b": 1}, site="hpc", depends_on=["cli-long"]
+                    ),
+                ]
+            )
             for _ in range(300):
                 if "state     running" in state_text("cli-long"):
                     break
@@ -253,7 +277,7 @@ async def test_jobs_cli_show_cancel_retry(tmp_path: Path, kafka_settings: KafkaS
             assert "created" in shown and "waiting for cli-long (running)" in shown
             assert "cli-long" in cli("list") and "running" in cli("list", "--status", "running")
             assert "cancel requested" in cli("cancel", "cli-long")
-            res = (await client.wait_results(["cli-long", "cli-next"], 30))
+            res = await client.wait_results(["cli-long", "cli-next"], 30)
             assert res["cli-long"].status == "cancelled" and "jobs cancel" in (res["cli-long"].error or "")
             assert res["cli-next"].status == "cancelled"
             history = cli("show", "cli-long")

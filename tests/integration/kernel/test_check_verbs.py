@@ -21,8 +21,14 @@ REPO = Path(__file__).resolve().parents[3]
 def rx(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``reflexarc ARGS``; RX_SIGNING_KEY/RX_VERIFY_KEYS only when the test gives them."""
     base = {k: v for k, v in os.environ.items() if k not in ("RX_SIGNING_KEY", "RX_VERIFY_KEYS")}
-    return subprocess.run([sys.executable, "-m", "reflexarc", *args], capture_output=True, text=True, timeout=60,
-                          env={**base, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "reflexarc", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+        check=False,
+    )
 
 
 BAD_TRIGGERS = """\
@@ -137,8 +143,12 @@ def test_edge_check(tmp_path: Path) -> None:
     )
     proc = rx("edge", "check", str(f))
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    for needle in ("mqtt.tls.ca_file: no such file", "commands.verify_keys[0]: no such key file",
-                   "actuators[0].handler.python: cannot import 'no_such_pkg_rx'", "3 problems"):
+    for needle in (
+        "mqtt.tls.ca_file: no such file",
+        "commands.verify_keys[0]: no such key file",
+        "actuators[0].handler.python: cannot import 'no_such_pkg_rx'",
+        "3 problems",
+    ):
         assert needle in proc.stderr, proc.stderr
     schema = tmp_path / "bad.yaml"
     schema.write_text("site: bl1\ndevise: det1\n")
@@ -147,7 +157,11 @@ def test_edge_check(tmp_path: Path) -> None:
 
     keys = tmp_path / "keys"
     assert rx("keys", "generate", str(keys)).returncode == 0
-    ok = rx("edge", "check", str(REPO / "edge" / "examples" / "agent.yaml"),
-            env={"RX_VERIFY_KEYS": str(keys / "pipeline.pub")})
+    ok = rx(
+        "edge",
+        "check",
+        str(REPO / "edge" / "examples" / "agent.yaml"),
+        env={"RX_VERIFY_KEYS": str(keys / "pipeline.pub")},
+    )
     assert ok.returncode == 0, ok.stderr
     assert rx("edge", "check", str(tmp_path / "nope.yaml")).returncode == 2

@@ -41,8 +41,9 @@ def tls_kafka(tmp_path: Path) -> Iterator[TlsKafka]:
 
 
 def tls_settings(k: TlsKafka) -> KafkaSettings:
-    return KafkaSettings(bootstrap_servers=k.bootstrap_servers, security_protocol="SSL",
-                         tls=TlsSettings(ca_file=str(k.ca_file)))
+    return KafkaSettings(
+        bootstrap_servers=k.bootstrap_servers, security_protocol="SSL", tls=TlsSettings(ca_file=str(k.ca_file))
+    )
 
 
 def result(task_id: str) -> TaskResult:
@@ -63,8 +64,14 @@ async def publish(settings: KafkaSettings, results: list[TaskResult]) -> None:
 
 
 def subscribe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "reflexarc", "results", "subscribe", *args],
-                          capture_output=True, text=True, timeout=90, env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "reflexarc", "results", "subscribe", *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 @pytest.mark.timeout(120)
@@ -85,8 +92,12 @@ def test_subscribe_with_a_config_file_reaches_a_tls_listener_and_starts_at_a_tim
     assert [json.loads(x)["task_id"] for x in proc.stdout.splitlines()] == ["new-1"]
 
     # From the beginning, through the RX_* variables alone (what a tier's environment holds).
-    env = {"RX_KAFKA_BOOTSTRAP": tls_kafka.bootstrap_servers, "RX_KAFKA_SECURITY_PROTOCOL": "SSL",
-           "RX_KAFKA_CA_FILE": str(tls_kafka.ca_file), "RX_NAMESPACE": NS}
+    env = {
+        "RX_KAFKA_BOOTSTRAP": tls_kafka.bootstrap_servers,
+        "RX_KAFKA_SECURITY_PROTOCOL": "SSL",
+        "RX_KAFKA_CA_FILE": str(tls_kafka.ca_file),
+        "RX_NAMESPACE": NS,
+    }
     proc = subscribe("--from", "beginning", "--count", "3", env=env)
     assert proc.returncode == 0, proc.stderr
     assert sorted(json.loads(x)["task_id"] for x in proc.stdout.splitlines()) == ["new-1", "old-1", "old-2"]

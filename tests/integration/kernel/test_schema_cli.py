@@ -59,8 +59,9 @@ def test_every_kind_has_examples_and_the_cli_lists_every_kind() -> None:
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_schema_validates_the_shipped_examples(kind: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "reflexarc", "schema", kind], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "reflexarc", "schema", kind], capture_output=True, text=True, timeout=60, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     schema = json.loads(proc.stdout)
     jsonschema.Draft202012Validator.check_schema(schema)

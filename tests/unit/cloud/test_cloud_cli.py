@@ -28,8 +28,9 @@ def test_validate_ok(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_validate_reports_unknown_app_and_fails(tmp_path: Path) -> None:
     (tmp_path / "site.yaml").write_text("site: s1\napps: {fit: {argv: [fit]}}\n")
     f = tmp_path / "t.yaml"
-    f.write_text("sites: [site.yaml]\ntriggers:\n  - name: a\n    on: x/+/y\n    when: 'true'\n"
-                 "    then: [{task: {app: fitt}}]\n")
+    f.write_text(
+        "sites: [site.yaml]\ntriggers:\n  - name: a\n    on: x/+/y\n    when: 'true'\n    then: [{task: {app: fitt}}]\n"
+    )
     res = runner.invoke(triggers_app, ["validate", str(f)])
     assert res.exit_code == 1
     assert f"{f}:6:" in res.output and "trigger 'a' then[0].task.app" in res.output
@@ -38,12 +39,14 @@ def test_validate_reports_unknown_app_and_fails(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_firings_and_task_arguments() -> None:
-    res = runner.invoke(triggers_app, ["test", str(EXAMPLES / "triggers.yaml"), "--events", str(EXAMPLES / "events.jsonl")])
+    res = runner.invoke(
+        triggers_app, ["test", str(EXAMPLES / "triggers.yaml"), "--events", str(EXAMPLES / "events.jsonl")]
+    )
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if " fires: " in ln]
     assert len(lines) == 4
     assert lines[0].startswith("line 2:") and "bright-spot" in lines[0]
-    assert 'task find-peak@local' in lines[0] and '"value": 450.0' in lines[0]
+    assert "task find-peak@local" in lines[0] and '"value": 450.0' in lines[0]
     assert any("beam-drop" in ln and "command shutter -> bl1/mon1" in ln for ln in lines)
     assert "11 events, 4 firings" in res.output
 
@@ -58,8 +61,12 @@ def test_dry_run_json_and_bad_lines(tmp_path: Path) -> None:
     )
     res = runner.invoke(triggers_app, ["test", str(EXAMPLES / "triggers.yaml"), "-e", str(events), "--json"])
     assert res.exit_code == 1, res.output  # problems were reported: strict by default
-    assert runner.invoke(triggers_app, ["test", str(EXAMPLES / "triggers.yaml"), "-e", str(events),
-                                        "--no-strict"]).exit_code == 0
+    assert (
+        runner.invoke(
+            triggers_app, ["test", str(EXAMPLES / "triggers.yaml"), "-e", str(events), "--no-strict"]
+        ).exit_code
+        == 0
+    )
     firings = [json.loads(ln) for ln in res.output.splitlines() if ln.startswith("{")]
     assert [f["trigger"] for f in firings] == ["bright-spot"]
     assert firings[0]["tasks"][0]["args"] == {"value": 999.0, "frame": 0}

@@ -32,8 +32,14 @@ class Producer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
 
-    async def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
-                   headers: Any = None, partition: int | None = None) -> asyncio.Future[Any]:
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None = None,
+        value: bytes | None = None,
+        headers: Any = None,
+        partition: int | None = None,
+    ) -> asyncio.Future[Any]:
         self.sent.append((topic, key, value, list(headers or ())))
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         fut.set_result(SimpleNamespace(offset=0))

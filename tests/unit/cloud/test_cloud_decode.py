@@ -31,8 +31,15 @@ def _ours(value: bytes | None, headers: Any) -> Any:
         return f"error: {exc}"
 
 
-BASE = Envelope.for_device(EventType.DATA, "bl1", "det1", {"value": 517, "frame": 12, "big": 2**70},
-                           subject="counts", id="e1", time=datetime(2024, 5, 1, 12, 0, 0, 10000, tzinfo=UTC))
+BASE = Envelope.for_device(
+    EventType.DATA,
+    "bl1",
+    "det1",
+    {"value": 517, "frame": 12, "big": 2**70},
+    subject="counts",
+    id="e1",
+    time=datetime(2024, 5, 1, 12, 0, 0, 10000, tzinfo=UTC),
+)
 KEY, VALUE, HEADERS = BASE.to_kafka()
 
 
@@ -41,40 +48,43 @@ def _with(name: str, raw: bytes | None) -> list[tuple[str, bytes]]:
     return hs if raw is None else [*hs, (name, raw)]
 
 
-@pytest.mark.parametrize(("value", "headers"), [
-    (VALUE, HEADERS),
-    (VALUE, list(reversed(HEADERS))),
-    (VALUE, [*HEADERS, ("traceparent", b"00-abc-def-01"), ("ce_traceparent", b"00-abc")]),
-    (VALUE, [*HEADERS, ("CE_ID", b"other")]),                       # the SDK reads names case-insensitively
-    (VALUE, _with("ce_time", b"2024-05-01T12:00:00.01Z")),           # not canonical: the SDK parses it
-    (VALUE, _with("ce_time", b"2024-05-01T14:00:00+02:00")),
-    (VALUE, _with("ce_time", None)),
-    (VALUE, _with("ce_subject", b"")),
-    (VALUE, _with("ce_subject", None)),
-    (VALUE, _with("ce_id", b"")),
-    (VALUE, _with("ce_id", b"\xff")),
-    (VALUE, _with("ce_specversion", b"0.3")),
-    (VALUE, _with("content-type", b"text/plain")),
-    (VALUE, _with("content-type", None)),
-    (VALUE, [*HEADERS, ("ce_datacontenttype", b"text/plain")]),
-    (VALUE, [*HEADERS, ("ce_Bad-Name", b"x")]),
-    (VALUE, [*HEADERS, ("ce_data", b"x")]),
-    (VALUE, [*HEADERS, ("ce_partitionkey", b"x")]),
-    (b'{"value": 517, "x": [1.5, -0.0, 1e5, "\\u00e9"], "y": {"z": null}}', HEADERS),  # orjson reads these
-    (b'{"value": NaN}', HEADERS),                                     # the standard parser decides these
-    (b'{"value": 1e400}', HEADERS),
-    (b'{"value": "\\ud800"}', HEADERS),
-    (b'\xef\xbb\xbf{"value": 1}', HEADERS),
-    (b'{"value": 18446744073709551616, "v": -9223372036854775809}', HEADERS),
-    (b'{"a": 1, "a": 2}', HEADERS),
-    (b"[1, 2]", HEADERS),
-    (b"not json", HEADERS),
-    (b"\xff\xfe{}", HEADERS),
-    (b"", HEADERS),
-    (None, HEADERS),
-    (VALUE, []),
-    (BASE.to_json(), [("content-type", b"application/cloudevents+json")]),
-])
+@pytest.mark.parametrize(
+    ("value", "headers"),
+    [
+        (VALUE, HEADERS),
+        (VALUE, list(reversed(HEADERS))),
+        (VALUE, [*HEADERS, ("traceparent", b"00-abc-def-01"), ("ce_traceparent", b"00-abc")]),
+        (VALUE, [*HEADERS, ("CE_ID", b"other")]),  # the SDK reads names case-insensitively
+        (VALUE, _with("ce_time", b"2024-05-01T12:00:00.01Z")),  # not canonical: the SDK parses it
+        (VALUE, _with("ce_time", b"2024-05-01T14:00:00+02:00")),
+        (VALUE, _with("ce_time", None)),
+        (VALUE, _with("ce_subject", b"")),
+        (VALUE, _with("ce_subject", None)),
+        (VALUE, _with("ce_id", b"")),
+        (VALUE, _with("ce_id", b"\xff")),
+        (VALUE, _with("ce_specversion", b"0.3")),
+        (VALUE, _with("content-type", b"text/plain")),
+        (VALUE, _with("content-type", None)),
+        (VALUE, [*HEADERS, ("ce_datacontenttype", b"text/plain")]),
+        (VALUE, [*HEADERS, ("ce_Bad-Name", b"x")]),
+        (VALUE, [*HEADERS, ("ce_data", b"x")]),
+        (VALUE, [*HEADERS, ("ce_partitionkey", b"x")]),
+        (b'{"value": 517, "x": [1.5, -0.0, 1e5, "\\u00e9"], "y": {"z": null}}', HEADERS),  # orjson reads these
+        (b'{"value": NaN}', HEADERS),  # the standard parser decides these
+        (b'{"value": 1e400}', HEADERS),
+        (b'{"value": "\\ud800"}', HEADERS),
+        (b'\xef\xbb\xbf{"value": 1}', HEADERS),
+        (b'{"value": 18446744073709551616, "v": -9223372036854775809}', HEADERS),
+        (b'{"a": 1, "a": 2}', HEADERS),
+        (b"[1, 2]", HEADERS),
+        (b"not json", HEADERS),
+        (b"\xff\xfe{}", HEADERS),
+        (b"", HEADERS),
+        (None, HEADERS),
+        (VALUE, []),
+        (BASE.to_json(), [("content-type", b"application/cloudevents+json")]),
+    ],
+)
 def test_fast_decoding_equals_the_sdk(value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
     ours, sdk = _ours(value, tuple(headers)), _sdk(value, headers)
     assert _fields(ours, headers) == _fields(sdk, headers)

@@ -66,8 +66,9 @@ def window_trigger(kind: str) -> str:
 
 
 def ev(i: int, seconds: float, v: int, device: str = "det1") -> Envelope:
-    return Envelope.for_device(EventType.DATA, "bl1", device, {"v": v}, subject="counts", id=f"e{i}",
-                               time=T0 + timedelta(seconds=seconds))
+    return Envelope.for_device(
+        EventType.DATA, "bl1", device, {"v": v}, subject="counts", id=f"e{i}", time=T0 + timedelta(seconds=seconds)
+    )
 
 
 EVENTS = [ev(i, 0.7 * i, (i * 7) % 10) for i in range(40)]
@@ -132,11 +133,24 @@ def test_the_issue_count_window_with_event_2_twice(tmp_path: Path) -> None:
     """``reflexarc triggers test``: 1..6 fire n=3,s=6 and n=3,s=15, with event 2 delivered twice as well."""
     (tmp_path / "site.yaml").write_text(SITE)
     f = tmp_path / "t.yaml"
-    f.write_text("sites: [site.yaml]\ntriggers:\n  - name: sum3\n    on: bl1/+/counts\n"
-                 "    window: {type: tumbling, events: 3, emit: close, aggregates: {n: {op: count}, s: {op: sum, of: event.data.v}}}\n"
-                 "    when: 'true'\n    then: [{task: {app: fit, args: {n: agg.n, s: agg.s}}}]\n")
-    lines = [json.dumps({"id": f"e{i}", "site": "bl1", "device": "d1", "stream": "counts",
-                         "time": f"2024-05-01T12:00:0{i}Z", "data": {"v": i}}) for i in range(1, 7)]
+    f.write_text(
+        "sites: [site.yaml]\ntriggers:\n  - name: sum3\n    on: bl1/+/counts\n"
+        "    window: {type: tumbling, events: 3, emit: close, aggregates: {n: {op: count}, s: {op: sum, of: event.data.v}}}\n"
+        "    when: 'true'\n    then: [{task: {app: fit, args: {n: agg.n, s: agg.s}}}]\n"
+    )
+    lines = [
+        json.dumps(
+            {
+                "id": f"e{i}",
+                "site": "bl1",
+                "device": "d1",
+                "stream": "counts",
+                "time": f"2024-05-01T12:00:0{i}Z",
+                "data": {"v": i},
+            }
+        )
+        for i in range(1, 7)
+    ]
     outputs = []
     for name, seq in (("once", lines), ("dup", lines[:2] + lines[1:])):
         path = tmp_path / f"{name}.jsonl"
@@ -203,13 +217,16 @@ def test_beyond_the_cap_the_oldest_ids_are_forgotten_and_their_time_is_late(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(windows, "MAX_REMEMBERED_IDS", 100)
-    eng = engine(tmp_path, """
+    eng = engine(
+        tmp_path,
+        """
 - name: day
   on: bl1/+/counts
   window: {type: tumbling, size: 1d, aggregates: {n: {op: count}}}
   when: agg.n % 50 == 0
   then: [{task: {app: fit}}]
-""")
+""",
+    )
     store: dict[str, Any] = {}
     fired = 0
     for pos in range(1000):

@@ -28,16 +28,18 @@ def engine(tmp_path: Path, triggers: str, extra: str = "") -> TriggerEngine:
     return TriggerEngine(cfg, now=lambda: T0)
 
 
-def ev(i: int, seconds: float, data: dict[str, Any], device: str = "det1", stream: str = "counts",
-       site: str = "bl1") -> Envelope:
+def ev(
+    i: int, seconds: float, data: dict[str, Any], device: str = "det1", stream: str = "counts", site: str = "bl1"
+) -> Envelope:
     """Instrument event number ``i`` at ``T0 + seconds``."""
     return Envelope.for_device(
         EventType.DATA, site, device, data, subject=stream, id=f"e{i}", time=T0 + timedelta(seconds=seconds)
     )
 
 
-def run(eng: TriggerEngine, events: list[Envelope], store: dict[str, Any] | None = None,
-        start: int = 0) -> list[Firing]:
+def run(
+    eng: TriggerEngine, events: list[Envelope], store: dict[str, Any] | None = None, start: int = 0
+) -> list[Firing]:
     """Feed events in order; state goes through JSON between events, as in the faust table."""
     store = {} if store is None else store
     fired: list[Firing] = []
@@ -72,84 +74,118 @@ def test_threshold_fires_above_and_not_at_the_boundary(tmp_path: Path) -> None:
     assert task.task_id == stable_id("thr", "e1")
     assert task.args == {"v": 401}
     assert task.site == "local" and task.trigger == "thr"
-    assert task.cause == Cause(event_ids=["e1"], site="bl1", device="det1", stream="counts", time=T0 + timedelta(seconds=1))
+    assert task.cause == Cause(
+        event_ids=["e1"], site="bl1", device="det1", stream="counts", time=T0 + timedelta(seconds=1)
+    )
 
 
 def test_on_selects_streams_with_wildcards(tmp_path: Path) -> None:
     eng = engine(tmp_path, THRESHOLD)
-    fired = run(eng, [
-        ev(0, 0, {"value": 500}, stream="temps"),
-        ev(1, 0, {"value": 500}, site="bl2"),
-        ev(2, 0, {"value": 500}, device="det9"),
-    ])
+    fired = run(
+        eng,
+        [
+            ev(0, 0, {"value": 500}, stream="temps"),
+            ev(1, 0, {"value": 500}, site="bl2"),
+            ev(2, 0, {"value": 500}, device="det9"),
+        ],
+    )
     assert [f.cause.event_ids for f in fired] == [["e2"]]
 
 
 def test_filter_drops_events_before_the_condition(tmp_path: Path) -> None:
-    eng = engine(tmp_path, """
+    eng = engine(
+        tmp_path,
+        """
     - name: flt
       on: bl1/+/counts
       filter: event.data.quality >= 0.5
       when: event.data.value > 1
       then: [{task: {app: fit}}]
-    """)
+    """,
+    )
     fired = run(eng, [ev(0, 0, {"value": 5, "quality": 0.49}), ev(1, 1, {"value": 5, "quality": 0.5})])
     assert [f.cause.event_ids for f in fired] == [["e1"]]
 
 
 # ---- tumbling ------------------------------------------------------------------------
 def test_tumbling_time_window_counts_per_window(tmp_path: Path) -> None:
-    eng = engine(tmp_path, """
+    eng = engine(
+        tmp_path,
+        """
     - name: tum
       on: bl1/+/counts
       window: {type: tumbling, size: 10s, aggregates: {s: {op: sum, of: event.data.value}}}
       when: agg.s >= 10
       then: [{task: {app: fit, args: {s: agg.s, start: window.start}}}]
-    """)
+    """,
+    )
     # Window [0,10): 4+5 = 9 (no fire); window [10,20): 9 then +1 = 10 at t=19.999 -> fires once.
-    fired = run(eng, [ev(0, 0, {"value": 4}), ev(1, 9.5, {"value": 5}), ev(2, 10, {"value": 9}),
-                      ev(3, 19.999, {"value": 1})])
+    fired = run(
+        eng, [ev(0, 0, {"value": 4}), ev(1, 9.5, {"value": 5}), ev(2, 10, {"value": 9}), ev(3, 19.999, {"value": 1})]
+    )
     assert [f.cause.event_ids for f in fired] == [["e3"]]
     assert fired[0].tasks[0].args["s"] == 10
     assert fired[0].tasks[0].args["start"].startswith("2024-05-01T12:00:10")
 
 
 def test_tumbling_close_emits_once_per_complete_window(tmp_path: Path) -> None:
-    eng = engine(tmp_path, """
+    eng = engine(
+        tmp_path,
+        """
     - name: tclose
       on: bl1/+/counts
       window: {type: tumbling, size: 10s, emit: close, aggregates: {n: {op: count}}}
       when: agg.n >= 3
       then: [{task: {app: fit, args: {n: agg.n}}}]
-    """)
-    events = [ev(0, 1, {}), ev(1, 2, {}), ev(2, 3, {}),      # [0,10): 3 events
-              ev(3, 11, {}), ev(4, 12, {}),                  # [10,20): 2 events
-              ev(5, 25, {})]                                 # closes [10,20)
+    """,
+    )
+    events = [
+        ev(0, 1, {}),
+        ev(1, 2, {}),
+        ev(2, 3, {}),  # [0,10): 3 events
+        ev(3, 11, {}),
+        ev(4, 12, {}),  # [10,20): 2 events
+        ev(5, 25, {}),
+    ]  # closes [10,20)
     fired = run(eng, events)
     assert len(fired) == 1
     assert fired[0].cause.event_ids == ["e0", "e2"]
     assert fired[0].tasks[0].args == {"n": 3}
     # The window closed at e3, not before.
-    assert len(run(engine(tmp_path, """
+    assert (
+        len(
+            run(
+                engine(
+                    tmp_path,
+                    """
     - name: tclose
       on: bl1/+/counts
       window: {type: tumbling, size: 10s, emit: close, aggregates: {n: {op: count}}}
       when: agg.n >= 3
       then: [{task: {app: fit}}]
-    """), events[:3])) == 0
+    """,
+                ),
+                events[:3],
+            )
+        )
+        == 0
+    )
 
 
 def test_every_100th_frame(tmp_path: Path) -> None:
-    eng = engine(tmp_path, """
+    eng = engine(
+        tmp_path,
+        """
     - name: every100
       on: bl1/+/frames
       window: {type: tumbling, events: 100, emit: close, aggregates: {last: {op: last, of: event.data.frame}}}
       when: "true"
       then: [{task: {app: fit, args: {frame: agg.last}}}]
-    """)
+    """,
+    )
     events = [ev(i, i * 0.01, {"frame": i + 1}, stream="frames") for i in range(299)]
     fired = run(eng, events)
-    assert [f.tasks[0].args["frame"] for f in fired] == [100, 200]   # frame 300 not yet seen
+    assert [f.tasks[0].args["frame"] for f in fired] == [100, 200]  # frame 300 not yet seen
 
 
 # ---- hopping -------------------------------------------------------------------------
@@ -170,16 +206,32 @@ def test_hopping_mean_above_threshold_in_any_10s_window(tmp_path: Path) -> None:
     eng = engine(tmp_path, HOPPING)
     # Low values early; the later high ones share a 10 s window without the low ones only
     # in windows starting at >= 4 s.
-    fired = run(eng, [ev(0, 0, {"value": 0}), ev(1, 3, {"value": 0}), ev(2, 8, {"value": 400}),
-                      ev(3, 11, {"value": 400}), ev(4, 13, {"value": 301})])
+    fired = run(
+        eng,
+        [
+            ev(0, 0, {"value": 0}),
+            ev(1, 3, {"value": 0}),
+            ev(2, 8, {"value": 400}),
+            ev(3, 11, {"value": 400}),
+            ev(4, 13, {"value": 301}),
+        ],
+    )
     assert [f.cause.event_ids for f in fired] == [["e4"]]
     assert fired[0].tasks[0].args["mean"] == pytest.approx((400 + 400 + 301) / 3)
 
 
 def test_hopping_mean_at_threshold_does_not_fire(tmp_path: Path) -> None:
     eng = engine(tmp_path, HOPPING)
-    fired = run(eng, [ev(0, 0, {"value": 0}), ev(1, 3, {"value": 0}), ev(2, 8, {"value": 300}),
-                      ev(3, 11, {"value": 300}), ev(4, 13, {"value": 300})])
+    fired = run(
+        eng,
+        [
+            ev(0, 0, {"value": 0}),
+            ev(1, 3, {"value": 0}),
+            ev(2, 8, {"value": 300}),
+            ev(3, 11, {"value": 300}),
+            ev(4, 13, {"value": 300}),
+        ],
+    )
     assert fired == []
 
 
@@ -233,7 +285,9 @@ def test_temperature_rising_faster_than_2k_per_min(tmp_path: Path, rise: float, 
 
 
 def test_sliding_by_events_and_other_aggregates(tmp_path: Path) -> None:
-    eng = engine(tmp_path, """
+    eng = engine(
+        tmp_path,
+        """
     - name: last3
       on: bl1/+/counts
       window:
@@ -248,7 +302,8 @@ def test_sliding_by_events_and_other_aggregates(tmp_path: Path) -> None:
           total: {op: sum, of: event.data.v}
       when: agg.n == 3 && agg.total > 6
       then: [{task: {app: fit, args: {a: agg}}}]
-    """)
+    """,
+    )
     fired = run(eng, [ev(i, i, {"v": v}) for i, v in enumerate([1, 2, 3, 1, 5])])
     # Windows: [1,2,3]=6 no; [2,3,1]=6 no; [3,1,5]=9 yes.
     assert [f.cause.event_ids for f in fired] == [["e4"]]
@@ -267,12 +322,15 @@ COOL = """
 
 def test_cooldown_per_key_boundary(tmp_path: Path) -> None:
     eng = engine(tmp_path, COOL)
-    fired = run(eng, [
-        ev(0, 0, {"value": 500}),                 # fires, quiet until t=10
-        ev(1, 9.999, {"value": 500}),             # inside the cooldown
-        ev(2, 5, {"value": 500}, device="det2"),  # another key: fires
-        ev(3, 10, {"value": 500}),                # cooldown over: fires
-    ])
+    fired = run(
+        eng,
+        [
+            ev(0, 0, {"value": 500}),  # fires, quiet until t=10
+            ev(1, 9.999, {"value": 500}),  # inside the cooldown
+            ev(2, 5, {"value": 500}, device="det2"),  # another key: fires
+            ev(3, 10, {"value": 500}),  # cooldown over: fires
+        ],
+    )
     assert [f.cause.event_ids for f in fired] == [["e0"], ["e2"], ["e3"]]
 
 
@@ -290,7 +348,9 @@ def test_window_key_stream_separates_streams(tmp_path: Path) -> None:
 
 
 def test_multiple_actions_have_distinct_stable_ids(tmp_path: Path) -> None:
-    eng = engine(tmp_path, """
+    eng = engine(
+        tmp_path,
+        """
     - name: multi
       on: bl1/+/counts
       when: "true"
@@ -298,7 +358,8 @@ def test_multiple_actions_have_distinct_stable_ids(tmp_path: Path) -> None:
         - task: {app: fit, priority: 7, timeout: 5m, retries: 2, resources: {cpus: 4, gpus: 1}}
         - task: {app: other, args: {x: "'lit'", n: 3}}
         - command: {actuator: led, site: bl1, device: panel, deadline: 5s, args: {lit: true}}
-    """)
+    """,
+    )
     fired = run(eng, [ev(0, 0, {})])
     f = fired[0]
     t1, t2 = f.tasks
@@ -309,24 +370,33 @@ def test_multiple_actions_have_distinct_stable_ids(tmp_path: Path) -> None:
     assert cmd.command_id == stable_id("multi", "e0", "command", "2")
     assert (cmd.site, cmd.device, cmd.args, cmd.deadline) == ("bl1", "panel", {"lit": True}, T0 + timedelta(seconds=5))
     # Same event again (e.g. redelivered without position): same ids.
-    again = run(engine(tmp_path, """
+    again = run(
+        engine(
+            tmp_path,
+            """
     - name: multi
       on: bl1/+/counts
       when: "true"
       then: [{task: {app: fit}}]
-    """), [ev(0, 0, {})])
+    """,
+        ),
+        [ev(0, 0, {})],
+    )
     assert again[0].tasks[0].task_id == t1.task_id
 
 
 # ---- replay, determinism, errors -----------------------------------------------------------
 def test_replayed_positions_are_not_counted_twice(tmp_path: Path) -> None:
-    eng = engine(tmp_path, """
+    eng = engine(
+        tmp_path,
+        """
     - name: three
       on: bl1/+/counts
       window: {type: tumbling, events: 3, emit: close, aggregates: {n: {op: count}}}
       when: "true"
       then: [{task: {app: fit}}]
-    """)
+    """,
+    )
     store: dict[str, Any] = {}
     events = [ev(i, i, {}) for i in range(6)]
     first = run(eng, events[:2], store)
@@ -345,13 +415,16 @@ def test_same_events_same_decisions(tmp_path: Path) -> None:
 
 
 def test_late_events_are_ignored_by_time_windows(tmp_path: Path) -> None:
-    eng = engine(tmp_path, """
+    eng = engine(
+        tmp_path,
+        """
     - name: late
       on: bl1/+/counts
       window: {type: tumbling, size: 10s, aggregates: {n: {op: count}}}
       when: agg.n >= 2
       then: [{task: {app: fit}}]
-    """)
+    """,
+    )
     store: dict[str, Any] = {}
     run(eng, [ev(0, 25, {})], store)
     out = eng.process(ev(1, 5, {}), store, position=1)
@@ -389,8 +462,9 @@ ON_RESULT = """
 
 def _result(status: str = "done", peak: float = 1.5, trigger: str = "fitres") -> TaskResult:
     cause = Cause(event_ids=["e1"], site="bl1", device="det1", stream="counts", time=T0)
-    return TaskResult(task_id="t1", app="fit", site="local", status=status, result={"peak": peak},
-                      trigger=trigger, cause=cause)
+    return TaskResult(
+        task_id="t1", app="fit", site="local", status=status, result={"peak": peak}, trigger=trigger, cause=cause
+    )
 
 
 def test_on_result_turns_done_results_into_commands(tmp_path: Path) -> None:
@@ -405,10 +479,13 @@ def test_on_result_turns_done_results_into_commands(tmp_path: Path) -> None:
     assert log.device == "logger" and log.site == "bl1"
 
 
-@pytest.mark.parametrize(("result", "why"), [
-    (_result(peak=0.0), "when is false at the boundary"),
-    (_result(status="failed"), "status not listed"),
-])
+@pytest.mark.parametrize(
+    ("result", "why"),
+    [
+        (_result(peak=0.0), "when is false at the boundary"),
+        (_result(status="failed"), "status not listed"),
+    ],
+)
 def test_on_result_gives_nothing(tmp_path: Path, result: TaskResult, why: str) -> None:
     cmds, failure = engine(tmp_path, ON_RESULT).on_result(result)
     assert (cmds, failure) == ([], None), why
@@ -434,14 +511,18 @@ GROUP = """
 """
 
 
-@pytest.mark.parametrize(("data", "fired"), [
-    ({"x": 1, "v": 5, "s": "abc"}, ["a", "b", "d", "e", "h", "j"]),
-    ({"v": 0, "s": "zz"}, ["e"]),
-    ({"x": 1, "v": 500, "s": "a", "m": {"x": 2}}, ["a", "b", "c", "d", "e", "g", "h", "j"]),
-    ({"x": 1, "v": 5.5, "s": 3}, ["a", "b", "d", "e", "j"]),  # h fails: matches() of a number
-])
-def test_triggers_without_state_fire_and_fail_each_as_alone(tmp_path: Path, data: dict[str, Any],
-                                                            fired: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("data", "fired"),
+    [
+        ({"x": 1, "v": 5, "s": "abc"}, ["a", "b", "d", "e", "h", "j"]),
+        ({"v": 0, "s": "zz"}, ["e"]),
+        ({"x": 1, "v": 500, "s": "a", "m": {"x": 2}}, ["a", "b", "c", "d", "e", "g", "h", "j"]),
+        ({"x": 1, "v": 5.5, "s": 3}, ["a", "b", "d", "e", "j"]),  # h fails: matches() of a number
+    ],
+)
+def test_triggers_without_state_fire_and_fail_each_as_alone(
+    tmp_path: Path, data: dict[str, Any], fired: list[str]
+) -> None:
     eng = engine(tmp_path, GROUP)
     out = eng.process(ev(0, 0, data), {}, position=0)
     assert [f.trigger for f in out.firings] == fired

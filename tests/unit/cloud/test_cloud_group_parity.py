@@ -60,8 +60,11 @@ def test_group_decides_as_the_library_trigger_by_trigger(seed: int, tmp_path: Pa
     items = []
     for i in range(rng.randint(1, 12)):
         flt = rng.choice(FILTERS)
-        items.append(f"- name: t{i}\n  on: bl1/+/#\n" + (f"  filter: {flt!r}\n" if flt else "")
-                     + f"  when: {rng.choice(WHENS)!r}\n  then: [{{task: {{app: fit}}}}]\n")
+        items.append(
+            f"- name: t{i}\n  on: bl1/+/#\n"
+            + (f"  filter: {flt!r}\n" if flt else "")
+            + f"  when: {rng.choice(WHENS)!r}\n  then: [{{task: {{app: fit}}}}]\n"
+        )
     (tmp_path / "site.yaml").write_text(SITE)
     text = "sites: [site.yaml]\ntriggers:\n" + textwrap.indent("".join(items), "  ")
     cfg = compile_text(text, str(tmp_path / "triggers.yaml"), tmp_path)
@@ -72,15 +75,20 @@ def test_group_decides_as_the_library_trigger_by_trigger(seed: int, tmp_path: Pa
             data["value"] = rng.choice([rng.randint(0, 10), rng.uniform(0, 10), "7", None])
         if rng.random() < 0.5:
             data["label"] = rng.choice(["x", "y"])
-        env = Envelope.for_device(EventType.DATA, "bl1", rng.choice(["det1", "det2"]), data,
-                                  subject=rng.choice(["counts", "temp"]), id=f"e{n}",
-                                  time=T0 + timedelta(seconds=n))
+        env = Envelope.for_device(
+            EventType.DATA,
+            "bl1",
+            rng.choice(["det1", "det2"]),
+            data,
+            subject=rng.choice(["counts", "temp"]),
+            id=f"e{n}",
+            time=T0 + timedelta(seconds=n),
+        )
         out = eng.process(env, {}, position=n)
         ctx = eng.event_of((env.id, env.type, env.source, env.subject, env.time, env.extensions, env.data))
         fired, failed = [], []
         for trig in cfg.triggers:
-            variables = {"event": ctx, "trigger": trig.name, "agg": {}, "window": {},
-                         "key": f"bl1/{ctx['device']}"}
+            variables = {"event": ctx, "trigger": trig.name, "agg": {}, "window": {}, "key": f"bl1/{ctx['device']}"}
             if trig.filter is not None:
                 verdict = _library_truth(trig.filter, variables)
                 if verdict is not True:

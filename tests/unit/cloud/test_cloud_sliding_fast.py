@@ -65,6 +65,7 @@ def test_generated_sliding_update_equals_the_reference(seed: int) -> None:
     # A state in JSON (as the changelog restores it) continues identically.
     restored = json.loads(json.dumps(fast_state))
     again = copy.deepcopy(restored)
-    assert keeper.slide_fast(restored, t + 1, [1] * len(keeper.ops), "last", 0) == \
-        keeper.slide(again, t + 1, [1] * len(keeper.ops), "last", 0)
+    assert keeper.slide_fast(restored, t + 1, [1] * len(keeper.ops), "last", 0) == keeper.slide(
+        again, t + 1, [1] * len(keeper.ops), "last", 0
+    )
     assert restored == again

@@ -95,14 +95,22 @@ def test_generated_step_equals_the_plain_step(seed: int, tmp_path: Path) -> None
         if sent and rng.random() < 0.1:
             eid, env = rng.choice(sent)  # a copy (same data) or a conflict (other data under its id)
             if rng.random() < 0.3:
-                env = Envelope.for_device(EventType.DATA, "bl1", env.device or "", {"v": -1}, subject=env.subject,
-                                          id=eid, time=env.time)
+                env = Envelope.for_device(
+                    EventType.DATA, "bl1", env.device or "", {"v": -1}, subject=env.subject, id=eid, time=env.time
+                )
         else:
             v: Any = rng.choice([rng.randint(0, 10), rng.uniform(0.0, 10.0), "x", None])
             data = {"v": v} if rng.random() < 0.9 else {}
             at = T0 + timedelta(seconds=t - rng.choice([0.0, 0.0, 0.3, 4.0]))
-            env = Envelope.for_device(EventType.DATA, "bl1", rng.choice(["d1", "d2"]), data,
-                                      subject=rng.choice(["counts", "temp"]), id=f"e{n}", time=at)
+            env = Envelope.for_device(
+                EventType.DATA,
+                "bl1",
+                rng.choice(["d1", "d2"]),
+                data,
+                subject=rng.choice(["counts", "temp"]),
+                id=f"e{n}",
+                time=at,
+            )
             sent.append((f"e{n}", env))
         position = n - rng.choice([0] * 9 + [3])  # now and then a replay of an applied position
         outs = []

@@ -79,14 +79,17 @@ def test_window_too_large(tmp_path: Path) -> None:
     assert "window too large" in p
 
 
-@pytest.mark.parametrize(("window", "message"), [
-    ("{type: hopping, size: 10s}", "needs 'size' and 'hop'"),
-    ("{type: tumbling, size: 10s, events: 3}", "exactly one of 'size'"),
-    ("{type: sliding, size: 5s, emit: close}", "use emit: update"),
-    ("{type: tumbling, size: 10x}", "invalid duration '10x'"),
-    ("{type: tumbling, size: 1s, aggregates: {m: {op: mean}}}", "needs 'of'"),
-    ("{type: tumbling, size: 1s, aggregates: {m: {op: median, of: event.data.v}}}", "Input should be"),
-])
+@pytest.mark.parametrize(
+    ("window", "message"),
+    [
+        ("{type: hopping, size: 10s}", "needs 'size' and 'hop'"),
+        ("{type: tumbling, size: 10s, events: 3}", "exactly one of 'size'"),
+        ("{type: sliding, size: 5s, emit: close}", "use emit: update"),
+        ("{type: tumbling, size: 10x}", "invalid duration '10x'"),
+        ("{type: tumbling, size: 1s, aggregates: {m: {op: mean}}}", "needs 'of'"),
+        ("{type: tumbling, size: 1s, aggregates: {m: {op: median, of: event.data.v}}}", "Input should be"),
+    ],
+)
 def test_window_shape_errors(tmp_path: Path, window: str, message: str) -> None:
     found = problems(tmp_path, GOOD.replace("    when:", f"    window: {window}\n    when:"))
     assert any(message in p and "trigger 'hi'" in p for p in found), found
@@ -141,18 +144,21 @@ def test_yaml_never_constructs_python_objects(tmp_path: Path) -> None:
 
 
 # ---- safety of expressions ----------------------------------------------------------------
-@pytest.mark.parametrize(("expr", "message"), [
-    ("__import__('os')", "not allowed"),
-    ("import os", "invalid CEL"),
-    ("open('/etc/passwd')", "not allowed"),
-    ("os.system('rm -rf /')", "unknown variable"),
-    ("event.data.read_file('/etc/passwd')", "not allowed"),
-    ("exec('1')", "not allowed"),
-    ("[1, 2].all(x, [3, 4].exists(y, y > x))", "nested"),
-    ("event.data.xs.map(a, event.data.xs.map(b, a * b)).size() > 0", "nested"),
-    ("x" + " || x" * 600, "limit is 2000"),
-    ("globals", "unknown variable"),
-])
+@pytest.mark.parametrize(
+    ("expr", "message"),
+    [
+        ("__import__('os')", "not allowed"),
+        ("import os", "invalid CEL"),
+        ("open('/etc/passwd')", "not allowed"),
+        ("os.system('rm -rf /')", "unknown variable"),
+        ("event.data.read_file('/etc/passwd')", "not allowed"),
+        ("exec('1')", "not allowed"),
+        ("[1, 2].all(x, [3, 4].exists(y, y > x))", "nested"),
+        ("event.data.xs.map(a, event.data.xs.map(b, a * b)).size() > 0", "nested"),
+        ("x" + " || x" * 600, "limit is 2000"),
+        ("globals", "unknown variable"),
+    ],
+)
 def test_unsafe_expressions_are_rejected(expr: str, message: str) -> None:
     with pytest.raises(CelError) as info:
         compile_expr(expr, WHEN_VARS, "when")
@@ -170,7 +176,7 @@ def test_safe_expressions_pass() -> None:
         "event.data.xs.exists(x, x > 3)",
         "event.stream.startsWith('co') && event.device.matches('^det[0-9]+$')",
         "event.time - window.start > duration('5s')",
-        "'a(b' + \".map(x, y.map(z, 1))\" == ''",   # macro-like text inside strings is not code
+        "'a(b' + \".map(x, y.map(z, 1))\" == ''",  # macro-like text inside strings is not code
     ]:
         compile_expr(expr, WHEN_VARS, "when")
     assert macro_depth("'[1].all(x, [2].all(y, true))'") == 0

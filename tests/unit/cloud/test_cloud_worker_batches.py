@@ -44,8 +44,14 @@ class Producer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, asyncio.Future[Any]]] = []
 
-    async def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
-                   headers: Any = None, partition: int | None = None) -> asyncio.Future[Any]:
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None = None,
+        value: bytes | None = None,
+        headers: Any = None,
+        partition: int | None = None,
+    ) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.sent.append((topic, key, fut))
         return fut
@@ -78,8 +84,9 @@ class Consumer:
 
 
 def record(offset: int, i: int, device: str = "d1") -> Any:
-    env = Envelope.for_device(EventType.DATA, "bl1", device, {"v": i}, subject="counts", id=f"e{i}",
-                              time=T0 + timedelta(seconds=i))
+    env = Envelope.for_device(
+        EventType.DATA, "bl1", device, {"v": i}, subject="counts", id=f"e{i}", time=T0 + timedelta(seconds=i)
+    )
     key, value, headers = env.to_kafka()
     return SimpleNamespace(topic="rx.data", partition=0, offset=offset, key=key, value=value, headers=headers)
 
@@ -171,8 +178,15 @@ async def test_revocation_waits_for_the_batch_and_commits_only_what_is_durable(t
 def test_a_bundle_is_json_that_reads_back_the_same(tmp_path: Path) -> None:
     from reflexarc.cloud.state import encode
 
-    bundle = {"t\x1fbl1/d1": {"fp": "x", "win": {"ts": [1.5, 2.0], "cols": [[1, None]], "ids": {"e1": [1.5, 7]}},
-                              "pos": 4, "big": 2**70, "f": 0.1}}
+    bundle = {
+        "t\x1fbl1/d1": {
+            "fp": "x",
+            "win": {"ts": [1.5, 2.0], "cols": [[1, None]], "ids": {"e1": [1.5, 7]}},
+            "pos": 4,
+            "big": 2**70,
+            "f": 0.1,
+        }
+    }
     assert json.loads(encode(bundle)) == bundle
 
 

@@ -24,8 +24,19 @@ from reflexarc.supervisor import BrokerSpec
 from reflexarc.topics import TopicError, Topics, mqtt_match
 
 BASE = QueueProbe(
-    broker="127.0.0.1:1883", protocol="5", namespace="rx", client_id="rx-probe-abc", published=3000, refused=0,
-    kept=3000, session_kept=True, kept_first=0, kept_last=2999, duplicates=0, seconds=0.5, session_removed=True,
+    broker="127.0.0.1:1883",
+    protocol="5",
+    namespace="rx",
+    client_id="rx-probe-abc",
+    published=3000,
+    refused=0,
+    kept=3000,
+    session_kept=True,
+    kept_first=0,
+    kept_last=2999,
+    duplicates=0,
+    seconds=0.5,
+    session_removed=True,
 )
 
 

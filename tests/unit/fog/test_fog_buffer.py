@@ -44,8 +44,12 @@ def test_fog_buffer_codec_round_trip() -> None:
 
 async def test_fog_buffer_keeps_order_and_round_trips_records(tmp_path: Path) -> None:
     durable: list[int] = []
-    buf = DiskBuffer(tmp_path / "b.db", max_events=10_000, max_bytes=10 << 20,
-                     on_durable=lambda recs: durable.extend(r.seq for r in recs))
+    buf = DiskBuffer(
+        tmp_path / "b.db",
+        max_events=10_000,
+        max_bytes=10 << 20,
+        on_durable=lambda recs: durable.extend(r.seq for r in recs),
+    )
     await buf.open()
     try:
         originals = [rec(i, key=None if i == 3 else b"s1/d1") for i in range(1, 1001)]
@@ -59,8 +63,13 @@ async def test_fog_buffer_keeps_order_and_round_trips_records(tmp_path: Path) ->
         assert upto == 1000 and durable == list(range(1, 1001)), "every row committed (and reported) before a read"
         assert [r.seq for r in got] == list(range(1, 1001))
         for a, b in zip(originals, got, strict=True):
-            assert (a.topic, a.key, a.value, a.headers, list(a.receipts)) == (b.topic, b.key, b.value, b.headers,
-                                                                              list(b.receipts))
+            assert (a.topic, a.key, a.value, a.headers, list(a.receipts)) == (
+                b.topic,
+                b.key,
+                b.value,
+                b.headers,
+                list(b.receipts),
+            )
             assert b.tickets == ()
         # Reads continue after a row; deleted rows are gone, the rest keep their order.
         buf.delete([r for r in originals if r.seq % 2 == 0])
@@ -190,8 +199,9 @@ async def test_fog_buffer_survives_sigkill_of_its_writer(tmp_path: Path) -> None
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     path = tmp_path / "crash.db"
-    p = subprocess.Popen([sys.executable, str(script), str(path), str(Path(__file__).parent)],
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(path), str(Path(__file__).parent)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert p.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(p.stdout.readline), 60)

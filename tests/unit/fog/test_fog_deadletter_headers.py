@@ -19,7 +19,9 @@ class Sender:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
 
-    async def send_and_wait(self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> None:
+    async def send_and_wait(
+        self, topic: str, key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
         self.sent.append((topic, key, value, headers))
 
 

@@ -25,8 +25,9 @@ class FakeClient:
         self.published: list[tuple[str, Receipt, int]] = []
         self.got = asyncio.Event()
 
-    async def publish_start(self, topic: str, payload: bytes, qos: int, retain: bool,
-                            props: Any, ctype: str) -> asyncio.Future[None]:
+    async def publish_start(
+        self, topic: str, payload: bytes, qos: int, retain: bool, props: Any, ctype: str
+    ) -> asyncio.Future[None]:
         env = Envelope.from_mqtt(payload, props, ctype)
         self.published.append((topic, Receipt.from_envelope(env), qos))
         self.got.set()
@@ -37,9 +38,9 @@ class FakeClient:
 
 def record(site: str, device: str, *ids: str, dedupe: bool = True) -> Record:
     src = f"/sites/{site}/devices/{device}"
-    return Record("rx.data", b"k", b"v", [], receipts=[
-        (site, device, i, dedupe_key(src, i) if dedupe else None) for i in ids
-    ])
+    return Record(
+        "rx.data", b"k", b"v", [], receipts=[(site, device, i, dedupe_key(src, i) if dedupe else None) for i in ids]
+    )
 
 
 # ---- the dedupe window's confirmed state -----------------------------------------

@@ -90,8 +90,14 @@ class Harness:
         self.dedupe = DedupeWindow(100_000, 600)
         self.receipts = Receipts(ReceiptSettings(), Topics(), self.metrics, self.dedupe)
         self.buffer = DiskBuffer(tmp / f"{name}.db", max_events=100_000, max_bytes=1 << 30)
-        self.spill = Spill(self.sender, self.buffer, BufferSettings(spill_after_ms=spill_after_ms), self.metrics,
-                           self.dedupe, self.receipts)
+        self.spill = Spill(
+            self.sender,
+            self.buffer,
+            BufferSettings(spill_after_ms=spill_after_ms),
+            self.metrics,
+            self.dedupe,
+            self.receipts,
+        )
         self.acked: list[int] = []
         self.aq = AckQueue(lambda m: self.acked.append(m.mid))
         self.n = 0
@@ -121,8 +127,14 @@ class Harness:
             t = self.aq.new(MqttMessage("t", b"", 1, i))
             t.holds += 1
             eid = f"e-{i}"
-            rec = Record("rx.data", key, f"{i:06d}".encode(), [("ce_id", eid.encode())], (t,),
-                         (("s1", key.decode()[3:], eid, dedupe_key("src", eid)),))
+            rec = Record(
+                "rx.data",
+                key,
+                f"{i:06d}".encode(),
+                [("ce_id", eid.encode())],
+                (t,),
+                (("s1", key.decode()[3:], eid, dedupe_key("src", eid)),),
+            )
             assert not self.dedupe.seen(dedupe_key("src", eid))
             if not self.spill.try_send(rec):
                 await self.spill.send(rec)
@@ -196,8 +208,15 @@ async def test_fog_spill_keeps_order_when_kafka_flaps_during_the_drain(tmp_path:
                 await h.until(lambda: h.spill.mode is Mode.DIRECT)
                 await h.take(50)
         # The MQTT acks of the last batch settle after Kafka's ack: wait for them too (a lost ack still fails).
-        await h.until(lambda: len(h.producer.took) >= h.n and h.buffer.depth == 0 and h.spill.mode is Mode.DIRECT
-                      and len(h.acked) >= h.n, timeout=30)
+        await h.until(
+            lambda: (
+                len(h.producer.took) >= h.n
+                and h.buffer.depth == 0
+                and h.spill.mode is Mode.DIRECT
+                and len(h.acked) >= h.n
+            ),
+            timeout=30,
+        )
         assert len(h.acked) == h.n
         h.check_kafka()
         assert h.spill.engagements >= 3
@@ -212,8 +231,11 @@ async def test_fog_spill_resumes_a_buffer_left_by_a_crash_without_resending_what
     await old.open()
     for i in range(1, 101):
         eid = f"e-{i}"
-        old.put(Record("rx.data", KEYS[i % 4], f"{i:06d}".encode(), [], (),
-                       (("s1", f"d{i % 4}", eid, dedupe_key("src", eid)),)))
+        old.put(
+            Record(
+                "rx.data", KEYS[i % 4], f"{i:06d}".encode(), [], (), (("s1", f"d{i % 4}", eid, dedupe_key("src", eid)),)
+            )
+        )
     await old.close()
 
     h = Harness(tmp_path, "unit-spill-3")
@@ -285,12 +307,13 @@ class ReadBack:
         self.producer = producer
         self.calls = 0
 
-    async def find(self, topic: str, partition: int, start: int, recs: Any,
-                   since_ms: int = 0) -> tuple[list[Record], int] | None:
+    async def find(
+        self, topic: str, partition: int, start: int, recs: Any, since_ms: int = 0
+    ) -> tuple[list[Record], int] | None:
         self.calls += 1
         if self.producer.paused:
             return None
-        log = self.producer.log[partition][max(start, 0):]
+        log = self.producer.log[partition][max(start, 0) :]
         there = [r for r in recs if r.value in log]
         return there, len(self.producer.log[partition])
 

@@ -94,14 +94,16 @@ def test_fog_json_schema_validator_names_the_field() -> None:
 
 
 def test_fog_declared_fields_are_strict() -> None:
-    s = StreamSettings.model_validate({
-        "fields": {
-            "value": {"type": "number", "ge": 0},
-            "unit": {"type": "string", "required": False, "enum": ["C", "K"]},
-            "n": {"type": "integer", "required": False},
-        },
-        "extra_fields": "forbid",
-    })
+    s = StreamSettings.model_validate(
+        {
+            "fields": {
+                "value": {"type": "number", "ge": 0},
+                "unit": {"type": "string", "required": False, "enum": ["C", "K"]},
+                "n": {"type": "integer", "required": False},
+            },
+            "extra_fields": "forbid",
+        }
+    )
     check = build_validator(s)
     assert check is not None
     assert check({"value": 1.5}) is None
@@ -217,8 +219,9 @@ async def test_fog_batch_ids_are_stable_for_the_same_events() -> None:
 async def test_fog_downsample_keeps_one_in_n_and_acks_the_rest() -> None:
     sink = _Sink()
     dropped = []
-    shaper = DownsampleShaper(ShapeSettings(mode="downsample", every=3), sink.emit, sink.queue,
-                              lambda: dropped.append(1))
+    shaper = DownsampleShaper(
+        ShapeSettings(mode="downsample", every=3), sink.emit, sink.queue, lambda: dropped.append(1)
+    )
     await sink.feed(shaper, 7)
     assert [e.id for e, _ in sink.out] == ["e0", "e3", "e6"]
     assert len(dropped) == 4

@@ -32,7 +32,12 @@ def test_render_argv_names_missing_arguments() -> None:
 
 def test_mpi_launchers() -> None:
     assert mpi_argv(MpiSpec(ranks=4, launcher_args=["--oversubscribe"]), ["./sim"]) == [
-        "mpirun", "-n", "4", "--oversubscribe", "./sim"]
+        "mpirun",
+        "-n",
+        "4",
+        "--oversubscribe",
+        "./sim",
+    ]
     assert mpi_argv(MpiSpec(ranks=2, launcher="srun"), ["./sim"]) == ["srun", "--ntasks=2", "./sim"]
 
 

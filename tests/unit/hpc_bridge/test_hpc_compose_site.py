@@ -23,7 +23,12 @@ def test_compose_section_defaults_and_paths(tmp_path: Path) -> None:
     assert cfg.compose is not None
     c = cfg.compose
     assert (c.driver, c.token_env, c.idle_timeout_s, c.max_machines, c.free_on_stop) == (
-        "inventory", "RX_COMPOSE_TOKEN", 300.0, 4, True)
+        "inventory",
+        "RX_COMPOSE_TOKEN",
+        300.0,
+        4,
+        True,
+    )
     assert cfg.compose_pools_path == tmp_path / "pools.yaml"  # relative to site.yaml
     assert cfg.compose_database == str(tmp_path / ".rx" / "site-hpc" / "compose.db")
     p.write_text("site: hpc\ncompose: {pools: /x/pools.yaml, database: 'postgresql+psycopg://db/rx'}\n")
@@ -61,8 +66,20 @@ def test_notebook_module_and_rich_reprs(tmp_path: Path) -> None:
 
     assert hb.compose is rc and rc.compose.__module__ == "reflexarc.hpc_bridge.compose.api"
     pools = tmp_path / "pools.yaml"
-    pools.write_text(yaml.safe_dump({"racks": {"r1": {"devices": [
-        {"id": "n1", "kind": "cpu", "cores": 8}, {"id": "g", "kind": "gpu", "model": "A100", "count": 2}]}}}))
+    pools.write_text(
+        yaml.safe_dump(
+            {
+                "racks": {
+                    "r1": {
+                        "devices": [
+                            {"id": "n1", "kind": "cpu", "cores": 8},
+                            {"id": "g", "kind": "gpu", "model": "A100", "count": 2},
+                        ]
+                    }
+                }
+            }
+        )
+    )
     rc.configure(db=tmp_path / "c.db", pools=pools)
     try:
         m = rc.compose(gpus=2, name="nb-box", identity=Identity(user="me"))
@@ -76,8 +93,11 @@ def test_notebook_module_and_rich_reprs(tmp_path: Path) -> None:
             def text(self, s: str) -> None:
                 self.out += s
 
-        for obj, expected in ((m, ["nb-box", "g-1", "gpu A100"]), (rc.pools(), ["free", "0/8 cores"]),
-                              (listed, [m.id, "n1, g-1, g-2"])):
+        for obj, expected in (
+            (m, ["nb-box", "g-1", "gpu A100"]),
+            (rc.pools(), ["free", "0/8 cores"]),
+            (listed, [m.id, "n1, g-1, g-2"]),
+        ):
             html = obj._repr_html_()
             assert html.startswith("<pre") and all(e in html for e in expected)
             printer = Printer()
@@ -90,10 +110,16 @@ def test_notebook_module_and_rich_reprs(tmp_path: Path) -> None:
 
 
 def test_worker_names_the_composed_machine_and_isolates_for_dask(tmp_path: Path) -> None:
-    spec = RunSpec(task_id="t", attempt=1, kind="python", workdir=str(tmp_path / "w"),
-                   result_path=str(tmp_path / "w" / "outcome.json"),
-                   function="reflexarc.hpc_bridge.examples.apps:devices",
-                   environment={"RX_MACHINE": "m-123", "CUDA_VISIBLE_DEVICES": "0,1"}, isolate=True)
+    spec = RunSpec(
+        task_id="t",
+        attempt=1,
+        kind="python",
+        workdir=str(tmp_path / "w"),
+        result_path=str(tmp_path / "w" / "outcome.json"),
+        function="reflexarc.hpc_bridge.examples.apps:devices",
+        environment={"RX_MACHINE": "m-123", "CUDA_VISIBLE_DEVICES": "0,1"},
+        isolate=True,
+    )
     # In a shared (Dask) process the variables only apply in a child process: isolate runs one.
     data = execute_json(spec.to_json())
     assert data["ok"], data
@@ -127,12 +153,14 @@ def test_site_run_without_the_compose_token_says_what_to_set(tmp_path: Path, mon
     from reflexarc.hpc_bridge.cli import site_app
 
     monkeypatch.delenv("RX_SITE_TOKEN", raising=False)
-    (tmp_path / "pools.yaml").write_text(yaml.safe_dump({"racks": {}, "tokens": [
-        {"user": "agent", "sha256": "0" * 64}]}))
+    (tmp_path / "pools.yaml").write_text(
+        yaml.safe_dump({"racks": {}, "tokens": [{"user": "agent", "sha256": "0" * 64}]})
+    )
     site = tmp_path / "site.yaml"
     # No broker at this address: the token check must come first and end the run.
-    site.write_text("site: hpc\nkafka: {bootstrap_servers: '127.0.0.1:1'}\n"
-                    "compose: {pools: pools.yaml, token_env: RX_SITE_TOKEN}\n")
+    site.write_text(
+        "site: hpc\nkafka: {bootstrap_servers: '127.0.0.1:1'}\ncompose: {pools: pools.yaml, token_env: RX_SITE_TOKEN}\n"
+    )
     out = CliRunner().invoke(site_app, ["run", str(site)])
     assert out.exit_code == 2
     assert "set RX_SITE_TOKEN to your compose token" in out.output and "'tokens'" in out.output

@@ -15,8 +15,9 @@ from reflexarc.hpc_bridge.envpack import EnvError, EnvManager
 def test_imports_map_to_pinned_distributions(tmp_path: Path) -> None:
     code = tmp_path / "code"
     code.mkdir()
-    (code / "rx_mod_a.py").write_text("import json, os\nimport yaml\nfrom sqlalchemy import select\n"
-                                      "def f():\n    return {}\n")
+    (code / "rx_mod_a.py").write_text(
+        "import json, os\nimport yaml\nfrom sqlalchemy import select\ndef f():\n    return {}\n"
+    )
     spec = AppSpec(function="rx_mod_a:f", env=EnvSpec(paths=[str(code)], requirements=["extra-pkg==1.0"]))
     env = EnvManager(tmp_path / "cache").analyse("a", spec)
     assert f"PyYAML=={md.version('PyYAML')}" in env.requirements

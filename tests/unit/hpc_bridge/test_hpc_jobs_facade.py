@@ -41,8 +41,9 @@ def new(task_id: str) -> NewJob:
     return NewJob(TaskRequest(task_id=task_id, app="a", site="hpc"))
 
 
-async def test_operations_of_one_moment_share_a_transaction(jobs: AsyncJobStore,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_operations_of_one_moment_share_a_transaction(
+    jobs: AsyncJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     await jobs.create([new(f"t{i}") for i in range(20)])
     claimed = await jobs.claim(20, "local")
     sizes = count_transactions(jobs, monkeypatch)
@@ -57,8 +58,9 @@ async def test_an_error_reaches_only_its_caller(jobs: AsyncJobStore) -> None:
     def boom(_b: Batch) -> None:
         raise RuntimeError("boom")
 
-    ok, bad, ok2 = await asyncio.gather(jobs.create([new("t2")]), jobs.call(boom), jobs.backlog(),
-                                        return_exceptions=True)
+    ok, bad, ok2 = await asyncio.gather(
+        jobs.create([new("t2")]), jobs.call(boom), jobs.backlog(), return_exceptions=True
+    )
     assert ok == ["t2"] and isinstance(bad, RuntimeError) and ok2 == 2
 
 
@@ -69,7 +71,9 @@ async def test_written_events_are_handed_over_before_callers_resume(jobs: AsyncJ
     assert created == ["t1", "t2"] and len(handed) == 2  # their queued states, already in hand
 
 
-async def test_a_lingering_operation_rides_with_the_next_one(jobs: AsyncJobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_lingering_operation_rides_with_the_next_one(
+    jobs: AsyncJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(jobs_module, "LINGER_S", 5.0)
     await jobs.create([new("t1")])
     await jobs.claim(1, "local")
@@ -82,8 +86,9 @@ async def test_a_lingering_operation_rides_with_the_next_one(jobs: AsyncJobStore
     assert [t.state for t in jobs.store.transitions("t1")] == ["queued", "running", "done"]
 
 
-async def test_a_lingering_operation_is_committed_on_its_own_in_time(jobs: AsyncJobStore,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_lingering_operation_is_committed_on_its_own_in_time(
+    jobs: AsyncJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(jobs_module, "LINGER_S", 0.05)
     await jobs.create([new("t1")])
     await jobs.claim(1, "local")

@@ -20,8 +20,15 @@ APPS = "reflexarc.hpc_bridge.examples.apps"
 
 def sleep_spec(tmp: Path, tag: str, seconds: float) -> RunSpec:
     """A task that sleeps and leaves one marker file per start (tag.pid.ns) in ``tmp/markers``."""
-    return RunSpec(task_id=tag, attempt=1, kind="python", workdir=str(tmp / tag), result_path=str(tmp / tag / "o.json"),
-                   function=f"{APPS}:sleep", args={"seconds": seconds, "marker_dir": str(tmp / "markers"), "tag": tag})
+    return RunSpec(
+        task_id=tag,
+        attempt=1,
+        kind="python",
+        workdir=str(tmp / tag),
+        result_path=str(tmp / tag / "o.json"),
+        function=f"{APPS}:sleep",
+        args={"seconds": seconds, "marker_dir": str(tmp / "markers"), "tag": tag},
+    )
 
 
 @pytest.fixture
@@ -46,7 +53,9 @@ def starts(tmp: Path, tag: str) -> int:
     return len(list((tmp / "markers").glob(f"{tag}.*"))) if (tmp / "markers").exists() else 0
 
 
-async def test_a_task_behind_a_busy_worker_starts_there_when_the_one_ahead_ends(tmp_path: Path, engine: LocalEngine) -> None:
+async def test_a_task_behind_a_busy_worker_starts_there_when_the_one_ahead_ends(
+    tmp_path: Path, engine: LocalEngine
+) -> None:
     first = await engine.submit(sleep_spec(tmp_path, "a", 0.5))
     behind = asyncio.create_task(engine.submit(sleep_spec(tmp_path, "b", 0.0)))
     await queued_behind(engine)
@@ -62,7 +71,9 @@ async def test_a_task_behind_a_busy_worker_starts_there_when_the_one_ahead_ends(
     assert starts(tmp_path, "a") == 1 and starts(tmp_path, "b") == 1
 
 
-async def test_cancelling_the_task_ahead_hands_the_one_behind_to_a_new_worker(tmp_path: Path, engine: LocalEngine) -> None:
+async def test_cancelling_the_task_ahead_hands_the_one_behind_to_a_new_worker(
+    tmp_path: Path, engine: LocalEngine
+) -> None:
     first = await engine.submit(sleep_spec(tmp_path, "a", 30))
     behind = asyncio.create_task(engine.submit(sleep_spec(tmp_path, "b", 0.0)))
     await queued_behind(engine)
@@ -103,8 +114,17 @@ async def test_a_worker_that_dies_fails_its_task_and_the_pool_goes_on(tmp_path: 
 
 
 def test_run_spec_json_round_trip_does_not_share_the_spec(tmp_path: Path) -> None:
-    spec = RunSpec(task_id="t", attempt=2, kind="python", workdir="/w", result_path="/w/o.json", function="m:f",
-                   args={"nested": {"a": [1, 2]}}, environment={"X": "1"}, pythonpath=["/p"])
+    spec = RunSpec(
+        task_id="t",
+        attempt=2,
+        kind="python",
+        workdir="/w",
+        result_path="/w/o.json",
+        function="m:f",
+        args={"nested": {"a": [1, 2]}},
+        environment={"X": "1"},
+        pythonpath=["/p"],
+    )
     text = spec.to_json()
     assert RunSpec.from_json(text) == spec
     assert json.loads(text)["args"] == {"nested": {"a": [1, 2]}}
@@ -120,22 +140,36 @@ def test_outcome_fsync_only_where_the_file_is_the_only_record(tmp_path: Path, mo
     base = {"attempt": 1, "kind": "python", "function": f"{APPS}:add", "args": {"a": 1, "b": 2}}
     execute(RunSpec(task_id="s", workdir=str(tmp_path / "s"), result_path=str(tmp_path / "s/o.json"), **base))
     assert len(synced) == 1  # `worker.py run` (batch jobs, pilots): fsynced
-    out = execute(RunSpec(task_id="n", workdir=str(tmp_path / "n"), result_path=str(tmp_path / "n/o.json"), **base),
-                  sync=False)
+    out = execute(
+        RunSpec(task_id="n", workdir=str(tmp_path / "n"), result_path=str(tmp_path / "n/o.json"), **base), sync=False
+    )
     assert len(synced) == 1  # a serve worker: its agent commits the outcome
     assert worker.read_outcome(str(tmp_path / "n/o.json")) == json.loads(json.dumps(out))
 
 
 def test_environment_is_restored_after_the_task_and_after_the_app_changed_it(tmp_path: Path) -> None:
     before = dict(os.environ)
-    spec = RunSpec(task_id="e", attempt=1, kind="python", workdir=str(tmp_path / "e"),
-                   result_path=str(tmp_path / "e/o.json"), function="os:getenv", args={"key": "RX_T1"},
-                   environment={"RX_T1": "1"})
+    spec = RunSpec(
+        task_id="e",
+        attempt=1,
+        kind="python",
+        workdir=str(tmp_path / "e"),
+        result_path=str(tmp_path / "e/o.json"),
+        function="os:getenv",
+        args={"key": "RX_T1"},
+        environment={"RX_T1": "1"},
+    )
     assert execute(spec)["result"] == {"value": "1"}  # the task saw its variable
     assert dict(os.environ) == before
     # The app itself changes the environment: undone after it.
-    spec2 = RunSpec(task_id="f", attempt=1, kind="python", workdir=str(tmp_path / "f"),
-                    result_path=str(tmp_path / "f/o.json"), function="os:environ.update",
-                    args={"RX_T3": "3"})
+    spec2 = RunSpec(
+        task_id="f",
+        attempt=1,
+        kind="python",
+        workdir=str(tmp_path / "f"),
+        result_path=str(tmp_path / "f/o.json"),
+        function="os:environ.update",
+        args={"RX_T3": "3"},
+    )
     assert execute(spec2)["ok"]
     assert dict(os.environ) == before

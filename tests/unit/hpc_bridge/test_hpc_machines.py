@@ -42,8 +42,15 @@ def machine(mid: str, cpus: int, gpus: int, model: str = "A100", memory_gb: int 
     """A composed machine (for the pure decisions; no database)."""
     devs = [Device(id=f"{mid}-n", kind="cpu", rack="r1", fabric="r1", cores=cpus, node="node1")]
     devs += [Device(id=f"{mid}-g{i}", kind="gpu", rack="r1", fabric="r1", model=model) for i in range(gpus)]
-    return Machine(id=mid, owner="site-agent", spec=CompositionSpec(cpus=cpus, gpus=gpus, memory_gb=memory_gb),
-                   devices=devs, state=MachineState.COMPOSED, driver="inventory", created_at=datetime.now(UTC))
+    return Machine(
+        id=mid,
+        owner="site-agent",
+        spec=CompositionSpec(cpus=cpus, gpus=gpus, memory_gb=memory_gb),
+        devices=devs,
+        state=MachineState.COMPOSED,
+        driver="inventory",
+        created_at=datetime.now(UTC),
+    )
 
 
 # ---- pure decisions ----------------------------------------------------------------------------------
@@ -61,7 +68,8 @@ def test_fits_locally_or_says_why_not() -> None:
 def test_needs_merge_request_and_app() -> None:
     # The app declares 2 GPUs: a request without resources still needs them.
     assert task_needs(Resources(), AppSpec(function="m:f", gpus=2, gpu_model="A100")) == Resources(
-        cpus=1, gpus=2, gpu_model="A100")
+        cpus=1, gpus=2, gpu_model="A100"
+    )
     # A CPU implementation exists: nothing forces a GPU (the site picks the best it has).
     with_cpu = AppSpec(function="m:f", gpus=1, implementations=[Implementation(function="m:g", gpus=0)])
     assert task_needs(Resources(), with_cpu).gpus == 0
@@ -94,8 +102,11 @@ def test_decide_composes_evicts_or_waits_at_the_limit() -> None:
 
 
 def test_only_idle_machines_expire() -> None:
-    slots = [Slot(machine("idle", 1, 1), None, 10.0), Slot(machine("busy", 1, 1), "t", 0.0),
-             Slot(machine("fresh", 1, 1), None, 19.0)]
+    slots = [
+        Slot(machine("idle", 1, 1), None, 10.0),
+        Slot(machine("busy", 1, 1), "t", 0.0),
+        Slot(machine("fresh", 1, 1), None, 19.0),
+    ]
     assert [s.machine.id for s in expired(slots, now=20.0, idle_timeout_s=5.0)] == ["idle"]
     assert expired(slots, now=1000.0, idle_timeout_s=5.0)[1:] == [slots[2]]
 
@@ -106,7 +117,9 @@ def test_machine_environment_and_offer() -> None:
     assert env["RX_MACHINE"] == "m-1" and env["RX_MACHINE_GPUS"] == "m-1-g0,m-1-g1"
     assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["RX_MACHINE_NODE"] == "node1"
     assert "CUDA_VISIBLE_DEVICES" not in machine_environment(m, set_cuda=False)  # Slurm sets it itself
-    labelled = m.model_copy(update={"devices": [m.devices[0], m.devices[1].model_copy(update={"labels": {"index": "6"}})]})
+    labelled = m.model_copy(
+        update={"devices": [m.devices[0], m.devices[1].model_copy(update={"labels": {"index": "6"}})]}
+    )
     assert machine_environment(labelled, set_cuda=True)["CUDA_VISIBLE_DEVICES"] == "6"
     assert offer_of(m) == SiteResources(cpus=4, gpus=2, gpu_model="A100")
 
@@ -125,10 +138,20 @@ class Clock:
 def pools_file(tmp_path: Path, gpus: int = 4) -> Path:
     """One rack: four compute nodes and ``gpus`` A100s."""
     p = tmp_path / "pools.yaml"
-    p.write_text(yaml.safe_dump({"racks": {"r1": {"devices": [
-        {"id": "n", "kind": "cpu", "cores": 8, "count": 4},
-        {"id": "gpu", "kind": "gpu", "model": "A100", "count": gpus},
-    ]}}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "racks": {
+                    "r1": {
+                        "devices": [
+                            {"id": "n", "kind": "cpu", "cores": 8, "count": 4},
+                            {"id": "gpu", "kind": "gpu", "model": "A100", "count": gpus},
+                        ]
+                    }
+                }
+            }
+        )
+    )
     return p
 
 
@@ -169,7 +192,9 @@ async def test_compose_reuse_and_free_after_idle(composer: Composer) -> None:
     assert await p.reap() == [m1.id]
     assert composer.pools().used() == 0 and composer.show(m1.id).state is MachineState.FREED
     assert [(e.action, e.outcome, e.user) for e in composer.audit()] == [
-        ("compose", "ok", "site-agent"), ("free", "ok", "site-agent")]
+        ("compose", "ok", "site-agent"),
+        ("free", "ok", "site-agent"),
+    ]
 
 
 async def test_nothing_fits_raises_the_composers_reason(composer: Composer) -> None:
@@ -259,11 +284,16 @@ async def test_at_the_limit_an_impossible_task_fails_at_once_and_frees_nothing(c
     idle = await p.acquire("t2", Resources(gpus=1))
     await p.release("t2")
     # 8 GPUs fit nowhere even if this site freed everything: no waiting, no eviction.
-    with pytest.raises(PlacementError, match=r"need 8 gpu .* is 2 \(rack r1\); even if this site freed its 2 machine\(s\): "
-                       r"need 8 gpu in one fabric domain; the most any domain has free is 4 \(rack r1\)"):
+    with pytest.raises(
+        PlacementError,
+        match=r"need 8 gpu .* is 2 \(rack r1\); even if this site freed its 2 machine\(s\): "
+        r"need 8 gpu in one fabric domain; the most any domain has free is 4 \(rack r1\)",
+    ):
         await asyncio.wait_for(p.acquire("t3", Resources(gpus=8)), 5)
     assert {m.id: composer.show(m.id).state for m in (busy, idle)} == {
-        busy.id: MachineState.COMPOSED, idle.id: MachineState.COMPOSED}
+        busy.id: MachineState.COMPOSED,
+        idle.id: MachineState.COMPOSED,
+    }
     # 3 GPUs fit once the idle machine is freed: it makes room (max_machines stays 2).
     three = await asyncio.wait_for(p.acquire("t4", Resources(gpus=3)), 5)
     assert three.spec.gpus == 3 and composer.show(idle.id).state is MachineState.FREED

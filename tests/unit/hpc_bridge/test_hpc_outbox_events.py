@@ -15,14 +15,27 @@ import pytest
 from reflexarc.envelope import _FORMAT, Envelope, ce_kafka
 from reflexarc.events import Cause, Command, JobState, TaskRequest, TaskResult
 
-CAUSE = Cause(event_ids=["e1", "e2"], site="bl1", device="det1", stream="counts",
-              time=datetime(2030, 5, 6, 7, 8, 9, 123456, tzinfo=UTC))
+CAUSE = Cause(
+    event_ids=["e1", "e2"],
+    site="bl1",
+    device="det1",
+    stream="counts",
+    time=datetime(2030, 5, 6, 7, 8, 9, 123456, tzinfo=UTC),
+)
 
 PLAIN = [
     JobState(task_id="t1", site="hpc", state="running", previous="queued", reason='ünïcode ✓ "quoted"', seq=2),
     JobState(task_id="t1", site="hpc", state="done", previous="running", reason="completed", seq=3, machine="m-1"),
-    TaskResult(task_id="t1", app="fit", site="hpc", status="done", result={"x": [1, 2.5, None, {"y": "z"}]},
-               cause=CAUSE, trigger="peak", started_at=CAUSE.time),
+    TaskResult(
+        task_id="t1",
+        app="fit",
+        site="hpc",
+        status="done",
+        result={"x": [1, 2.5, None, {"y": "z"}]},
+        cause=CAUSE,
+        trigger="peak",
+        started_at=CAUSE.time,
+    ),
     TaskResult(task_id="t2", app="fit", site="hpc", status="failed", error="boom", attempts=3),
     TaskRequest(task_id="t3", app="fit", site="hpc", args={"k": 1}, cause=CAUSE),
     Command(command_id="c1", site="bl1", device="det1", actuator="motor", args={"to": 1.5}),
@@ -31,6 +44,7 @@ PLAIN = [
 
 def sdk(env: Envelope, key: bytes | None) -> tuple[Any, Any]:
     """What the SDK writes: structured JSON, and the Kafka record with the envelope's key rule."""
+
     def run(fn: Any) -> Any:
         try:
             return fn()

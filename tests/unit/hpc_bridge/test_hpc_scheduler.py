@@ -67,8 +67,13 @@ class _Attempt(Execution):
 
 @pytest.fixture
 async def site(tmp_path: Path) -> AsyncIterator[tuple[SiteConfig, AsyncJobStore]]:
-    cfg = SiteConfig.model_validate({"site": "hpc", "state_dir": str(tmp_path / "state"),
-                                     "apps": {"echo": {"function": "reflexarc.hpc_bridge.examples.apps:echo"}}})
+    cfg = SiteConfig.model_validate(
+        {
+            "site": "hpc",
+            "state_dir": str(tmp_path / "state"),
+            "apps": {"echo": {"function": "reflexarc.hpc_bridge.examples.apps:echo"}},
+        }
+    )
     jobs = await AsyncJobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}", "hpc", Topics())
     yield cfg, jobs
     await jobs.close()

@@ -19,10 +19,10 @@ def store(tmp_path: Path) -> JobStore:
     s.close()
 
 
-def job(task_id: str, deps: list[str] | None = None, retries: int = 0,
-        policy: OnFailure = OnFailure.RETRY) -> NewJob:
-    return NewJob(TaskRequest(task_id=task_id, app="a", site="hpc", depends_on=deps or []),
-                  max_retries=retries, on_failure=policy)
+def job(task_id: str, deps: list[str] | None = None, retries: int = 0, policy: OnFailure = OnFailure.RETRY) -> NewJob:
+    return NewJob(
+        TaskRequest(task_id=task_id, app="a", site="hpc", depends_on=deps or []), max_retries=retries, on_failure=policy
+    )
 
 
 def run(store: JobStore, task_id: str, outcome: Outcome) -> JobStatus | None:
@@ -68,10 +68,15 @@ def test_retry_until_exhausted(store: JobStore) -> None:
     assert j is not None and j.attempt == 2 and "no retries left" in j.reason
 
 
-@pytest.mark.parametrize(("policy", "successor"), [
-    (OnFailure.IGNORE, "queued"), (OnFailure.CANCEL_SUCCESSORS, "cancelled"),
-    (OnFailure.FAIL, "failed"), (OnFailure.RETRY, "cancelled"),
-])
+@pytest.mark.parametrize(
+    ("policy", "successor"),
+    [
+        (OnFailure.IGNORE, "queued"),
+        (OnFailure.CANCEL_SUCCESSORS, "cancelled"),
+        (OnFailure.FAIL, "failed"),
+        (OnFailure.RETRY, "cancelled"),
+    ],
+)
 def test_failure_policies_reach_successors_transitively(store: JobStore, policy: OnFailure, successor: str) -> None:
     store.create_jobs([job("b", ["a"]), job("c", ["b"]), job("a", policy=policy)])
     assert store.get("b").status is JobStatus.CREATED  # type: ignore[union-attr]

@@ -29,12 +29,14 @@ def new(task_id: str, deps: list[str] | None = None, **kw: Any) -> NewJob:
 
 def test_a_whole_task_in_one_batch_and_its_events_in_order(store: JobStore) -> None:
     cause = Cause(event_ids=["e1"], site="bl", device="d")
-    results, written = store.run([
-        lambda b: b.create_jobs([new("t1", trigger="peak", cause=cause)]),
-        lambda b: b.claim(5, "local"),
-        lambda b: b.submitted("t1", "local:1", "/w", True, "running on the local engine"),
-        lambda b: b.finish("t1", Outcome(JobStatus.DONE, result={"x": 1})),
-    ])
+    results, written = store.run(
+        [
+            lambda b: b.create_jobs([new("t1", trigger="peak", cause=cause)]),
+            lambda b: b.claim(5, "local"),
+            lambda b: b.submitted("t1", "local:1", "/w", True, "running on the local engine"),
+            lambda b: b.finish("t1", Outcome(JobStatus.DONE, result={"x": 1})),
+        ]
+    )
     assert results[0] == ["t1"] and [j.task_id for j in results[1]] == ["t1"] and results[3] is JobStatus.DONE
     assert [t.state for t in store.transitions("t1")] == ["queued", "running", "done"]
     # The rows written are handed back in id order, exactly as the outbox holds them.
@@ -57,11 +59,13 @@ def test_a_failing_operation_keeps_nothing_of_its_batch(store: JobStore) -> None
 
 
 def test_dependencies_settle_within_one_batch(store: JobStore) -> None:
-    store.run([
-        lambda b: b.create_jobs([new("b", ["a"]), new("c", ["b"]), new("a")]),
-        lambda b: b.claim(1, "local"),
-        lambda b: b.finish("a", Outcome(JobStatus.DONE, result={})),
-    ])
+    store.run(
+        [
+            lambda b: b.create_jobs([new("b", ["a"]), new("c", ["b"]), new("a")]),
+            lambda b: b.claim(1, "local"),
+            lambda b: b.finish("a", Outcome(JobStatus.DONE, result={})),
+        ]
+    )
     b = store.get("b")
     c = store.get("c")
     assert b is not None and b.status is JobStatus.QUEUED
@@ -147,9 +151,11 @@ def test_statements_for_a_named_parameter_driver() -> None:
 
     s = _Statements(postgresql.psycopg.dialect())
     cur = Cursor()
-    s.insert_transitions.write(cur, [{"task_id": "t", "seq": 1, "previous": None, "state": "queued",
-                                      "reason": "r", "attempt": 1, "at": None}])
+    s.insert_transitions.write(
+        cur, [{"task_id": "t", "seq": 1, "previous": None, "state": "queued", "reason": "r", "attempt": 1, "at": None}]
+    )
     sql, params = cur.calls[0]
-    assert "%(task_id)s" in sql and params == [{"task_id": "t", "seq": 1, "previous": None, "state": "queued",
-                                                 "reason": "r", "attempt": 1, "at": None}]
+    assert "%(task_id)s" in sql and params == [
+        {"task_id": "t", "seq": 1, "previous": None, "state": "queued", "reason": "r", "attempt": 1, "at": None}
+    ]
     assert s.ids(["a", "b"]) == ["a", "b"] and "any(%(ids)s" in s.load.sql

@@ -18,8 +18,13 @@ APPS = "reflexarc.hpc_bridge.examples.apps"
 
 
 def spec(tmp_path: Path, **kw: object) -> RunSpec:
-    base = {"task_id": "t", "attempt": 1, "kind": "python", "workdir": str(tmp_path / "w"),
-            "result_path": str(tmp_path / "w" / "outcome.json")}
+    base = {
+        "task_id": "t",
+        "attempt": 1,
+        "kind": "python",
+        "workdir": str(tmp_path / "w"),
+        "result_path": str(tmp_path / "w" / "outcome.json"),
+    }
     base.update(kw)
     return RunSpec(**base)  # type: ignore[arg-type]
 
@@ -48,8 +53,9 @@ def test_shell_app_output_and_exit_code(tmp_path: Path) -> None:
 
 def test_serve_protocol_keeps_app_prints_out_of_the_channel(tmp_path: Path) -> None:
     s = spec(tmp_path, function="builtins:print", args={"end": "noise\n"})
-    proc = subprocess.run([sys.executable, worker.__file__, "serve"], input=s.to_json() + "\n",
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, worker.__file__, "serve"], input=s.to_json() + "\n", capture_output=True, text=True, timeout=60
+    )
     lines = proc.stdout.splitlines()
     assert json.loads(lines[0])["ready"] and json.loads(lines[1])["ok"] and len(lines) == 2
     assert "noise" in (tmp_path / "w" / "task.log").read_text()
@@ -63,9 +69,10 @@ def test_ensure_unpacked_once_under_concurrency(tmp_path: Path) -> None:
         info.size = len(data)
         tf.addfile(info, io.BytesIO(data))
     results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(ensure_unpacked(str(tarball), "h1",
-                                                                           str(tmp_path / "root"))))
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: results.append(ensure_unpacked(str(tarball), "h1", str(tmp_path / "root"))))
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:

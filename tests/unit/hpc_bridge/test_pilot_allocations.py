@@ -101,10 +101,27 @@ class Queue:
 
 
 def manager(tmp_path: Path, c: Cluster, prefetch: int = 0, **settings: Any) -> AllocationManager:
-    s = PilotSettings.model_validate({"cores_per_node": c.slots, "walltime": "00:03:00", "idle_timeout_s": 30,
-                                      "walltime_margin_s": 10, "drain_s": 20, **settings})
-    return AllocationManager(s, c, Queue(c), tmp_path, kind="dask", label="hpc", field="engine.dask.jobqueue",
-                             clock=lambda: c.now, prefetch_per_slot=prefetch)
+    s = PilotSettings.model_validate(
+        {
+            "cores_per_node": c.slots,
+            "walltime": "00:03:00",
+            "idle_timeout_s": 30,
+            "walltime_margin_s": 10,
+            "drain_s": 20,
+            **settings,
+        }
+    )
+    return AllocationManager(
+        s,
+        c,
+        Queue(c),
+        tmp_path,
+        kind="dask",
+        label="hpc",
+        field="engine.dask.jobqueue",
+        clock=lambda: c.now,
+        prefetch_per_slot=prefetch,
+    )
 
 
 async def tick(m: AllocationManager) -> None:
@@ -126,8 +143,9 @@ async def test_backlog_grows_to_max_and_idle_releases(tmp_path: Path) -> None:
     await tick(m)
     # 5 slots of backlog, 2 per allocation: both allocations at once, not more than max.
     assert [a.job_id for a in m.allocations.values()] == ["100", "101"]
-    assert any("backlog 5 task(s) (5 slots) > 0 free slot(s): requesting allocation 2 of 2" in d
-               for d in m.decisions), list(m.decisions)
+    assert any(
+        "backlog 5 task(s) (5 slots) > 0 free slot(s): requesting allocation 2 of 2" in d for d in m.decisions
+    ), list(m.decisions)
     c.start(f"{m.prefix}a1", 170)
     await tick(m)
     placed = [w.result() for w in waits if w.done()]
@@ -173,8 +191,9 @@ async def test_walltime_rule_short_task_stays_long_task_gets_new_allocation(tmp_
     await tick(m)
     assert not long_wait.done()
     assert f"{m.prefix}a2" in m.allocations
-    assert any("need more wall time than any running allocation has left (timeout 120s + margin 10s)" in d
-               for d in m.decisions)
+    assert any(
+        "need more wall time than any running allocation has left (timeout 120s + margin 10s)" in d for d in m.decisions
+    )
     c.start(f"{m.prefix}a2", 178)
     await tick(m)
     assert long_wait.result().allocation == f"{m.prefix}a2"
@@ -269,10 +288,18 @@ async def test_start_cancels_jobs_a_previous_process_left(tmp_path: Path) -> Non
     c.entries["7"] = Entry("7", f"{m.prefix}a3", state="RUNNING")
     c.entries["8"] = Entry("8", "someone-else")
     (tmp_path / "pilots").mkdir(exist_ok=True)
-    (tmp_path / "pilots" / "allocations.json").write_text(json.dumps({
-        "next_number": 4, "pid": 4242,
-        "allocations": [{"name": f"{m.prefix}a3", "number": 3, "job_id": "7", "state": "running"},
-                        {"name": f"{m.prefix}a2", "number": 2, "job_id": "6", "state": "running"}]}))
+    (tmp_path / "pilots" / "allocations.json").write_text(
+        json.dumps(
+            {
+                "next_number": 4,
+                "pid": 4242,
+                "allocations": [
+                    {"name": f"{m.prefix}a3", "number": 3, "job_id": "7", "state": "running"},
+                    {"name": f"{m.prefix}a2", "number": 2, "job_id": "6", "state": "running"},
+                ],
+            }
+        )
+    )
     m2 = manager(tmp_path, c)
     await m2.start()
     try:
@@ -297,8 +324,10 @@ async def test_waiting_reason_names_the_pending_allocation(tmp_path: Path, pendi
     c.entries["100"].reason = pending_reason
     c.now += 11
     await tick(m)
-    assert m.waiting_reason("t") == f"waiting for a pilot slot: allocation {m.prefix}a1 (job 100) is pending in " \
-                                    f"Slurm: {pending_reason}"
+    assert (
+        m.waiting_reason("t") == f"waiting for a pilot slot: allocation {m.prefix}a1 (job 100) is pending in "
+        f"Slurm: {pending_reason}"
+    )
     m.withdraw("t")
     with pytest.raises(asyncio.CancelledError):
         await w
@@ -409,8 +438,11 @@ async def test_queued_tasks_count_as_backlog_and_move_to_a_new_allocations_free_
     # Nothing waits in the manager, but a task queued at a busy worker is backlog: a second allocation.
     await tick(m)
     assert a2 in m.allocations
-    assert any("backlog 1 task(s) (1 slots, 1 of them queued at busy workers) > 0 free slot(s): requesting "
-               "allocation 2 of 2" in d for d in m.decisions), list(m.decisions)
+    assert any(
+        "backlog 1 task(s) (1 slots, 1 of them queued at busy workers) > 0 free slot(s): requesting "
+        "allocation 2 of 2" in d
+        for d in m.decisions
+    ), list(m.decisions)
     # Its worker connects: the queued task is taken back, to start at once on the free slot.
     c.start(a2, 170)
     await tick(m)
@@ -429,5 +461,6 @@ async def test_a_task_its_worker_started_meanwhile_is_not_taken_back(tmp_path: P
     alloc = m.allocations[f"{m.prefix}a1"]
     assert m.take_back(alloc) == 0
     assert not alloc.queued and "q" in alloc.placements and not alloc.placements["q"].queued
-    assert any("0 task(s) queued at its workers taken back to be placed again (1 had started)" in d
-               for d in m.decisions)
+    assert any(
+        "0 task(s) queued at its workers taken back to be placed again (1 had started)" in d for d in m.decisions
+    )

@@ -49,8 +49,9 @@ def test_walltime_and_pilot_settings_are_checked() -> None:
 
 
 def test_dask_jobqueue_section_alone_means_a_pilot_cluster_with_jobqueue_names() -> None:
-    e = EngineSettings.model_validate({"kind": "dask", "dask": {"jobqueue": {"cores": 4, "queue": "debug",
-                                                                             "memory": "8GB"}}})
+    e = EngineSettings.model_validate(
+        {"kind": "dask", "dask": {"jobqueue": {"cores": 4, "queue": "debug", "memory": "8GB"}}}
+    )
     assert e.dask.cluster == "jobqueue" and e.pilot is e.dask.jobqueue
     assert isinstance(e.pilot, JobqueueSettings)
     assert (e.pilot.cores_per_node, e.pilot.partition, e.pilot.memory_per_node) == (4, "debug", "8GB")
@@ -85,8 +86,11 @@ def test_workers_address_must_be_of_this_host() -> None:
     assert resolve_address("127.0.0.1", None, "engine.parsl") == "127.0.0.1"
     assert resolve_address("localhost", None, "engine.parsl") == "localhost"
     assert resolve_address(None, "lo", "engine.parsl") == "127.0.0.1"
-    with pytest.raises(EngineError, match=r"engine\.parsl\.address: '10\.254\.254\.254' is not an address of this "
-                                          r"host .*its interfaces: .*lo 127\.0\.0\.1"):
+    with pytest.raises(
+        EngineError,
+        match=r"engine\.parsl\.address: '10\.254\.254\.254' is not an address of this "
+        r"host .*its interfaces: .*lo 127\.0\.0\.1",
+    ):
         resolve_address("10.254.254.254", None, "engine.parsl")
     with pytest.raises(EngineError, match=r"engine\.dask\.jobqueue\.interface: 'ib9' is not a network interface"):
         resolve_address(None, "ib9", "engine.dask.jobqueue")
@@ -102,15 +106,18 @@ def test_slurm_durations() -> None:
 
 def test_mpi_launchers() -> None:
     assert mpi_argv(MpiSpec(ranks=4, ranks_per_node=2, launcher="srun"), ["./sim"]) == [
-        "srun", "--ntasks=4", "--ntasks-per-node=2", "./sim"]
+        "srun",
+        "--ntasks=4",
+        "--ntasks-per-node=2",
+        "./sim",
+    ]
     assert mpi_argv(MpiSpec(ranks=4, ranks_per_node=2), ["./sim"]) == ["mpirun", "-n", "4", "--npernode", "2", "./sim"]
     assert mpi_argv(MpiSpec(ranks=4, ranks_per_node=2, launcher="mpiexec"), ["./sim"])[3:5] == ["-ppn", "2"]
 
 
 def spec(**kw: Any) -> RunSpec:
     """A RunSpec with the given fields."""
-    return RunSpec(task_id="t", attempt=1, workdir="/tmp/w", result_path="/tmp/w/o.json",
-                   **{"kind": "python", **kw})
+    return RunSpec(task_id="t", attempt=1, workdir="/tmp/w", result_path="/tmp/w/o.json", **{"kind": "python", **kw})
 
 
 def test_what_a_task_needs_from_an_allocation() -> None:
@@ -135,18 +142,33 @@ def test_the_worker_applies_gpus_and_mpi_step_settings(monkeypatch: pytest.Monke
     monkeypatch.setenv("SLURM_MEM_PER_CPU", "1024")
     m = prepare(spec(kind="mpi", argv=["srun", "--ntasks=2", "./sim"]), [])
     assert m.environment["SLURM_OVERLAP"] == "1" and m.environment["SLURM_MEM_PER_CPU"] == "0"
-    assert m.argv is not None and m.argv[:3] == ["env", "-u", "SLURM_LABELIO"] and m.argv[-3:] == [
-        "srun", "--ntasks=2", "./sim"]
+    assert (
+        m.argv is not None
+        and m.argv[:3] == ["env", "-u", "SLURM_LABELIO"]
+        and m.argv[-3:] == ["srun", "--ntasks=2", "./sim"]
+    )
 
 
 def test_dask_job_script_for_gpus_and_several_nodes(tmp_path: Path) -> None:
-    s = JobqueueSettings(cores_per_node=4, nodes_per_allocation=2, gpus_per_node=2, partition="gpu",
-                         worker_init=["module load cuda"], walltime="00:30:00")
+    s = JobqueueSettings(
+        cores_per_node=4,
+        nodes_per_allocation=2,
+        gpus_per_node=2,
+        partition="gpu",
+        worker_init=["module load cuda"],
+        walltime="00:30:00",
+    )
     name = "rxp-abc123-a7"
     job = _job_class()(nodes=2, **job_kwargs(s, "tcp://10.0.0.1:8786", name, tmp_path))
     script = job.job_script()
-    for line in ("#SBATCH -J rxp-abc123-a7", "#SBATCH --nodes=2", "#SBATCH --gres=gpu:2", "#SBATCH -p gpu",
-                 "#SBATCH -t 00:30:00", "module load cuda"):
+    for line in (
+        "#SBATCH -J rxp-abc123-a7",
+        "#SBATCH --nodes=2",
+        "#SBATCH --gres=gpu:2",
+        "#SBATCH -p gpu",
+        "#SBATCH -t 00:30:00",
+        "module load cuda",
+    ):
         assert line in script, script
     assert "#SBATCH -n 1" not in script and "--mem" not in script.split("dask_worker")[0]
     assert "srun --nodes=2 --ntasks-per-node=1 bash -c" in script and "--name rxp-abc123-a7-n$SLURM_NODEID" in script
@@ -156,8 +178,10 @@ def test_dask_job_script_for_gpus_and_several_nodes(tmp_path: Path) -> None:
 
 
 def test_make_engine_builds_pilot_engines(tmp_path: Path) -> None:
-    for section in ({"kind": "parsl"}, {"kind": "dask", "dask": {"jobqueue": {"max_allocations": 3,
-                                                                               "cores_per_node": 2}}}):
+    for section in (
+        {"kind": "parsl"},
+        {"kind": "dask", "dask": {"jobqueue": {"max_allocations": 3, "cores_per_node": 2}}},
+    ):
         engine = make_engine(EngineSettings.model_validate(section), str(tmp_path / "work"), "hpc")
         assert isinstance(engine, PilotEngine) and engine.label == "hpc"
     assert engine.capacity == 6 and engine.name == "dask"
@@ -169,13 +193,40 @@ def test_site_status_lists_allocations(tmp_path: Path) -> None:
     runner = CliRunner()
     assert "holds no allocations" in runner.invoke(site_app, ["status", str(site)]).stdout
     now = time.time()
-    status = {"site": "hpc", "engine": "parsl", "updated": now, "pid": os.getpid(), "waiting_tasks": 3,
-              "free_slots": 0, "allocations": [
-                  {"name": "rxp-1-a1", "state": "running", "job_id": "12", "nodes": 1, "node_list": "n1",
-                   "end_at": now + 600, "walltime_left_s": 700, "workers": 1, "tasks_running": 2, "reason": ""},
-                  {"name": "rxp-1-a2", "state": "released", "job_id": "13", "nodes": 1, "node_list": "n1",
-                   "end_at": None, "walltime_left_s": None, "workers": 0, "tasks_running": 0,
-                   "reason": "idle for 30s >= idle_timeout_s 30"}]}
+    status = {
+        "site": "hpc",
+        "engine": "parsl",
+        "updated": now,
+        "pid": os.getpid(),
+        "waiting_tasks": 3,
+        "free_slots": 0,
+        "allocations": [
+            {
+                "name": "rxp-1-a1",
+                "state": "running",
+                "job_id": "12",
+                "nodes": 1,
+                "node_list": "n1",
+                "end_at": now + 600,
+                "walltime_left_s": 700,
+                "workers": 1,
+                "tasks_running": 2,
+                "reason": "",
+            },
+            {
+                "name": "rxp-1-a2",
+                "state": "released",
+                "job_id": "13",
+                "nodes": 1,
+                "node_list": "n1",
+                "end_at": None,
+                "walltime_left_s": None,
+                "workers": 0,
+                "tasks_running": 0,
+                "reason": "idle for 30s >= idle_timeout_s 30",
+            },
+        ],
+    }
     (tmp_path / "state" / "pilots").mkdir(parents=True)
     (tmp_path / "state" / "pilots" / "allocations.json").write_text(json.dumps(status))
     data = json.loads(runner.invoke(site_app, ["status", str(site), "--json"]).stdout)

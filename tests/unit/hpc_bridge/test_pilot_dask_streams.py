@@ -47,7 +47,8 @@ async def test_the_manager_lists_workers_only_when_they_changed(tmp_path: Path) 
         async with Worker(backend.scheduler_address, name="rxp-abc123-a1-0", nthreads=1, resources={"GPU": 2}) as w:
             listed = await backend.workers()
             assert [(i.name, i.slots, i.gpus, i.incarnation) for i in listed["rxp-abc123-a1"]] == [
-                ("rxp-abc123-a1-0", 1, 2, w.address)]
+                ("rxp-abc123-a1-0", 1, 2, w.address)
+            ]
             version = backend._workers_version
             # Unchanged: the scheduler answers with its version only.
             assert await backend.client.scheduler.rx_workers(since=version) == {"version": version}
@@ -77,11 +78,20 @@ async def test_a_finished_key_is_released_after_the_next_submit(tmp_path: Path) 
 
             def spec(i: int) -> RunSpec:
                 work = tmp_path / f"t{i}"
-                return RunSpec(task_id=f"t{i}", attempt=1, kind="python", workdir=str(work),
-                               result_path=str(work / "outcome.json"), function=APP, args={"i": i}, timeout_s=60)
+                return RunSpec(
+                    task_id=f"t{i}",
+                    attempt=1,
+                    kind="python",
+                    workdir=str(work),
+                    result_path=str(work / "outcome.json"),
+                    function=APP,
+                    args={"i": i},
+                    timeout_s=60,
+                )
 
-            placement = Placement(key="k", allocation="rxp-abc123-a1", job_id="1", worker=name, node="n",
-                                  slots=(("n", 1),))
+            placement = Placement(
+                key="k", allocation="rxp-abc123-a1", job_id="1", worker=name, node="n", slots=(("n", 1),)
+            )
             first = await backend.run(spec(0), placement)
             out = await first.result()
             assert out["ok"] and out["result"]["i"] == 0

@@ -13,8 +13,16 @@ APP = "reflexarc.hpc_bridge.examples.apps:sleep"
 
 def spec(tmp_path: Path) -> RunSpec:
     work = tmp_path / "t"
-    return RunSpec(task_id="t", attempt=1, kind="python", workdir=str(work), result_path=str(work / "outcome.json"),
-                   function=APP, args={"seconds": 0, "marker_dir": str(tmp_path / "ran"), "tag": "t"}, timeout_s=30)
+    return RunSpec(
+        task_id="t",
+        attempt=1,
+        kind="python",
+        workdir=str(work),
+        result_path=str(work / "outcome.json"),
+        function=APP,
+        args={"seconds": 0, "marker_dir": str(tmp_path / "ran"), "tag": "t"},
+        timeout_s=30,
+    )
 
 
 def test_a_queued_dispatch_starts_when_nothing_stops_it_and_claims_it(tmp_path: Path) -> None:

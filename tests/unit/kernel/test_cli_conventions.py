@@ -29,8 +29,16 @@ def test_every_run_command_takes_log_level_and_a_file(tier: str) -> None:
 
 @pytest.mark.parametrize(
     "cmd",
-    [("jobs", "list"), ("jobs", "show"), ("env", "list"), ("env", "pack"), ("site", "check"),
-     ("triggers", "validate"), ("fog", "check"), ("edge", "check")],
+    [
+        ("jobs", "list"),
+        ("jobs", "show"),
+        ("env", "list"),
+        ("env", "pack"),
+        ("site", "check"),
+        ("triggers", "validate"),
+        ("fog", "check"),
+        ("edge", "check"),
+    ],
 )
 def test_json_where_scripts_read(cmd: tuple[str, ...]) -> None:
     assert "--json" in help_of(*cmd)
@@ -45,12 +53,17 @@ def test_site_file_option_and_metavars() -> None:
 
 def test_compose_create_and_its_old_name(tmp_path: Path) -> None:
     pools = REPO / "hpc_bridge" / "compose" / "examples" / "pools.yaml"
-    env = {"RX_COMPOSE_DB": str(tmp_path / "c.db"), "RX_COMPOSE_POOLS": str(pools), "RX_COMPOSE_USER": "alice",
-           "RX_COMPOSE_TOKEN": "alice-example-token"}
+    env = {
+        "RX_COMPOSE_DB": str(tmp_path / "c.db"),
+        "RX_COMPOSE_POOLS": str(pools),
+        "RX_COMPOSE_USER": "alice",
+        "RX_COMPOSE_TOKEN": "alice-example-token",
+    }
     made = []
     for verb, model in (("create", "H100"), ("compose", "A100")):
-        res = runner.invoke(app, ["compose", verb, "--cpus", "4", "--gpus", "1", "--gpu-model", model, "--json"],
-                            env=env)
+        res = runner.invoke(
+            app, ["compose", verb, "--cpus", "4", "--gpus", "1", "--gpu-model", model, "--json"], env=env
+        )
         assert res.exit_code == 0, res.output
         made.append(json.loads(res.output)["id"])
     assert len(set(made)) == 2
@@ -72,5 +85,7 @@ def test_a_group_whose_extra_is_missing_is_a_stand_in_that_names_the_extra(monke
     cli._mount_group("reflexarc.nonexistent_cli_rx", "app", "zz-missing-rx", "A group needing Kafka.")
     res = runner.invoke(app, ["zz-missing-rx", "list", "--json"])
     assert isinstance(res.exception, ModuleNotFoundError)
-    assert explain(res.exception) == ("this command needs aiokafka, which is not installed: pip install "
-                                      "'reflexarc[fog]' (or the extra of the tier you run: cloud, site)")
+    assert explain(res.exception) == (
+        "this command needs aiokafka, which is not installed: pip install "
+        "'reflexarc[fog]' (or the extra of the tier you run: cloud, site)"
+    )

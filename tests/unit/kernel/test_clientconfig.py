@@ -24,9 +24,19 @@ from reflexarc.testing.tlskafka import self_signed_cert
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("RX_KAFKA_BOOTSTRAP", "RX_KAFKA_SECURITY_PROTOCOL", "RX_KAFKA_SASL_MECHANISM", "RX_KAFKA_USERNAME",
-                "RX_KAFKA_PASSWORD", "RX_KAFKA_PASSWORD_ENV", "RX_KAFKA_CA_FILE", "RX_KAFKA_CERT_FILE",
-                "RX_KAFKA_KEY_FILE", "RX_KAFKA_FETCH_WAIT_MS", "RX_NAMESPACE"):
+    for var in (
+        "RX_KAFKA_BOOTSTRAP",
+        "RX_KAFKA_SECURITY_PROTOCOL",
+        "RX_KAFKA_SASL_MECHANISM",
+        "RX_KAFKA_USERNAME",
+        "RX_KAFKA_PASSWORD",
+        "RX_KAFKA_PASSWORD_ENV",
+        "RX_KAFKA_CA_FILE",
+        "RX_KAFKA_CERT_FILE",
+        "RX_KAFKA_KEY_FILE",
+        "RX_KAFKA_FETCH_WAIT_MS",
+        "RX_NAMESPACE",
+    ):
         monkeypatch.delenv(var, raising=False)
 
 

@@ -132,8 +132,12 @@ BINARY_CASES: list[tuple[str, bytes, Props, str | None]] = [
     ("json nan", b'{"v":NaN}', _props(), "application/json"),  # the standard parser accepts it: general path
     ("json escaped lone surrogate", b'{"v":"\\ud800"}', _props(), "application/json"),
     ("json raw control char", b'{"v":"a\x01b"}', _props(), "application/json"),
-    ("command ack type", b'{"command_id":"c1","status":"done"}', _props(type=str(EventType.COMMAND_ACK)),
-     "application/json"),
+    (
+        "command ack type",
+        b'{"command_id":"c1","status":"done"}',
+        _props(type=str(EventType.COMMAND_ACK)),
+        "application/json",
+    ),
     # failures: both paths must refuse, with the same words
     ("bad json", b'{"v":', _props(), "application/json"),
     ("json array", b"[1,2]", _props(), "application/json"),
@@ -185,7 +189,12 @@ def test_edge_envelopes_round_trip() -> None:
             bytes([i % 256]) * (i % 7) if i % 5 == 0 else {"seq": i, "pad": "x" * (i % 13), "u": "é" * (i % 3)}
         )
         env = Envelope.for_device(
-            EventType.DATA, "s1", "dev1", data, subject="temp" if i % 4 else None, id=f"id-{i}",
+            EventType.DATA,
+            "s1",
+            "dev1",
+            data,
+            subject="temp" if i % 4 else None,
+            id=f"id-{i}",
             time=(now + timedelta(seconds=i)).astimezone(zones[i % 3]),
             extensions={"seqno": str(i)} if i % 2 else None,
         )

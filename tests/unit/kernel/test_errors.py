@@ -29,7 +29,9 @@ def test_our_errors_keep_their_text_and_builtin_bugs_are_not_explained() -> None
 
 def test_os_errors() -> None:
     exists = FileExistsError(errno.EEXIST, "exists", "/tmp/k.key")
-    assert explain(exists) == "/tmp/k.key already exists: choose another path, or pass --force where the command offers it"
+    assert (
+        explain(exists) == "/tmp/k.key already exists: choose another path, or pass --force where the command offers it"
+    )
     assert explain(FileNotFoundError(errno.ENOENT, "No such file", "a.yaml")) == "no such file or directory: a.yaml"
     assert explain(OSError("plain message")) == "plain message"
 

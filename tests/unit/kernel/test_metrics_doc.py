@@ -22,6 +22,7 @@ def edge_registry() -> CollectorRegistry:
     EpicsMetrics(m.registry)
     return m.registry
 
+
 DOC = Path(__file__).resolve().parents[3] / "docs" / "metrics.md"
 
 

@@ -98,7 +98,10 @@ def test_edge_loop_latency_and_spool_age() -> None:
     assert s[("rx_edge_loop_latency_seconds_bucket", (("actuator", "motor"), ("le", "0.5")))] == 1
     assert s[("rx_edge_spool_age_seconds_count", ())] == 1
     assert 2.0 <= s[("rx_edge_spool_age_seconds_sum", ())] < 10
-    assert ("reflexarc_build_info", (("python", __import__("platform").python_version()), ("version", __version__))) in s
+    assert (
+        "reflexarc_build_info",
+        (("python", __import__("platform").python_version()), ("version", __version__)),
+    ) in s
 
 
 def test_site_task_durations() -> None:

@@ -73,8 +73,14 @@ def test_fast_publish_decoder_agrees_with_paho(v5: bool, qos: int, retain: bool,
     ours = _decode_publish(header, body, v5)
     ref = _packet.decode_publish(header, body, paho.MQTTv5 if v5 else paho.MQTTv311)
     assert ours == MqttMessage(
-        ref.topic.decode(), bytes(ref.payload), ref.qos, ref.mid, ref.retain, ref.dup,
-        list(getattr(ref.properties, "UserProperty", [])), getattr(ref.properties, "ContentType", None),
+        ref.topic.decode(),
+        bytes(ref.payload),
+        ref.qos,
+        ref.mid,
+        ref.retain,
+        ref.dup,
+        list(getattr(ref.properties, "UserProperty", [])),
+        getattr(ref.properties, "ContentType", None),
     )
     assert isinstance(ours.payload, bytes) and ours.mid == (4242 if qos else 0)
 
@@ -156,7 +162,9 @@ async def test_reconnect_backoff_doubles_to_the_cap_with_bounded_jitter() -> Non
     c._connected(0, "Success", False)  # a successful CONNACK resets the backoff
     assert 0.5 <= c._next_delay() <= 0.75
     # Jitter spreads a fleet: different clients do not pick the same delays.
-    others = [MqttClient(MqttSettings(), f"y{i}", reconnect_min_s=1, reconnect_max_s=1)._next_delay() for i in range(20)]
+    others = [
+        MqttClient(MqttSettings(), f"y{i}", reconnect_min_s=1, reconnect_max_s=1)._next_delay() for i in range(20)
+    ]
     assert len(set(others)) > 10
     no_jitter = MqttClient(MqttSettings(), "z", reconnect_min_s=1, reconnect_max_s=8, reconnect_jitter=0)
     assert [no_jitter._next_delay() for _ in range(5)] == [1, 2, 4, 8, 8]

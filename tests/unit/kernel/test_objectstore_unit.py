@@ -30,8 +30,9 @@ def test_put_and_download_on_a_shared_filesystem(tmp_path: Path) -> None:
 
 
 def test_reference_round_trip_and_bare_urls() -> None:
-    ref = ObjectRef(url="s3://b/k.npy", size=10, sha256="ab" * 32, content_type="application/x-npy",
-                    dtype="uint16", shape=[2, 5])
+    ref = ObjectRef(
+        url="s3://b/k.npy", size=10, sha256="ab" * 32, content_type="application/x-npy", dtype="uint16", shape=[2, 5]
+    )
     assert ObjectRef.from_data(ref.to_data()) == ref
     assert "dtype" not in ObjectRef(url="s3://b/k", size=1).to_data()
     assert ObjectRef.from_data("file:///x/y") == ObjectRef(url="file:///x/y", size=0)

@@ -26,8 +26,11 @@ def test_live_until_three_beats_are_missed_then_stale() -> None:
 
 
 def test_newest_heartbeat_wins_and_a_last_word_means_stopped() -> None:
-    seq = [beat("a", T0 - timedelta(seconds=2), queued=9), beat("a", T0 - timedelta(seconds=1), state="stopped"),
-           beat("a", T0 - timedelta(seconds=3), queued=1)]
+    seq = [
+        beat("a", T0 - timedelta(seconds=2), queued=9),
+        beat("a", T0 - timedelta(seconds=1), state="stopped"),
+        beat("a", T0 - timedelta(seconds=3), queued=1),
+    ]
     (v,) = site_views(seq, now=T0)
     assert v.state == "stopped" and v.status.queued == 0
     assert v.to_json()["state"] == "stopped" and v.to_json()["site"] == "a"

@@ -35,14 +35,20 @@ def test_commands_are_classified_once_each_and_latency_comes_from_acks() -> None
         CommandAck(command_id="c2", site="s", device="d", actuator="m", ok=False, reason="invalid_args"),
     ]
     records += [rec(T.kafka_acks, a.to_envelope().to_kafka()) for a in acks]
-    records.append(rec(T.kafka_acks, CommandStatus(command_id="c3", site="s", device="d", status="expired")
-                       .to_envelope().to_kafka()))
-    dead = [DeadLetter("bad", "parse", "rx/s/d/data/x", b"\xff"), DeadLetter("bad", "parse", "o", b"1"),
-            DeadLetter("no", "triggers.data", "o", b"2")]
+    records.append(
+        rec(
+            T.kafka_acks,
+            CommandStatus(command_id="c3", site="s", device="d", status="expired").to_envelope().to_kafka(),
+        )
+    )
+    dead = [
+        DeadLetter("bad", "parse", "rx/s/d/data/x", b"\xff"),
+        DeadLetter("bad", "parse", "o", b"1"),
+        DeadLetter("no", "triggers.data", "o", b"2"),
+    ]
     records += [rec(T.kafka_deadletter, dl.to_kafka()) for dl in dead]
     fig = _window_figures(records, T, now.timestamp(), 3600, 600)
-    assert fig["commands"] == {"window_s": 3600, "issued": 5, "pending": 1, "delivered": 2, "rejected": 1,
-                               "expired": 1}
+    assert fig["commands"] == {"window_s": 3600, "issued": 5, "pending": 1, "delivered": 2, "rejected": 1, "expired": 1}
     assert fig["dead_letters"]["by_stage"] == {"parse": 2, "triggers.data": 1}
     assert fig["loop"]["loops"] == 2
     assert fig["loop"]["p50_s"] == 1.0 and fig["loop"]["p99_s"] == 2.0
@@ -50,10 +56,17 @@ def test_commands_are_classified_once_each_and_latency_comes_from_acks() -> None
 
 def test_retained_statuses() -> None:
     online = _device_status(T, T.mqtt_status("bl1", "det1"), b'{"state": "online", "device": "det1", "since": "t"}')
-    assert online == {"site": "bl1", "device": "det1", "state": "online", "since": "t", "reason": None,
-                      "kind": "device"}
-    will = _device_status(T, T.mqtt_status("bl1", "det1"),
-                          b'{"state": "offline", "device": "det1", "reason": "connection lost"}')
+    assert online == {
+        "site": "bl1",
+        "device": "det1",
+        "state": "online",
+        "since": "t",
+        "reason": None,
+        "kind": "device",
+    }
+    will = _device_status(
+        T, T.mqtt_status("bl1", "det1"), b'{"state": "offline", "device": "det1", "reason": "connection lost"}'
+    )
     assert will is not None and will["state"] == "offline" and will["reason"] == "connection lost"
     assert _device_status(T, T.mqtt_status("bl1", "det1"), b"") is None  # a cleared status
     assert _device_status(T, "other/ns/x/status", b"{}") is None
@@ -62,15 +75,20 @@ def test_retained_statuses() -> None:
 
 def test_the_view_renders_every_tier() -> None:
     report = {
-        "at": "now", "namespace": "rx",
+        "at": "now",
+        "namespace": "rx",
         "brokers": {"kafka": {"reachable": True, "bootstrap": "k:1"}, "mqtt": {"reachable": False, "error": "x"}},
-        "lag": [{"group": "rx-site-local", "topic": "rx.tasks.local", "partition": 0, "committed": 1, "end": 4,
-                 "lag": 3}],
+        "lag": [
+            {"group": "rx-site-local", "topic": "rx.tasks.local", "partition": 0, "committed": 1, "end": 4, "lag": 3}
+        ],
         "sites": {"local": {"topic": "rx.tasks.local", "backlog": 3, "groups": ["rx-site-local"]}},
-        "devices": [{"site": "bl1", "device": "det1", "state": "offline", "since": None, "reason": "shutdown",
-                     "kind": "device"}],
-        "online": 0, "offline": 1,
-        "commands": {"issued": 1, "pending": 1}, "dead_letters": {"total": 2, "by_stage": {"parse": 2}},
+        "devices": [
+            {"site": "bl1", "device": "det1", "state": "offline", "since": None, "reason": "shutdown", "kind": "device"}
+        ],
+        "online": 0,
+        "offline": 1,
+        "commands": {"issued": 1, "pending": 1},
+        "dead_letters": {"total": 2, "by_stage": {"parse": 2}},
         "loop": {"window_s": 600, "loops": 0, "p50_s": None, "p99_s": None},
     }
     console = Console(width=120, record=True)

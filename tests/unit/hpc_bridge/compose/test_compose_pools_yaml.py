@@ -30,7 +30,10 @@ def test_count_expands_and_fabric_defaults_to_rack(tmp_path: Path) -> None:
             lambda d: d["racks"]["r1"]["devices"][0].update(cores="many"),
             r"\d+:\d+: racks\.r1\.devices\[0\]\.cores: Input should be a valid integer",
         ),
-        (lambda d: d["racks"]["r2"]["devices"][0].update(kind="tpu"), r"\d+:\d+: racks\.r2\.devices\[0\]\.kind: Input should be"),
+        (
+            lambda d: d["racks"]["r2"]["devices"][0].update(kind="tpu"),
+            r"\d+:\d+: racks\.r2\.devices\[0\]\.kind: Input should be",
+        ),
         (
             lambda d: d["racks"]["r3"]["devices"].append({"id": "r1-n1", "kind": "nic"}),
             r"1:1: device id 'r1-n1' appears in rack 'r1' and 'r3'",
